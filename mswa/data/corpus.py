@@ -1,0 +1,36 @@
+"""What every dataset loader returns: token arrays per split plus what the metrics need to know.
+
+Loaders (``mswa.data.synthetic.load``, ``mswa.data.enwik8.load``, ``mswa.data.wikitext.load``) are
+idempotent: the first call downloads / generates and caches, later calls only open the cache
+(memory-mapped). The LightningDataModule calls the loader once on rank 0 in ``prepare_data`` and
+again on every rank in ``setup``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SPLITS = ("train", "valid", "test")
+
+
+@dataclass
+class Corpus:
+    name: str
+    splits: dict[str, np.ndarray]  # "train" / "valid" / "test" -> 1-D token ids (uint8 or int32, memmap ok)
+    vocab_size: int
+    unit: str  # "byte" -> bits per byte/character (bpc); "word" -> perplexity (ppl)
+    entropy_floor_bpb: float | None = None  # known per-byte entropy of generated data, else None
+    vocab: list[str] | None = field(default=None, repr=False)  # word-level corpora: id -> word
+
+    def __post_init__(self) -> None:
+        if self.unit not in ("byte", "word"):
+            raise ValueError(f"Corpus.unit must be 'byte' or 'word', got {self.unit!r}")
+        missing = [s for s in SPLITS if s not in self.splits]
+        if missing:
+            raise ValueError(f"corpus {self.name!r} lacks splits {missing}; a loader must return {list(SPLITS)}")
+
+    @property
+    def metric(self) -> str:
+        return "bpc" if self.unit == "byte" else "ppl"

@@ -1,0 +1,169 @@
+"""Window schedules: which window every head of every layer gets, and what that costs.
+
+Convention (everywhere in the project): a window of W means query i sees keys j with 0 <= i - j < W,
+the query itself plus the W-1 keys before it. That equals Hugging Face ``sliding_window=W`` and
+flash-attn ``window_size=(W - 1, 0)``; the MSWA authors' code calls the same window ``W - 1``.
+
+A schedule splits heads into G contiguous groups and layers into G' contiguous groups (shallow to
+deep); head h of layer l gets ``max(1, round(w * layer_ratios[group(l)] * head_ratios[group(h)]))``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+Window = int | None  # None = full causal attention
+
+# name -> (head ratios, layer ratios shallow->deep, source)
+NAMED_RATIOS: dict[str, tuple[tuple[float, ...], tuple[float, ...], str]] = {
+    "uniform": ((1.0,), (1.0,), "SWA baseline"),
+    "mswa": ((0.25, 0.5, 1.0, 2.0), (0.25, 0.5, 1.0, 2.0), "paper's text: windows w/4..2w"),
+    "mswa_official": ((2.0, 1.0, 0.5, 0.5), (0.5, 0.5, 1.0, 2.0), "authors' released fine-tuning code"),
+    "mswa_h": ((0.25, 0.5, 1.0, 2.0), (1.0,), "ablation: heads only"),
+    "mswa_l": ((1.0,), (0.25, 0.5, 1.0, 2.0), "ablation: layers only"),
+}
+SCHEDULES = (*NAMED_RATIOS, "custom", "full")
+
+
+class ScheduleError(ValueError):
+    """A window schedule that cannot be built; the message names the key, the value and the fix."""
+
+
+def attended_pairs(window: Window, seq_len: int) -> int:
+    """Query-key pairs one head attends to over a causal sequence of ``seq_len`` tokens."""
+    full = seq_len * (seq_len + 1) // 2
+    if window is None or window >= seq_len:
+        return full
+    return window * seq_len - window * (window - 1) // 2
+
+
+@dataclass(frozen=True)
+class WindowSchedule:
+    name: str
+    w: int | None  # base window; None for full attention
+    windows: tuple[tuple[Window, ...], ...]  # [layer][head]
+
+    @property
+    def n_layer(self) -> int:
+        return len(self.windows)
+
+    @property
+    def n_head(self) -> int:
+        return len(self.windows[0])
+
+    @property
+    def is_full(self) -> bool:
+        return all(win is None for layer in self.windows for win in layer)
+
+    def as_lists(self) -> list[list[Window]]:
+        return [list(layer) for layer in self.windows]
+
+    def mean_window_over_w(self) -> float | None:
+        """Mean window / w over all heads; None when a head has full attention or there is no base window."""
+        flat = [win for layer in self.windows for win in layer]
+        if self.w is None or any(win is None for win in flat):
+            return None
+        return sum(flat) / len(flat) / self.w
+
+    def budget(self, seq_len: int) -> dict:
+        """Attended query-key pairs at ``seq_len``, absolute and relative to SWA(w) and to full attention."""
+        pairs = sum(attended_pairs(win, seq_len) for layer in self.windows for win in layer)
+        heads = self.n_layer * self.n_head
+        swa = heads * attended_pairs(self.w, seq_len) if self.w is not None else None
+        return {
+            "seq_len": seq_len,
+            "mean_window_over_w": self.mean_window_over_w(),
+            "attended_pairs": pairs,
+            "pairs_vs_swa": pairs / swa if swa else None,
+            "pairs_vs_full": pairs / (heads * attended_pairs(None, seq_len)),
+        }
+
+    def describe(self, seq_len: int | None = None) -> str:
+        """A layer x head table of windows, plus the budget line."""
+        cells = [["full" if win is None else str(win) for win in layer] for layer in self.windows]
+        width = max(4, *(len(c) for row in cells for c in row))
+        header = "layer | " + " ".join(f"h{h}".rjust(width) for h in range(self.n_head))
+        lines = [f"window schedule {self.name!r} (w={self.w})", header, "-" * len(header)]
+        lines += [f"{layer:5d} | " + " ".join(c.rjust(width) for c in row) for layer, row in enumerate(cells)]
+        ratio = self.mean_window_over_w()
+        if ratio is not None:
+            lines.append(f"mean window / w = {ratio:.4f}")
+        if seq_len is not None:
+            b = self.budget(seq_len)
+            vs_swa = f"{b['pairs_vs_swa']:.4f} x SWA(w), " if b["pairs_vs_swa"] is not None else ""
+            lines.append(f"attended pairs at N={seq_len}: {b['attended_pairs']:,} ({vs_swa}{b['pairs_vs_full']:.4f} x full)")
+        return "\n".join(lines)
+
+
+def _check_ratios(key: str, ratios: Sequence[float], count: int, what: str) -> tuple[float, ...]:
+    ratios = tuple(float(r) for r in ratios)
+    if not ratios:
+        raise ScheduleError(f"window_schedule.{key} is empty; give at least one ratio, e.g. [1.0]")
+    if any(not math.isfinite(r) or r <= 0 for r in ratios):
+        raise ScheduleError(f"window_schedule.{key}={list(ratios)} has a non-positive ratio; every ratio must be > 0")
+    if count % len(ratios):
+        raise ScheduleError(
+            f"window_schedule.{key} has {len(ratios)} groups but {count} {what} cannot be split into "
+            f"{len(ratios)} equal contiguous groups; use a group count that divides {count}"
+        )
+    return ratios
+
+
+def _round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+def _custom_windows(windows, n_layer: int, n_head: int) -> tuple[tuple[Window, ...], ...]:
+    if windows is None:
+        raise ScheduleError("window_schedule.windows is required for the 'custom' schedule: a per-layer list of per-head windows")
+    rows = [list(layer) if isinstance(layer, Sequence) and not isinstance(layer, str) else None for layer in windows]
+    if len(rows) != n_layer or any(r is None or len(r) != n_head for r in rows):
+        shape = [len(r) if r is not None else "?" for r in rows]
+        raise ScheduleError(
+            f"window_schedule.windows must be {n_layer} layers x {n_head} heads, got {len(rows)} layers with "
+            f"{shape} heads; give one list of {n_head} windows per layer"
+        )
+    for layer, row in enumerate(rows):
+        for head, win in enumerate(row):
+            if win is not None and (isinstance(win, bool) or not isinstance(win, int) or win < 1):
+                raise ScheduleError(
+                    f"window_schedule.windows[{layer}][{head}]={win!r} is not a window; use an integer >= 1 or null (full)"
+                )
+    return tuple(tuple(row) for row in rows)
+
+
+def make_schedule(
+    name: str,
+    *,
+    w: int | None,
+    n_layer: int,
+    n_head: int,
+    head_ratios: Sequence[float] | None = None,
+    layer_ratios: Sequence[float] | None = None,
+    windows: Sequence[Sequence[Window]] | None = None,
+) -> WindowSchedule:
+    """Build a schedule by name; ``head_ratios``/``layer_ratios`` override a named schedule's ratios."""
+    if n_layer < 1 or n_head < 1:
+        raise ScheduleError(f"model needs n_layer >= 1 and n_head >= 1, got n_layer={n_layer}, n_head={n_head}")
+    if name == "full":
+        return WindowSchedule("full", None, tuple((None,) * n_head for _ in range(n_layer)))
+    if name == "custom":
+        return WindowSchedule("custom", w, _custom_windows(windows, n_layer, n_head))
+    if name not in NAMED_RATIOS:
+        raise ScheduleError(f"window_schedule.name={name!r} is unknown; choose one of {', '.join(SCHEDULES)}")
+    if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+        raise ScheduleError(f"window={w!r} is not a valid base window; set window to an integer >= 1")
+    default_heads, default_layers, _ = NAMED_RATIOS[name]
+    heads = _check_ratios("head_ratios", head_ratios if head_ratios is not None else default_heads, n_head, "heads")
+    layers = _check_ratios("layer_ratios", layer_ratios if layer_ratios is not None else default_layers, n_layer, "layers")
+    per_head_group, per_layer_group = n_head // len(heads), n_layer // len(layers)
+    table = tuple(
+        tuple(
+            max(1, _round_half_up(w * layers[layer // per_layer_group] * heads[head // per_head_group]))
+            for head in range(n_head)
+        )
+        for layer in range(n_layer)
+    )
+    return WindowSchedule(name, w, table)
