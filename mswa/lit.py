@@ -1,0 +1,155 @@
+"""Lightning glue: the training task, the data module and the callbacks a run needs."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from mswa.data.corpus import Corpus
+from mswa.data.loading import IGNORE, EvalChunks, RandomCrops
+from mswa.metrics import SummedNLL, metrics_from_sums
+from mswa.model import LanguageModel, ModelConfig
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
+    """LR multiplier: linear warm-up from 0, then cosine decay to ``min_lr_ratio`` at ``max_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class LanguageModelTask(L.LightningModule):
+    def __init__(self, model: dict, optim: dict, unit: str, compile: bool = False):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = LanguageModel(ModelConfig(**model))
+        self.unit, self.optim = unit, optim
+        self.token_nll = torch.compile(self.model.token_nll) if compile else self.model.token_nll
+        self.eval_nll = SummedNLL()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = self.token_nll(x, y).mean()
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"training loss became {loss.item()} at step {self.global_step}; the last good checkpoint is kept. "
+                "Lower optim.lr or raise optim.warmup_steps, then resume with ckpt_path=last or start again"
+            )
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def _eval_step(self, batch) -> None:
+        x, y = batch
+        self.eval_nll.update(self.token_nll(x, y), y != IGNORE)
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        nll_sum, count = self.eval_nll.compute()
+        self.eval_nll.reset()
+        for name, value in metrics_from_sums(nll_sum.item(), count.item(), self.unit).items():
+            # already summed across ranks by the metric, so no sync_dist
+            self.log(f"{stage}/{name}", value, prog_bar=name != "loss", rank_zero_only=False)
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch)
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self):
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_end(self):
+        self._eval_epoch_end("test")
+
+    def configure_optimizers(self):
+        """AdamW; matrices decay, norms, biases and the 1-D rest do not."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": self.optim["weight_decay"]},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=self.optim["lr"], betas=tuple(self.optim["betas"]))
+        max_steps = self.trainer.max_steps
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, self.optim["warmup_steps"], max_steps, self.optim["min_lr_ratio"])
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class CorpusDataModule(L.LightningDataModule):
+    """Random crops for training (batch index = global step, so resuming continues the data order)."""
+
+    def __init__(self, corpus: Corpus, seq_len: int, batch_size: int, eval_batch_size: int, seed: int,
+                 val_max_tokens: int | None = None):
+        super().__init__()
+        self.corpus, self.seq_len, self.seed = corpus, seq_len, seed
+        self.batch_size, self.eval_batch_size, self.val_max_tokens = batch_size, eval_batch_size, val_max_tokens
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def train_dataloader(self):
+        rank, _ = self._rank_world()
+        start = self.trainer.global_step * self.trainer.accumulate_grad_batches if self.trainer else 0
+        crops = RandomCrops(self.corpus.splits["train"], self.seq_len, self.batch_size, self.seed, rank, start)
+        return DataLoader(crops, batch_size=None)
+
+    def _eval_loader(self, split: str, max_tokens: int | None) -> DataLoader:
+        rank, world = self._rank_world()
+        chunks = EvalChunks(self.corpus.splits[split], self.seq_len, rank, world, max_tokens)
+        return DataLoader(chunks, batch_size=self.eval_batch_size, shuffle=False)
+
+    def val_dataloader(self):
+        return self._eval_loader("valid", self.val_max_tokens)
+
+    def test_dataloader(self):
+        return self._eval_loader("test", None)
+
+
+class Throughput(L.Callback):
+    """Logs training tokens/s (all ranks) and keeps the run's mean for results.json."""
+
+    def __init__(self, tokens_per_batch: int, skip_first: int = 2):
+        self.tokens_per_batch, self.skip_first = tokens_per_batch, skip_first
+        self.tokens, self.seconds, self._last, self._seen = 0, 0.0, None, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._last = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        elapsed = time.perf_counter() - self._last
+        self._seen += 1
+        tokens = self.tokens_per_batch * trainer.world_size
+        if self._seen > self.skip_first:  # the first batches pay for warm-up and compilation
+            self.tokens, self.seconds = self.tokens + tokens, self.seconds + elapsed
+        pl_module.log("perf/tokens_per_s", tokens / max(elapsed, 1e-9), prog_bar=True)
+
+    @property
+    def mean_tokens_per_s(self) -> float | None:
+        return self.tokens / self.seconds if self.seconds else None
+
+
+class CheckpointOnInterrupt(L.Callback):
+    """Ctrl-C leaves ``last.ckpt`` behind so ``ckpt_path=last`` resumes; other failures keep the last good one."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_exception(self, trainer, pl_module, exception):
+        if isinstance(exception, KeyboardInterrupt) and trainer.state.fn == "fit":
+            trainer.save_checkpoint(self.path)
+
+
+def model_config_dict(cfg: ModelConfig) -> dict:
+    return asdict(cfg)

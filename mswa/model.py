@@ -1,0 +1,177 @@
+"""A decoder-only language model whose attention layers each take their own per-head windows.
+
+Plain PyTorch (no Lightning, no Hydra). Full attention is the same model with every window None.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mswa.attention import window_attention
+
+Window = int | None
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 256
+    n_layer: int = 4
+    n_head: int = 8
+    d_model: int = 256
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+    max_seq_len: int = 1024  # learned positions are sized by it
+    positions: str = "rope"  # "rope" | "learned"
+    windows: list[list[Window]] | None = None  # [layer][head]; None = full causal everywhere
+    attn_backend: str = "auto"
+    output: str = "softmax"  # "softmax" (tied to the embedding) | "adaptive" (adaptive softmax)
+    adaptive_cutoffs: list[int] = field(default_factory=lambda: [20000, 40000, 200000])
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_head:
+            raise ValueError(f"model.d_model={self.d_model} is not divisible by model.n_head={self.n_head}")
+        if (self.d_model // self.n_head) % 2 and self.positions == "rope":
+            raise ValueError(f"rotary positions need an even head dim, got d_model/n_head={self.d_model // self.n_head}")
+        if self.positions not in ("rope", "learned"):
+            raise ValueError(f"model.positions={self.positions!r} is unknown; use 'rope' or 'learned'")
+        if self.output not in ("softmax", "adaptive"):
+            raise ValueError(f"model.output={self.output!r} is unknown; use 'softmax' or 'adaptive'")
+        if self.output == "adaptive" and not all(0 < c < self.vocab_size for c in self.adaptive_cutoffs):
+            raise ValueError(
+                f"model.adaptive_cutoffs={list(self.adaptive_cutoffs)} must lie strictly between 0 and the vocabulary "
+                f"size {self.vocab_size}; lower them or use model.output=softmax"
+            )
+        if self.windows is not None and (len(self.windows) != self.n_layer or any(len(w) != self.n_head for w in self.windows)):
+            raise ValueError(f"model windows must be {self.n_layer} layers x {self.n_head} heads")
+
+    def layer_windows(self, layer: int) -> list[Window]:
+        return [None] * self.n_head if self.windows is None else list(self.windows[layer])
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding over the head dim; cos/sin tables cached per length and device."""
+
+    def __init__(self, head_dim: int, base: float = 10000.0):
+        super().__init__()
+        self.register_buffer("inv_freq", base ** (-torch.arange(0, head_dim, 2).float() / head_dim), persistent=False)
+        self._cache: tuple[int, torch.device, torch.Tensor, torch.Tensor] | None = None
+
+    def tables(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._cache is None or self._cache[0] < seq_len or self._cache[1] != device:
+            angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), self.inv_freq.to(device))
+            self._cache = (seq_len, device, angles.cos(), angles.sin())
+        return self._cache[2][:seq_len], self._cache[3][:seq_len]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, H, N, D)
+        cos, sin = self.tables(x.shape[-2], x.device)
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
+
+
+class WindowedSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, windows: list[Window]):
+        super().__init__()
+        self.n_head, self.windows, self.backend = cfg.n_head, windows, cfg.attn_backend
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.rotary = Rotary(cfg.d_model // cfg.n_head) if cfg.positions == "rope" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.n_head, d // self.n_head).permute(2, 0, 3, 1, 4)
+        if self.rotary is not None:
+            q, k = self.rotary(q), self.rotary(k)
+        out = window_attention(q, k, v, self.windows, backend=self.backend)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.up = nn.Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.up(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + mixer(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, mixer: nn.Module):
+        super().__init__()
+        self.norm1, self.mixer = nn.LayerNorm(cfg.d_model), mixer
+        self.norm2, self.mlp = nn.LayerNorm(cfg.d_model), MLP(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.dropout(self.mixer(self.norm1(x)))
+        return x + self.dropout(self.mlp(self.norm2(x)))
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.positions == "learned" else None
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(
+            Block(cfg, WindowedSelfAttention(cfg, cfg.layer_windows(i))) for i in range(cfg.n_layer)
+        )
+        self.norm = nn.LayerNorm(cfg.d_model)
+        if cfg.output == "adaptive":  # its own head and tail clusters; not tied to the embedding
+            self.adaptive = nn.AdaptiveLogSoftmaxWithLoss(cfg.d_model, cfg.vocab_size, list(cfg.adaptive_cutoffs), div_value=4.0)
+        else:
+            self.adaptive = None
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """GPT-2 style: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * n_layer)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        for name, param in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(param, std=0.02 / math.sqrt(2 * self.cfg.n_layer))
+
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+        n = idx.shape[1]
+        if self.pos_embed is not None and n > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {n} tokens is longer than model.max_seq_len={self.cfg.max_seq_len}")
+        x = self.embed(idx)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(torch.arange(n, device=idx.device))
+        x = self.dropout(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Logits (B, N, vocab); for the adaptive head, log-probabilities."""
+        h = self.hidden(idx)
+        if self.adaptive is not None:
+            return self.adaptive.log_prob(h.flatten(0, 1)).view(*idx.shape, -1)
+        return F.linear(h, self.embed.weight)
+
+    def token_nll(self, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        """Per-token negative log-likelihood (B, N) in fp32; 0 where the target is ``ignore_index``."""
+        h = self.hidden(idx)
+        valid = targets != ignore_index
+        if self.adaptive is None:
+            logits = F.linear(h, self.embed.weight).float()
+            return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=ignore_index, reduction="none").view_as(targets)
+        nll = torch.zeros(targets.shape, dtype=torch.float32, device=h.device)
+        out = self.adaptive(h[valid].float(), targets[valid])
+        nll[valid] = -out.output
+        return nll

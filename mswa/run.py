@@ -1,0 +1,225 @@
+"""One training run from a plain config dict: validate, build, fit, evaluate, write results.json.
+
+train.py composes the config with Hydra and calls :func:`train`; nothing here imports Hydra, so
+the same function serves tests, notebooks and other launchers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+from mswa.data.corpus import Corpus
+from mswa.lit import CheckpointOnInterrupt, CorpusDataModule, LanguageModelTask, Throughput
+from mswa.windows import ScheduleError, WindowSchedule, make_schedule
+
+MODEL_KEYS = ("n_layer", "n_head", "d_model", "mlp_ratio", "dropout", "positions", "attn_backend", "output", "adaptive_cutoffs")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the key and the fix."""
+
+
+def build_schedule(cfg: dict) -> WindowSchedule:
+    ws, model = cfg["window_schedule"], cfg["model"]
+    w = None if ws["name"] == "full" else cfg["window"]
+    return make_schedule(
+        ws["name"], w=w, n_layer=model["n_layer"], n_head=model["n_head"],
+        head_ratios=ws.get("head_ratios"), layer_ratios=ws.get("layer_ratios"), windows=ws.get("windows"),
+    )
+
+
+def check_config(cfg: dict) -> None:
+    """Checks that need no data; run before anything is loaded."""
+    for key in ("seq_len", "data.batch_size", "data.eval_batch_size", "trainer.max_steps"):
+        value = cfg
+        for part in key.split("."):
+            value = value[part]
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{key}={value!r} must be a positive integer")
+    full_model, full_schedule = cfg["model"]["name"] == "full", cfg["window_schedule"]["name"] == "full"
+    if full_model != full_schedule:
+        raise ConfigError(
+            f"model={cfg['model']['name']} cannot use window_schedule={cfg['window_schedule']['name']}; full attention "
+            "goes with the 'full' schedule only: pick model=swa or model=mswa to use window schedules"
+        )
+    if cfg["model"]["d_model"] % cfg["model"]["n_head"]:
+        raise ConfigError(f"model.d_model={cfg['model']['d_model']} is not divisible by model.n_head={cfg['model']['n_head']}")
+
+
+def check_corpus(cfg: dict, corpus: Corpus) -> None:
+    seq_len = cfg["seq_len"]
+    for split, tokens in corpus.splits.items():
+        needed = seq_len + 1 if split == "train" else 2
+        if len(tokens) < needed:
+            raise ConfigError(
+                f"seq_len={seq_len} needs at least {needed} tokens in the {split} split of {corpus.name!r}, "
+                f"which has {len(tokens)}; lower seq_len or use a larger dataset"
+            )
+
+
+def model_kwargs(cfg: dict, corpus: Corpus, schedule: WindowSchedule) -> dict:
+    kwargs = {key: cfg["model"][key] for key in MODEL_KEYS if key in cfg["model"]}
+    windows = None if schedule.is_full else schedule.as_lists()
+    return {**kwargs, "vocab_size": corpus.vocab_size, "max_seq_len": cfg["seq_len"], "windows": windows}
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except OSError:
+        return None
+
+
+class RunFolder:
+    """Paths of one run and its results.json (written by rank 0 only)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.checkpoints = path / "checkpoints"
+        self.last = self.checkpoints / "last.ckpt"
+        self.results_path = path / "results.json"
+        self.wandb_id_path = path / "wandb_id"
+
+    def resolve_resume(self, ckpt_path: str | None, overwrite: bool) -> str | None:
+        if ckpt_path == "last":
+            if not self.last.exists():
+                raise ConfigError(f"ckpt_path=last but {self.last} does not exist; run without ckpt_path to start this run")
+            return str(self.last)
+        if ckpt_path is not None:
+            if not Path(ckpt_path).is_file():
+                raise ConfigError(f"ckpt_path={ckpt_path} is not a file; give a .ckpt path or ckpt_path=last")
+            return ckpt_path
+        if self.last.exists() and not overwrite:
+            raise ConfigError(
+                f"{self.path} already holds a run (checkpoints/last.ckpt); resume it with ckpt_path=last "
+                "or start over with overwrite=true"
+            )
+        if self.last.exists() and rank_zero_only.rank == 0:
+            shutil.rmtree(self.checkpoints)
+            self.wandb_id_path.unlink(missing_ok=True)
+        return None
+
+    def wandb_id(self) -> str:
+        if not self.wandb_id_path.exists() and rank_zero_only.rank == 0:
+            import wandb
+
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.wandb_id_path.write_text(wandb.util.generate_id())
+        return self.wandb_id_path.read_text().strip()
+
+    @rank_zero_only
+    def write(self, results: dict) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        tmp = self.results_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(results, indent=2, default=str))
+        tmp.replace(self.results_path)
+
+
+def build_loggers(cfg: dict, folder: RunFolder, run_name: str, group: str | None) -> list:
+    loggers = [CSVLogger(save_dir=str(folder.path), name="", version="")]
+    log_cfg = cfg["logger"]
+    if log_cfg["name"] == "wandb":
+        tags = [f"dataset={cfg['dataset']['name']}", f"model={cfg['model']['name']}", f"schedule={cfg['window_schedule']['name']}", *log_cfg.get("tags", [])]
+        wandb_logger = WandbLogger(
+            project=log_cfg["project"], entity=log_cfg.get("entity"), name=run_name, group=log_cfg.get("group") or group,
+            job_type=log_cfg.get("job_type", "train"), tags=tags, mode=log_cfg["mode"], save_dir=str(folder.path),
+            id=folder.wandb_id(), resume="allow", config=cfg,
+        )
+        loggers.append(wandb_logger)
+    return loggers
+
+
+def summarise_wandb(loggers: list, metric: str, entropy_floor: float | None) -> None:
+    for logger in loggers:
+        if isinstance(logger, WandbLogger) and rank_zero_only.rank == 0:
+            run = logger.experiment
+            for stage in ("val", "test"):
+                run.define_metric(f"{stage}/{metric}", summary="min")
+            run.define_metric("val/loss", summary="min")
+            if entropy_floor is not None:
+                run.summary["data/entropy_floor_bpb"] = entropy_floor
+
+
+def finish_wandb(loggers: list, status: str) -> None:
+    for logger in loggers:
+        if isinstance(logger, WandbLogger) and rank_zero_only.rank == 0 and logger._experiment is not None:
+            logger._experiment.finish(exit_code=0 if status == "finished" else 1)
+
+
+def train(cfg: dict, run_dir: str | Path, run_name: str, variant: str, overrides: list[str], group: str | None = None) -> dict:
+    """Fit, evaluate the best checkpoint on valid and test, and return (and write) the results."""
+    folder = RunFolder(Path(run_dir))
+    started = time.time()
+    results = {
+        "schema": 1, "status": "running", "error": None, "run_name": run_name, "variant": variant,
+        "seed": cfg["seed"], "overrides": overrides, "run_dir": str(folder.path), "config": cfg,
+        "dataset": cfg["dataset"]["name"], "model": cfg["model"]["name"], "schedule": cfg["window_schedule"]["name"],
+        "git_commit": git_commit(),
+    }
+    loggers: list = []
+    try:
+        check_config(cfg)
+        schedule = build_schedule(cfg)
+        resume = folder.resolve_resume(cfg["ckpt_path"], cfg["overwrite"])
+        corpus: Corpus = instantiate(cfg["dataset"]["loader"])
+        check_corpus(cfg, corpus)
+        L.seed_everything(cfg["seed"], workers=True, verbose=False)
+        task = LanguageModelTask(model_kwargs(cfg, corpus, schedule), cfg["optim"], corpus.unit, cfg["compile"])
+        results.update(
+            unit=corpus.unit, metric=corpus.metric, window=schedule.w, windows=schedule.as_lists(),
+            budget=schedule.budget(cfg["seq_len"]), n_params=task.model.n_params(),
+            entropy_floor_bpb=corpus.entropy_floor_bpb,
+        )
+        folder.write(results)
+        data = CorpusDataModule(corpus, cfg["seq_len"], cfg["data"]["batch_size"], cfg["data"]["eval_batch_size"],
+                                cfg["seed"], cfg["data"]["val_max_tokens"])
+        loggers = build_loggers(cfg, folder, run_name, group)
+        throughput = Throughput(cfg["data"]["batch_size"] * cfg["seq_len"])
+        best = ModelCheckpoint(dirpath=folder.checkpoints, filename="best", monitor="val/loss", mode="min", save_top_k=1)
+        last = ModelCheckpoint(dirpath=folder.checkpoints, save_top_k=0, save_last=True,
+                               every_n_train_steps=cfg["checkpoint"]["every_n_train_steps"])
+        trainer = L.Trainer(
+            **cfg["hardware"], **cfg["trainer"], logger=loggers, max_epochs=-1, check_val_every_n_epoch=None,
+            callbacks=[best, last, throughput, CheckpointOnInterrupt(str(folder.last))],
+            default_root_dir=str(folder.path), use_distributed_sampler=False, deterministic=False,
+        )
+        summarise_wandb(loggers, corpus.metric, corpus.entropy_floor_bpb)
+        if rank_zero_only.rank == 0:
+            print(schedule.describe(cfg["seq_len"]))
+        trainer.fit(task, datamodule=data, ckpt_path=resume)
+        data.val_max_tokens = None  # the final numbers are full passes over each split
+        evaluated = best.best_model_path or None
+        metrics = {**trainer.validate(task, datamodule=data, ckpt_path=evaluated, verbose=False)[0],
+                   **trainer.test(task, datamodule=data, ckpt_path=evaluated, verbose=False)[0]}
+        results.update(
+            status="finished", metrics={k: float(v) for k, v in metrics.items()}, steps=trainer.global_step,
+            tokens_per_s=throughput.mean_tokens_per_s, evaluated_checkpoint=evaluated,
+        )
+        return results
+    except BaseException as error:  # noqa: BLE001 - Ctrl-C and crashes are recorded, then re-raised
+        interrupted = isinstance(error, (KeyboardInterrupt, SystemExit))
+        message = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
+        results.update(status="interrupted" if interrupted else "failed", error=message)
+        raise
+    finally:
+        results["wall_time_s"] = time.time() - started
+        folder.write(results)
+        finish_wandb(loggers, results["status"])
+
+
+def optimised_metric(results: dict) -> float:
+    """What a Hydra sweeper minimises: the final validation bpc / ppl (inf when the run failed)."""
+    value = results.get("metrics", {}).get(f"val/{results.get('metric', 'bpc')}")
+    return float(value) if value is not None and math.isfinite(value) else math.inf

@@ -1,0 +1,38 @@
+"""Train a full, SWA or MSWA language model: `python train.py model=mswa` (see README)."""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from mswa.run import ConfigError, optimised_metric, train
+from mswa.windows import ScheduleError
+
+NOT_IN_VARIANT = ("seed",)  # seeds of one variant are aggregated by the report and W&B
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float:
+    hydra_cfg = HydraConfig.get()
+    overrides = list(hydra_cfg.overrides.task)
+    run_name = hydra_cfg.job.override_dirname or "default"
+    variant = ",".join(o for o in overrides if o.split("=")[0].lstrip("+~") not in NOT_IN_VARIANT) or "default"
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    group = hydra_cfg.sweep.dir.rstrip("/").split("/")[-1] if multirun else None
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        results = train(plain, hydra_cfg.runtime.output_dir, run_name, variant, overrides, group)
+    except (ConfigError, ScheduleError, ValueError, MissingMandatoryValue) as error:
+        if multirun:  # the sweep records this job as failed and goes on with the others
+            raise
+        sys.exit(f"error: {error}")
+    return optimised_metric(results)
+
+
+if __name__ == "__main__":
+    main()
