@@ -10,10 +10,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from mswa.run import ConfigError, optimised_metric, train
+from mswa.run import ConfigError, RunInfo, optimised_metric, train
 from mswa.windows import ScheduleError
 
-NOT_IN_VARIANT = ("seed",)  # seeds of one variant are aggregated by the report and W&B
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -21,12 +20,16 @@ def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     overrides = list(hydra_cfg.overrides.task)
     run_name = hydra_cfg.job.override_dirname or "default"
-    variant = ",".join(o for o in overrides if o.split("=")[0].lstrip("+~") not in NOT_IN_VARIANT) or "default"
+    # seeds of one variant are aggregated by the report and W&B; paths and hardware do not make a variant
+    not_in_name = {*hydra_cfg.job.config.override_dirname.exclude_keys, "seed"}
+    variant = ",".join(o for o in sorted(overrides) if o.split("=")[0].lstrip("+~") not in not_in_name) or "default"
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     group = hydra_cfg.sweep.dir.rstrip("/").split("/")[-1] if multirun else None
     try:
         plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-        results = train(plain, hydra_cfg.runtime.output_dir, run_name, variant, overrides, group)
+        run = RunInfo(hydra_cfg.runtime.output_dir, run_name, variant, overrides, group,
+                      hydra_cfg.runtime.choices.get("window_schedule"))
+        results = train(plain, run)
     except (ConfigError, ScheduleError, ValueError, MissingMandatoryValue) as error:
         if multirun:  # the sweep records this job as failed and goes on with the others
             raise

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict
-
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
@@ -36,6 +34,7 @@ class LanguageModelTask(L.LightningModule):
         self.unit, self.optim = unit, optim
         self.token_nll = torch.compile(self.model.token_nll) if compile else self.model.token_nll
         self.eval_nll = SummedNLL()
+        self.eval_results: dict[str, float] = {}  # full-precision copy of the last val/test metrics
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -56,8 +55,9 @@ class LanguageModelTask(L.LightningModule):
         nll_sum, count = self.eval_nll.compute()
         self.eval_nll.reset()
         for name, value in metrics_from_sums(nll_sum.item(), count.item(), self.unit).items():
+            self.eval_results[f"{stage}/{name}"] = value
             # already summed across ranks by the metric, so no sync_dist
-            self.log(f"{stage}/{name}", value, prog_bar=name != "loss", rank_zero_only=False)
+            self.log(f"{stage}/{name}", value, prog_bar=name != "loss")
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch)
@@ -150,6 +150,3 @@ class CheckpointOnInterrupt(L.Callback):
         if isinstance(exception, KeyboardInterrupt) and trainer.state.fn == "fit":
             trainer.save_checkpoint(self.path)
 
-
-def model_config_dict(cfg: ModelConfig) -> dict:
-    return asdict(cfg)

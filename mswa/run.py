@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 import shutil
 import subprocess
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
@@ -113,10 +116,8 @@ class RunFolder:
 
     def wandb_id(self) -> str:
         if not self.wandb_id_path.exists() and rank_zero_only.rank == 0:
-            import wandb
-
             self.path.mkdir(parents=True, exist_ok=True)
-            self.wandb_id_path.write_text(wandb.util.generate_id())
+            self.wandb_id_path.write_text(secrets.token_hex(4))
         return self.wandb_id_path.read_text().strip()
 
     @rank_zero_only
@@ -127,13 +128,13 @@ class RunFolder:
         tmp.replace(self.results_path)
 
 
-def build_loggers(cfg: dict, folder: RunFolder, run_name: str, group: str | None) -> list:
+def build_loggers(cfg: dict, folder: RunFolder, run: RunInfo, schedule: str) -> list:
     loggers = [CSVLogger(save_dir=str(folder.path), name="", version="")]
     log_cfg = cfg["logger"]
     if log_cfg["name"] == "wandb":
-        tags = [f"dataset={cfg['dataset']['name']}", f"model={cfg['model']['name']}", f"schedule={cfg['window_schedule']['name']}", *log_cfg.get("tags", [])]
+        tags = [f"dataset={cfg['dataset']['name']}", f"model={cfg['model']['name']}", f"schedule={schedule}", *log_cfg.get("tags", [])]
         wandb_logger = WandbLogger(
-            project=log_cfg["project"], entity=log_cfg.get("entity"), name=run_name, group=log_cfg.get("group") or group,
+            project=log_cfg["project"], entity=log_cfg.get("entity"), name=run.name, group=log_cfg.get("group") or run.group,
             job_type=log_cfg.get("job_type", "train"), tags=tags, mode=log_cfg["mode"], save_dir=str(folder.path),
             id=folder.wandb_id(), resume="allow", config=cfg,
         )
@@ -158,15 +159,27 @@ def finish_wandb(loggers: list, status: str) -> None:
             logger._experiment.finish(exit_code=0 if status == "finished" else 1)
 
 
-def train(cfg: dict, run_dir: str | Path, run_name: str, variant: str, overrides: list[str], group: str | None = None) -> dict:
+@dataclass
+class RunInfo:
+    """Where a run lives and how it is named (train.py fills it from Hydra)."""
+
+    dir: str
+    name: str = "default"
+    variant: str = "default"  # the name without the seed: seeds of one variant are aggregated
+    overrides: list[str] = field(default_factory=list)
+    group: str | None = None  # W&B group: the sweep folder of a multirun
+    schedule: str | None = None  # the window_schedule choice; defaults to the schedule's name
+
+
+def train(cfg: dict, run: RunInfo) -> dict:
     """Fit, evaluate the best checkpoint on valid and test, and return (and write) the results."""
-    folder = RunFolder(Path(run_dir))
+    folder = RunFolder(Path(run.dir))
     started = time.time()
     results = {
-        "schema": 1, "status": "running", "error": None, "run_name": run_name, "variant": variant,
-        "seed": cfg["seed"], "overrides": overrides, "run_dir": str(folder.path), "config": cfg,
-        "dataset": cfg["dataset"]["name"], "model": cfg["model"]["name"], "schedule": cfg["window_schedule"]["name"],
-        "git_commit": git_commit(),
+        "schema": 1, "status": "running", "error": None, "run_name": run.name, "variant": run.variant,
+        "seed": cfg["seed"], "overrides": run.overrides, "run_dir": str(folder.path), "config": cfg,
+        "dataset": cfg["dataset"]["name"], "model": cfg["model"]["name"],
+        "schedule": run.schedule or cfg["window_schedule"]["name"], "git_commit": git_commit(),
     }
     loggers: list = []
     try:
@@ -175,6 +188,8 @@ def train(cfg: dict, run_dir: str | Path, run_name: str, variant: str, overrides
         resume = folder.resolve_resume(cfg["ckpt_path"], cfg["overwrite"])
         corpus: Corpus = instantiate(cfg["dataset"]["loader"])
         check_corpus(cfg, corpus)
+        if cfg.get("torch_threads"):
+            torch.set_num_threads(cfg["torch_threads"])
         L.seed_everything(cfg["seed"], workers=True, verbose=False)
         task = LanguageModelTask(model_kwargs(cfg, corpus, schedule), cfg["optim"], corpus.unit, cfg["compile"])
         results.update(
@@ -185,7 +200,7 @@ def train(cfg: dict, run_dir: str | Path, run_name: str, variant: str, overrides
         folder.write(results)
         data = CorpusDataModule(corpus, cfg["seq_len"], cfg["data"]["batch_size"], cfg["data"]["eval_batch_size"],
                                 cfg["seed"], cfg["data"]["val_max_tokens"])
-        loggers = build_loggers(cfg, folder, run_name, group)
+        loggers = build_loggers(cfg, folder, run, results["schedule"])
         throughput = Throughput(cfg["data"]["batch_size"] * cfg["seq_len"])
         best = ModelCheckpoint(dirpath=folder.checkpoints, filename="best", monitor="val/loss", mode="min", save_top_k=1)
         last = ModelCheckpoint(dirpath=folder.checkpoints, save_top_k=0, save_last=True,
@@ -201,10 +216,10 @@ def train(cfg: dict, run_dir: str | Path, run_name: str, variant: str, overrides
         trainer.fit(task, datamodule=data, ckpt_path=resume)
         data.val_max_tokens = None  # the final numbers are full passes over each split
         evaluated = best.best_model_path or None
-        metrics = {**trainer.validate(task, datamodule=data, ckpt_path=evaluated, verbose=False)[0],
-                   **trainer.test(task, datamodule=data, ckpt_path=evaluated, verbose=False)[0]}
+        trainer.validate(task, datamodule=data, ckpt_path=evaluated, verbose=False)
+        trainer.test(task, datamodule=data, ckpt_path=evaluated, verbose=False)
         results.update(
-            status="finished", metrics={k: float(v) for k, v in metrics.items()}, steps=trainer.global_step,
+            status="finished", metrics=dict(task.eval_results), steps=trainer.global_step,
             tokens_per_s=throughput.mean_tokens_per_s, evaluated_checkpoint=evaluated,
         )
         return results
