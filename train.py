@@ -34,6 +34,8 @@ def main(cfg: DictConfig) -> float:
         if multirun:  # the sweep records this job as failed and goes on with the others
             raise
         sys.exit(f"error: {error}")
+    except KeyboardInterrupt as stop:
+        sys.exit(f"interrupted: {stop}")
     return optimised_metric(results)
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
 import lightning as L
 import torch
@@ -140,13 +142,26 @@ class Throughput(L.Callback):
         return self.tokens / self.seconds if self.seconds else None
 
 
-class CheckpointOnInterrupt(L.Callback):
-    """Ctrl-C leaves ``last.ckpt`` behind so ``ckpt_path=last`` resumes; other failures keep the last good one."""
+class GracefulInterrupt(L.Callback):
+    """Ctrl-C finishes the current step, saves ``last.ckpt`` there and stops, so ``ckpt_path=last``
+    resumes exactly (a checkpoint taken mid-step would resume one step off). A second Ctrl-C aborts."""
 
     def __init__(self, path: str):
-        self.path = path
+        self.path, self.requested, self._previous = path, False, None
 
-    def on_exception(self, trainer, pl_module, exception):
-        if isinstance(exception, KeyboardInterrupt) and trainer.state.fn == "fit":
+    def request(self, *_) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)
+
+    def on_fit_start(self, trainer, pl_module):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self.request)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.requested and not trainer.should_stop:
             trainer.save_checkpoint(self.path)
+            trainer.should_stop = True
 
+    def on_fit_end(self, trainer, pl_module):
+        if self._previous is not None and not self.requested:
+            signal.signal(signal.SIGINT, self._previous)

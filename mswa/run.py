@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
+import pandas as pd
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -23,7 +24,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from mswa.data.corpus import Corpus
-from mswa.lit import CheckpointOnInterrupt, CorpusDataModule, LanguageModelTask, Throughput
+from mswa.lit import GracefulInterrupt, CorpusDataModule, LanguageModelTask, Throughput
 from mswa.windows import ScheduleError, WindowSchedule, make_schedule
 
 MODEL_KEYS = ("n_layer", "n_head", "d_model", "mlp_ratio", "dropout", "positions", "attn_backend", "output", "adaptive_cutoffs")
@@ -120,6 +121,25 @@ class RunFolder:
             self.wandb_id_path.write_text(secrets.token_hex(4))
         return self.wandb_id_path.read_text().strip()
 
+    @property
+    def metrics_csv(self) -> Path:
+        return self.path / "metrics.csv"
+
+    def set_aside_metrics(self) -> Path | None:
+        """Lightning's CSVLogger starts metrics.csv afresh; keep a resumed run's earlier rows to merge back."""
+        if not self.metrics_csv.exists() or rank_zero_only.rank != 0:
+            return None
+        return self.metrics_csv.rename(self.path / "metrics.before_resume.csv")
+
+    def merge_metrics(self, earlier: Path) -> None:
+        """Earlier rows up to where the resumed attempt starts, then the resumed attempt's rows."""
+        now = pd.read_csv(self.metrics_csv) if self.metrics_csv.exists() else pd.DataFrame(columns=["step"])
+        before = pd.read_csv(earlier)
+        if len(now):
+            before = before[before["step"] < now["step"].min()]
+        pd.concat([before, now], ignore_index=True).to_csv(self.metrics_csv, index=False)
+        earlier.unlink()
+
     @rank_zero_only
     def write(self, results: dict) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -182,10 +202,12 @@ def train(cfg: dict, run: RunInfo) -> dict:
         "schedule": run.schedule or cfg["window_schedule"]["name"], "git_commit": git_commit(),
     }
     loggers: list = []
+    earlier_metrics = None
     try:
         check_config(cfg)
         schedule = build_schedule(cfg)
         resume = folder.resolve_resume(cfg["ckpt_path"], cfg["overwrite"])
+        earlier_metrics = folder.set_aside_metrics() if resume else None
         corpus: Corpus = instantiate(cfg["dataset"]["loader"])
         check_corpus(cfg, corpus)
         if cfg.get("torch_threads"):
@@ -201,19 +223,22 @@ def train(cfg: dict, run: RunInfo) -> dict:
         data = CorpusDataModule(corpus, cfg["seq_len"], cfg["data"]["batch_size"], cfg["data"]["eval_batch_size"],
                                 cfg["seed"], cfg["data"]["val_max_tokens"])
         loggers = build_loggers(cfg, folder, run, results["schedule"])
+        interrupt = GracefulInterrupt(str(folder.last))
         throughput = Throughput(cfg["data"]["batch_size"] * cfg["seq_len"])
         best = ModelCheckpoint(dirpath=folder.checkpoints, filename="best", monitor="val/loss", mode="min", save_top_k=1)
         last = ModelCheckpoint(dirpath=folder.checkpoints, save_top_k=0, save_last=True,
                                every_n_train_steps=cfg["checkpoint"]["every_n_train_steps"])
         trainer = L.Trainer(
             **cfg["hardware"], **cfg["trainer"], logger=loggers, max_epochs=-1, check_val_every_n_epoch=None,
-            callbacks=[best, last, throughput, CheckpointOnInterrupt(str(folder.last))],
+            callbacks=[best, last, throughput, interrupt],
             default_root_dir=str(folder.path), use_distributed_sampler=False, deterministic=False,
         )
         summarise_wandb(loggers, corpus.metric, corpus.entropy_floor_bpb)
         if rank_zero_only.rank == 0:
             print(schedule.describe(cfg["seq_len"]))
         trainer.fit(task, datamodule=data, ckpt_path=resume)
+        if interrupt.requested:
+            raise KeyboardInterrupt(f"stopped at step {trainer.global_step}; resume with ckpt_path=last")
         data.val_max_tokens = None  # the final numbers are full passes over each split
         evaluated = best.best_model_path or None
         trainer.validate(task, datamodule=data, ckpt_path=evaluated, verbose=False)
@@ -232,6 +257,8 @@ def train(cfg: dict, run: RunInfo) -> dict:
         results["wall_time_s"] = time.time() - started
         folder.write(results)
         finish_wandb(loggers, results["status"])
+        if earlier_metrics is not None:
+            folder.merge_metrics(earlier_metrics)
 
 
 def optimised_metric(results: dict) -> float:

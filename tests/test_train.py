@@ -1,0 +1,186 @@
+"""End to end: the real conf/, the real Lightning trainer, train.py as a user runs it."""
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pandas as pd
+import pytest
+import torch
+
+from conftest import REPO, TINY_DATA, compose_config, run_train
+from mswa.data.synthetic import load as load_synthetic
+from mswa.lit import CorpusDataModule, LanguageModelTask, NonFiniteLossError
+from mswa.model import LanguageModel, ModelConfig
+from mswa.run import ConfigError, RunInfo, build_schedule, model_kwargs, train
+from mswa.windows import ScheduleError
+
+SMOKE = ["debug=smoke", *TINY_DATA]
+SCHEDULES = sorted(p.stem for p in (REPO / "conf" / "window_schedule").glob("*.yaml") if p.stem not in ("full", "custom"))
+
+
+def results_under(folder: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(folder.rglob("results.json"))]
+
+
+def test_every_model_schedule_and_cpu_hardware_composes_and_builds(tmp_path):
+    corpus = load_synthetic(str(tmp_path / "data"), n_bytes=20000)
+    combos = [("full", "full")] + [(m, s) for m in ("swa", "mswa") for s in SCHEDULES]
+    combos.append(("mswa", "custom"))
+    for model, schedule in combos:
+        extra = ["window_schedule.windows=[[1,2,3,null,5,6,7,8]]", "model.n_layer=1"] if schedule == "custom" else []
+        overrides = [f"model={model}", f"window_schedule={schedule}", "hardware=cpu", "model.n_layer=8",
+                     "model.d_model=32", "seq_len=32", *extra]
+        cfg = compose_config(overrides if schedule != "full" else overrides[:1] + overrides[2:], tmp_path)
+        assert cfg["window_schedule"]["name"] in (schedule, "mswa", "mswa_l", "uniform")
+        lm = LanguageModel(ModelConfig(**model_kwargs(cfg, corpus, build_schedule(cfg))))
+        logits = lm(torch.randint(0, 256, (2, 32)))
+        assert logits.shape == (2, 32, 256) and torch.isfinite(logits).all(), (model, schedule)
+
+
+def test_model_names_pick_their_schedules(tmp_path):
+    assert compose_config(["model=swa"], tmp_path)["window_schedule"]["name"] == "uniform"
+    assert compose_config(["model=mswa"], tmp_path)["window_schedule"]["name"] == "mswa"
+    assert compose_config(["model=full"], tmp_path)["window_schedule"]["name"] == "full"
+    switched = compose_config(["model=mswa", "window_schedule=mswa_official", "window=64"], tmp_path)
+    assert build_schedule(switched).windows[0][0] == 64  # 64 * layer 1/2 * head 2
+
+
+def test_smoke_multirun_of_full_swa_mswa_writes_results(tmp_path):
+    run_train(["-m", "model=full,swa,mswa", *SMOKE], tmp_path)
+    runs = {r["model"]: r for r in results_under(tmp_path / "outputs")}
+    assert sorted(runs) == ["full", "mswa", "swa"]
+    for name, r in runs.items():
+        assert r["status"] == "finished", r["error"]
+        for key in ("val/loss", "val/bpc", "test/loss", "test/bpc"):
+            assert math.isfinite(r["metrics"][key]), (name, key)
+        assert r["steps"] == 6 and r["n_params"] > 0 and r["tokens_per_s"] > 0
+        assert 0 < r["entropy_floor_bpb"] < 8
+        assert Path(r["run_dir"], "metrics.csv").exists()
+    assert runs["full"]["windows"] == [[None] * 4] * 4 and runs["full"]["budget"]["pairs_vs_full"] == 1.0
+    assert runs["swa"]["windows"] == [[16] * 4] * 4 and runs["swa"]["budget"]["pairs_vs_swa"] == 1.0
+    assert runs["mswa"]["windows"][0] == [1, 2, 4, 8] and runs["mswa"]["budget"]["mean_window_over_w"] == pytest.approx(0.8789, abs=1e-4)
+
+
+def test_tiny_overfit_loss_falls_well_below_start(tmp_path):
+    overrides = ["debug=smoke", "dataset.loader.n_bytes=20000", "+dataset.loader.n_words=16", "trainer.max_steps=100", "trainer.val_check_interval=100",
+                 "optim.lr=3e-3", "optim.warmup_steps=10", "model.d_model=64", "data.batch_size=8", "logger=none"]
+    results = train(compose_config(overrides, tmp_path), RunInfo(str(tmp_path / "run")))
+    log = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    losses = log["train/loss"].dropna().to_numpy()
+    assert results["status"] == "finished"
+    assert losses[-10:].mean() < 0.5 * losses[:3].mean(), losses
+
+
+def test_uniform_predictor_scores_exactly_8_bpc(tmp_path):
+    cfg = compose_config(["debug=smoke", *TINY_DATA], tmp_path)
+    corpus = load_synthetic(**{k: v for k, v in cfg["dataset"]["loader"].items() if k != "_target_"})
+    task = LanguageModelTask(model_kwargs(cfg, corpus, build_schedule(cfg)), cfg["optim"], corpus.unit)
+    for p in task.parameters():
+        torch.nn.init.zeros_(p)  # zero embeddings -> zero logits -> uniform over 256 bytes
+    data = CorpusDataModule(corpus, cfg["seq_len"], 4, 16, seed=0)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False)
+    trainer.validate(task, datamodule=data, verbose=False)
+    assert task.eval_results["val/bpc"] == pytest.approx(8.0, abs=1e-6)
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_path):
+    overrides = ["debug=smoke", *TINY_DATA, "optim.lr=1e6", "optim.warmup_steps=1", "trainer.gradient_clip_val=null",
+                 "trainer.max_steps=40", "checkpoint.every_n_train_steps=1", "logger=none"]
+    with pytest.raises(NonFiniteLossError, match=r"at step \d+"):
+        train(compose_config(overrides, tmp_path), RunInfo(str(tmp_path / "run")))
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert all(torch.isfinite(t).all() for t in saved["state_dict"].values())
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "failed"
+
+
+RESUME = ["debug=smoke", *TINY_DATA, "trainer.max_steps=60", "trainer.val_check_interval=20",
+          "checkpoint.every_n_train_steps=5"]
+
+
+def test_interrupted_run_resumes_to_the_same_final_metric(tmp_path):
+    straight = run_train([*RESUME, "task_name=straight"], tmp_path)
+    assert straight.returncode == 0
+    reference = results_under(tmp_path / "outputs" / "straight")[0]
+
+    args = [*RESUME, "task_name=resumed", "logger.mode=offline"]
+    cmd = [sys.executable, str(REPO / "train.py"), f"paths.log_dir={tmp_path}/outputs", *args]
+    env = {"MSWA_DATA_DIR": str(tmp_path / "data"), "WANDB_MODE": "offline", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env={**__import__("os").environ, **env},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    run_dir = next_run_dir(tmp_path / "outputs" / "resumed", proc)
+    while not (run_dir / "checkpoints" / "last.ckpt").exists():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C
+    proc.wait(timeout=120)
+    interrupted = json.loads((run_dir / "results.json").read_text())
+    assert interrupted["status"] == "interrupted", interrupted
+    stopped_at = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+    assert 0 < stopped_at < 60
+
+    run_train([*args[:-1], "logger.mode=offline", "ckpt_path=last"], tmp_path, env_extra={"WANDB_MODE": "offline"})
+    resumed = json.loads((run_dir / "results.json").read_text())
+    assert resumed["status"] == "finished" and resumed["steps"] == 60
+    assert resumed["metrics"]["val/bpc"] == pytest.approx(reference["metrics"]["val/bpc"], abs=1e-6)
+    wandb_runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 2 and len({name.rsplit("-", 1)[1] for name in wandb_runs}) == 1  # one W&B run id
+
+
+def next_run_dir(root: Path, proc) -> Path:
+    while not list(root.glob("runs/*")):
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.05)
+    return next(root.glob("runs/*"))
+
+
+def test_ddp_cpu_two_processes_give_the_single_process_validation_loss(tmp_path):
+    common = ["debug=smoke", *TINY_DATA, "optim.lr=0", "trainer.max_steps=2", "trainer.val_check_interval=2", "logger=none"]
+    run_train([*common, "task_name=single"], tmp_path)
+    run_train([*common, "task_name=ddp", "hardware=ddp_cpu"], tmp_path)
+    single = results_under(tmp_path / "outputs" / "single")[0]["metrics"]
+    ddp = results_under(tmp_path / "outputs" / "ddp")[0]["metrics"]
+    assert ddp["val/loss"] == pytest.approx(single["val/loss"], abs=1e-6)
+    assert ddp["test/loss"] == pytest.approx(single["test/loss"], abs=1e-6)
+
+
+def test_bad_config_stops_before_training_with_one_sentence(tmp_path):
+    proc = run_train(["model=mswa", "model.n_head=6", "model.d_model=48", *SMOKE], tmp_path, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: window_schedule.head_ratios has 4 groups but 6 heads")
+    assert "Traceback" not in proc.stderr
+    assert not list((tmp_path / "outputs").rglob("*.ckpt"))
+
+
+@pytest.mark.parametrize(
+    "overrides, error, words",
+    [
+        (["model.n_head=6", "model.d_model=48"], ScheduleError, "6 heads"),
+        (["window=0"], ScheduleError, "window=0"),
+        (["window_schedule.name=swirly"], ScheduleError, "'swirly'"),
+        (["seq_len=300000"], ConfigError, "seq_len=300000"),
+        (["model=full", "window_schedule=mswa"], ConfigError, "model=full cannot use window_schedule=mswa"),
+    ],
+)
+def test_bad_configs_raise_named_errors_before_any_checkpoint(tmp_path, overrides, error, words):
+    with pytest.raises(error, match=words):
+        train(compose_config([*SMOKE, "logger=none", *overrides], tmp_path), RunInfo(str(tmp_path / "run")))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "failed"
+
+
+def test_unknown_schedule_choice_lists_the_options(tmp_path):
+    proc = run_train(["window_schedule=swirly", *SMOKE], tmp_path, check=False)
+    assert proc.returncode == 1 and "mswa_official" in proc.stderr
+
+
+def test_rerunning_a_finished_run_without_ckpt_path_is_refused(tmp_path):
+    cfg = compose_config([*SMOKE, "logger=none"], tmp_path)
+    train(cfg, RunInfo(str(tmp_path / "run")))
+    with pytest.raises(ConfigError, match="ckpt_path=last"):
+        train(cfg, RunInfo(str(tmp_path / "run")))
