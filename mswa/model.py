@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mswa.attention import window_attention
+from mswa.attention.linear import LinearAttention, causal_linear_attention
 
 Window = int | None
 
@@ -31,6 +32,13 @@ class ModelConfig:
     attn_backend: str = "auto"
     output: str = "softmax"  # "softmax" (tied to the embedding) | "adaptive" (adaptive softmax)
     adaptive_cutoffs: list[int] = field(default_factory=lambda: [20000, 40000, 200000])
+    # Token mixers: "attention" everywhere, "linear" everywhere, or a "hybrid" of the two laid out as
+    # "interleave" (layer kinds follow `pattern`, repeated over depth) or "parallel" (both in every layer).
+    mixer: str = "attention"
+    layout: str = "interleave"
+    pattern: list[str] = field(default_factory=lambda: ["linear", "window"])
+    linear_feature_map: str = "elu"
+    linear_feature_dim: int = 16
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_head:
@@ -46,11 +54,23 @@ class ModelConfig:
                 f"model.adaptive_cutoffs={list(self.adaptive_cutoffs)} must lie strictly between 0 and the vocabulary "
                 f"size {self.vocab_size}; lower them or use model.output=softmax"
             )
+        if self.mixer not in ("attention", "linear", "hybrid"):
+            raise ValueError(f"model.mixer={self.mixer!r} is unknown; use attention, linear or hybrid")
+        if self.mixer == "hybrid" and self.layout not in ("interleave", "parallel"):
+            raise ValueError(f"model.layout={self.layout!r} is unknown; use interleave or parallel")
+        if self.mixer == "hybrid" and self.layout == "interleave" and (not self.pattern or set(self.pattern) - {"linear", "window"}):
+            raise ValueError(f"model.pattern={list(self.pattern)} must be a non-empty list of 'linear' and 'window'")
         if self.windows is not None and (len(self.windows) != self.n_layer or any(len(w) != self.n_head for w in self.windows)):
             raise ValueError(f"model windows must be {self.n_layer} layers x {self.n_head} heads")
 
     def layer_windows(self, layer: int) -> list[Window]:
         return [None] * self.n_head if self.windows is None else list(self.windows[layer])
+
+    def layer_mixer(self, layer: int) -> str:
+        """'window' (softmax attention, full when its windows are None), 'linear' or 'parallel'."""
+        if self.mixer == "hybrid":
+            return "parallel" if self.layout == "parallel" else self.pattern[layer % len(self.pattern)]
+        return "linear" if self.mixer == "linear" else "window"
 
 
 class Rotary(nn.Module):
@@ -81,13 +101,41 @@ class WindowedSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.rotary = Rotary(cfg.d_model // cfg.n_head) if cfg.positions == "rope" else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head attention outputs (B, H, N, D) and the values v they mixed."""
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.n_head, d // self.n_head).permute(2, 0, 3, 1, 4)
         if self.rotary is not None:
             q, k = self.rotary(q), self.rotary(k)
-        out = window_attention(q, k, v, self.windows, backend=self.backend)
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+        return window_attention(q, k, v, self.windows, backend=self.backend), v
+
+    def merge(self, heads: torch.Tensor) -> torch.Tensor:
+        b, h, n, d = heads.shape
+        return self.proj(heads.transpose(1, 2).reshape(b, n, h * d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.merge(self.heads(x)[0])
+
+
+class ParallelHybridAttention(WindowedSelfAttention):
+    """Every head runs window attention and causal linear attention over the same values; a learned
+    per-head gate mixes the two before the shared output projection. Gating (rather than giving some
+    heads to each kind) keeps every head's window from the schedule, so MSWA's head groups mean the
+    same in hybrid and plain models; the linear branch adds O(N * feature_dim * head_dim) per head."""
+
+    def __init__(self, cfg: ModelConfig, windows: list[Window]):
+        super().__init__(cfg, windows)
+        self.feature_map, self.feature_dim = cfg.linear_feature_map, cfg.linear_feature_dim
+        self.linear_qk = nn.Linear(cfg.d_model, 2 * cfg.n_head * cfg.linear_feature_dim, bias=False)
+        self.gate = nn.Parameter(torch.zeros(cfg.n_head))  # sigmoid(0) = an even mix at the start
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        window_out, v = self.heads(x)
+        b, n, _ = x.shape
+        q, k = self.linear_qk(x).view(b, n, 2, self.n_head, self.feature_dim).permute(2, 0, 3, 1, 4)
+        linear_out = causal_linear_attention(q, k, v, feature_map=self.feature_map)
+        gate = torch.sigmoid(self.gate).view(1, -1, 1, 1)
+        return self.merge(gate * window_out + (1 - gate) * linear_out)
 
 
 class MLP(nn.Module):
@@ -114,6 +162,14 @@ class Block(nn.Module):
         return x + self.dropout(self.mlp(self.norm2(x)))
 
 
+def make_mixer(cfg: ModelConfig, layer: int) -> nn.Module:
+    kind = cfg.layer_mixer(layer)
+    if kind == "linear":
+        return LinearAttention(cfg.d_model, cfg.n_head, cfg.linear_feature_dim, cfg.linear_feature_map)
+    mixer_class = ParallelHybridAttention if kind == "parallel" else WindowedSelfAttention
+    return mixer_class(cfg, cfg.layer_windows(layer))
+
+
 class LanguageModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -121,9 +177,7 @@ class LanguageModel(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.positions == "learned" else None
         self.dropout = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(
-            Block(cfg, WindowedSelfAttention(cfg, cfg.layer_windows(i))) for i in range(cfg.n_layer)
-        )
+        self.blocks = nn.ModuleList(Block(cfg, make_mixer(cfg, i)) for i in range(cfg.n_layer))
         self.norm = nn.LayerNorm(cfg.d_model)
         if cfg.output == "adaptive":  # its own head and tail clusters; not tied to the embedding
             self.adaptive = nn.AdaptiveLogSoftmaxWithLoss(cfg.d_model, cfg.vocab_size, list(cfg.adaptive_cutoffs), div_value=4.0)

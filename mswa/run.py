@@ -27,7 +27,8 @@ from mswa.data.corpus import Corpus
 from mswa.lit import GracefulInterrupt, CorpusDataModule, LanguageModelTask, Throughput
 from mswa.windows import ScheduleError, WindowSchedule, make_schedule
 
-MODEL_KEYS = ("n_layer", "n_head", "d_model", "mlp_ratio", "dropout", "positions", "attn_backend", "output", "adaptive_cutoffs")
+MODEL_KEYS = ("n_layer", "n_head", "d_model", "mlp_ratio", "dropout", "positions", "attn_backend", "output",
+              "adaptive_cutoffs", "mixer", "layout", "pattern", "linear_feature_map", "linear_feature_dim")
 
 
 class ConfigError(ValueError):
@@ -51,11 +52,11 @@ def check_config(cfg: dict) -> None:
             value = value[part]
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"{key}={value!r} must be a positive integer")
-    full_model, full_schedule = cfg["model"]["name"] == "full", cfg["window_schedule"]["name"] == "full"
-    if full_model != full_schedule:
+    model, schedule = cfg["model"]["name"], cfg["window_schedule"]["name"]
+    if cfg["model"]["windowed"] == (schedule == "full"):
         raise ConfigError(
-            f"model={cfg['model']['name']} cannot use window_schedule={cfg['window_schedule']['name']}; full attention "
-            "goes with the 'full' schedule only: pick model=swa or model=mswa to use window schedules"
+            f"model={model} cannot use window_schedule={schedule}; models without window attention (full, linear) "
+            "take only the 'full' schedule, windowed models any other: pick a matching model or schedule"
         )
     if cfg["model"]["d_model"] % cfg["model"]["n_head"]:
         raise ConfigError(f"model.d_model={cfg['model']['d_model']} is not divisible by model.n_head={cfg['model']['n_head']}")
