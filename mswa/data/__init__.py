@@ -1,0 +1,1 @@
+"""Datasets: synthetic, enwik8, WikiText; every loader returns a Corpus of token arrays."""
