@@ -174,10 +174,12 @@ def summarise_wandb(loggers: list, metric: str, entropy_floor: float | None) -> 
                 run.summary["data/entropy_floor_bpb"] = entropy_floor
 
 
-def finish_wandb(loggers: list, status: str) -> None:
+def finish_wandb(loggers: list, results: dict) -> None:
+    """Mirror results.json into the W&B summary (what `mswa.report --wandb` reads), then close the run."""
     for logger in loggers:
         if isinstance(logger, WandbLogger) and rank_zero_only.rank == 0 and logger._experiment is not None:
-            logger._experiment.finish(exit_code=0 if status == "finished" else 1)
+            logger._experiment.summary["results"] = json.loads(json.dumps(results, default=str))
+            logger._experiment.finish(exit_code=0 if results["status"] == "finished" else 1)
 
 
 @dataclass
@@ -257,7 +259,7 @@ def train(cfg: dict, run: RunInfo) -> dict:
     finally:
         results["wall_time_s"] = time.time() - started
         folder.write(results)
-        finish_wandb(loggers, results["status"])
+        finish_wandb(loggers, results)
         if earlier_metrics is not None:
             folder.merge_metrics(earlier_metrics)
 

@@ -1,0 +1,591 @@
+"""Comparison report: run folders (or a W&B project) -> one table row per variant, plus plots.
+
+    python -m mswa.report DIR [DIR ...] [--out OUT]
+    python -m mswa.report --wandb ENTITY/PROJECT [--out OUT]
+
+A run is a folder holding ``results.json`` (written by ``train.py``) and ``metrics.csv`` (Lightning's
+CSVLogger). Run folders are found anywhere below the DIRs, so a Hydra multirun folder works as is. A
+Hydra job folder (``.hydra/overrides.yaml``) with no ``results.json`` is a job that died before the
+end: it is listed with status ``no results``, never dropped.
+
+Seeds of one variant (``results["variant"]``: the overrides minus ``seed``) are aggregated: mean and
+sample standard deviation (n - 1) of the final val/test metric. Only finished runs enter the averages;
+every other run is listed with its status and error.
+
+The same functions serve ``notebooks/analysis.ipynb``: ``load_runs`` -> ``summary_table`` /
+``failed_runs`` / ``plot_curves`` / ``plot_budget`` / ``plot_windows``; ``write_report`` writes them all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import re
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pandas as pd
+import yaml
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure
+
+SCHEMA = 1
+NO_RESULTS = "no results"  # status of a Hydra job folder that never wrote results.json
+SEED_KEYS = ("seed", "+seed", "++seed")
+
+# results.json keys copied as they are into a run's row
+RESULT_KEYS = (
+    "run_name", "variant", "seed", "status", "error", "dataset", "unit", "metric", "model", "schedule", "window",
+    "windows", "n_params", "entropy_floor_bpb", "tokens_per_s", "steps", "wall_time_s", "git_commit", "overrides",
+)
+BUDGET_KEYS = ("seq_len", "mean_window_over_w", "attended_pairs", "pairs_vs_swa", "pairs_vs_full")
+RUN_COLUMNS = ("path", *RESULT_KEYS, *BUDGET_KEYS, "val", "test", "history")
+NUMERIC_RUN_COLUMNS = (
+    "seed", "window", "n_params", "entropy_floor_bpb", "tokens_per_s", "steps", "wall_time_s", *BUDGET_KEYS, "val",
+    "test",
+)
+INTEGER_RUN_COLUMNS = ("seed", "window", "n_params", "steps", "seq_len", "attended_pairs")
+# per variant: values shared by its seeds, then aggregates, then the comparison with its SWA reference
+SHARED_COLUMNS = (
+    "variant", "model", "schedule", "window", "dataset", "metric", "n_params", "pairs_vs_swa", "pairs_vs_full",
+    "mean_window_over_w", "entropy_floor_bpb",
+)
+SUMMARY_COLUMNS = (
+    *SHARED_COLUMNS, "n_seeds", "seeds", "n_unfinished", "val", "val_std", "test", "test_std", "reference",
+    "delta_val", "delta_test", "tokens_per_s", "steps", "wall_time_s",
+)
+FAILED_COLUMNS = ("variant", "seed", "status", "error", "run_name", "path")
+
+REFERENCE_RULE = (
+    "Δ = variant mean minus its SWA reference mean (negative = better). The reference is a finished variant "
+    "on the same dataset and metric whose model is `swa` (if none, whose schedule is `uniform`), choosing "
+    "the one whose overrides differ from the variant's in the fewest places; a tie leaves Δ empty and names "
+    "the candidates."
+)
+BUDGET_NOTE = (
+    "pairs / SWA and pairs / full: attended query-key pairs at the run's sequence length, relative to SWA "
+    "at the base window and to full causal attention; mean window / w: mean window over all heads and layers."
+)
+
+
+class ReportError(ValueError):
+    """Input the report cannot use; the message names the value and the fix."""
+
+
+# ---------------------------------------------------------------- loading run folders
+
+
+def load_runs(dirs: Sequence[str | Path]) -> pd.DataFrame:
+    """One row per run found below ``dirs`` (columns ``RUN_COLUMNS``), sorted by variant then seed."""
+    missing = [str(d) for d in dirs if not Path(d).is_dir()]
+    if not dirs or missing:
+        raise ReportError(
+            f"run folder(s) {missing or '(none given)'} not found; pass existing sweep output folders, "
+            "e.g. multirun/<date>/<time>"
+        )
+    results_dirs, job_dirs = find_run_folders(dirs)
+    if not results_dirs and not job_dirs:
+        raise ReportError(
+            f"no results.json or Hydra job folder (.hydra/overrides.yaml) found below {[str(d) for d in dirs]}; "
+            "pass the folder a sweep wrote its runs into"
+        )
+    rows = [row_from_results(read_results(d), str(d), read_history(d)) for d in results_dirs]
+    rows += [row_from_hydra_job(d) for d in job_dirs]
+    return runs_frame(rows)
+
+
+def find_run_folders(dirs: Iterable[str | Path]) -> tuple[list[Path], list[Path]]:
+    """(folders with results.json, Hydra job folders without one); nested copies of a run are skipped."""
+    found = {p.parent.resolve() for d in dirs for p in Path(d).rglob("results.json")}
+    results_dirs = sorted(r for r in found if not any(parent in found for parent in r.parents))
+    jobs = {
+        p.parent.parent.resolve() for d in dirs for p in Path(d).rglob("overrides.yaml") if p.parent.name == ".hydra"
+    }
+    has_results = set(results_dirs).union(*(r.parents for r in results_dirs))
+    return results_dirs, sorted(jobs - has_results)
+
+
+def read_results(run_dir: Path) -> dict:
+    """results.json as a dict; an unreadable file becomes a failed run rather than stopping the report."""
+    path = run_dir / "results.json"
+    try:
+        results = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        return {"status": "failed", "error": f"results.json is not valid JSON ({err})", "run_name": run_dir.name}
+    if results.get("schema") != SCHEMA:
+        raise ReportError(
+            f"{path} has schema={results.get('schema')!r}, this report reads schema={SCHEMA}; "
+            "use the mswa version that wrote the runs"
+        )
+    return results
+
+
+def read_history(run_dir: Path) -> pd.DataFrame | None:
+    """The run's metrics.csv (sparse: one row per logging step), or None when the run has none."""
+    path = run_dir / "metrics.csv"
+    return pd.read_csv(path) if path.is_file() else None
+
+
+def row_from_results(results: Mapping, path: str, history: pd.DataFrame | None) -> dict:
+    """A run's row from its results dict; a 'finished' run without its final metrics counts as failed."""
+    row = dict.fromkeys(RUN_COLUMNS)
+    row.update({key: results.get(key) for key in RESULT_KEYS})
+    row.update({key: (results.get("budget") or {}).get(key) for key in BUDGET_KEYS})
+    metrics, metric = results.get("metrics") or {}, results.get("metric")
+    row.update(path=path, history=history, val=metrics.get(f"val/{metric}"), test=metrics.get(f"test/{metric}"))
+    if row["status"] == "finished" and (row["val"] is None or row["test"] is None):
+        row.update(status="failed", error=f"status is finished but metrics lack val/{metric} or test/{metric}")
+    return row
+
+
+def row_from_hydra_job(job_dir: Path) -> dict:
+    """A job that never wrote results.json, named from the overrides Hydra saved for it."""
+    overrides = yaml.safe_load((job_dir / ".hydra" / "overrides.yaml").read_text()) or []
+    logs = sorted(p.name for p in job_dir.glob("*.log"))
+    row = dict.fromkeys(RUN_COLUMNS)
+    row.update(
+        path=str(job_dir),
+        run_name=",".join(overrides),
+        variant=",".join(without_seed(overrides)),
+        seed=seed_of(overrides),
+        overrides=overrides,
+        status=NO_RESULTS,
+        error="no results.json: the job stopped before writing it" + (f" (see {', '.join(logs)})" if logs else ""),
+    )
+    return row
+
+
+def without_seed(overrides: Iterable[str]) -> list[str]:
+    return [o for o in overrides if o.split("=", 1)[0] not in SEED_KEYS]
+
+
+def seed_of(overrides: Iterable[str]) -> int | None:
+    seeds = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] in SEED_KEYS]
+    return int(seeds[0]) if seeds else None
+
+
+def runs_frame(rows: list[dict]) -> pd.DataFrame:
+    runs = pd.DataFrame(rows, columns=list(RUN_COLUMNS))
+    for column in NUMERIC_RUN_COLUMNS:
+        runs[column] = pd.to_numeric(runs[column])
+    for column in INTEGER_RUN_COLUMNS:
+        runs[column] = runs[column].astype("Int64")
+    order = sorted(range(len(runs)), key=lambda i: (natural_key(str(runs.variant[i])), _seed_key(runs.seed[i])))
+    return runs.iloc[order].reset_index(drop=True)
+
+
+def natural_key(text: str) -> list:
+    """Sort key that puts window=64 before window=128."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def _seed_key(seed) -> tuple:
+    return (pd.isna(seed), 0 if pd.isna(seed) else seed)
+
+
+# ---------------------------------------------------------------- loading from W&B
+
+WANDB_STATUS = {
+    "finished": "finished",
+    "running": "running",
+    "failed": "failed",
+    "crashed": "failed",
+    "killed": "failed",
+}
+
+
+def load_wandb_runs(project_path: str, api=None) -> pd.DataFrame:
+    """Runs of a W&B project as the same frame as ``load_runs``.
+
+    Expects train.py to store its results dict in the run summary under ``results``; a run without it
+    (crashed early) is listed with its W&B state.
+    """
+    if len([part for part in project_path.split("/") if part]) != 2:
+        raise ReportError(f"--wandb {project_path!r} is not ENTITY/PROJECT; pass e.g. --wandb my-team/mswa")
+    try:
+        import wandb
+
+        api = api or wandb.Api(timeout=30)
+        wandb_runs = list(api.runs(project_path))
+    except Exception as err:  # network, login and lookup errors all end here, re-raised with the fix
+        raise ReportError(
+            f"could not read W&B project {project_path!r} ({type(err).__name__}: {err}); "
+            "check the name, network access and `wandb login` (or WANDB_API_KEY)"
+        ) from err
+    if not wandb_runs:
+        raise ReportError(f"W&B project {project_path!r} has no runs; check ENTITY/PROJECT")
+    return runs_frame([row_from_wandb(run) for run in wandb_runs])
+
+
+def row_from_wandb(run) -> dict:
+    """One W&B public-API run (``.name .state .url .summary .history()``) as a run row."""
+    history = run.history(samples=2000, pandas=True)
+    step = "trainer/global_step" if "trainer/global_step" in history else "_step"  # Lightning's step when logged
+    history = history.rename(columns={step: "step"}) if len(history) else None
+    results = _plain(run.summary.get("results"))
+    if results:
+        return row_from_results(results, run.url, history)
+    names = run.name.split(",")
+    return row_from_results(
+        {
+            "run_name": run.name,
+            "variant": ",".join(without_seed(names)),
+            "seed": seed_of(names),
+            "status": WANDB_STATUS.get(run.state, run.state),
+            "error": f"W&B state {run.state!r}, no 'results' in summary",
+        },
+        run.url,
+        history,
+    )
+
+
+def _plain(value):
+    """W&B summary sub-dicts -> plain dicts, recursively."""
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    return value
+
+
+# ---------------------------------------------------------------- tables
+
+
+def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per variant with at least one finished run (columns ``SUMMARY_COLUMNS``)."""
+    finished = runs[runs.status == "finished"]
+    unfinished = runs[runs.status != "finished"].variant.value_counts()
+    rows = [
+        _variant_row(group, unfinished.get(variant, 0)) for variant, group in finished.groupby("variant", sort=False)
+    ]
+    table = pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS)).astype(
+        {"window": "Int64", "n_params": "Int64", "n_seeds": "Int64", "n_unfinished": "Int64"}
+    )
+    overrides = {
+        variant: frozenset(without_seed(group.overrides.iloc[0] or []))
+        for variant, group in finished.groupby("variant")
+    }
+    table["reference"] = [_reference(row, table, overrides) for row in table.itertuples()]
+    means = table.set_index("variant")
+    for split in ("val", "test"):
+        table[f"delta_{split}"] = [
+            value - means.loc[ref, split] if ref in means.index else np.nan
+            for value, ref in zip(table[split], table.reference)
+        ]
+    return table
+
+
+def _variant_row(group: pd.DataFrame, n_unfinished: int) -> dict:
+    first = group.iloc[0]
+    row = {key: first[key] for key in SHARED_COLUMNS}
+    for split in ("val", "test"):
+        row[split] = group[split].mean(skipna=False)
+        row[f"{split}_std"] = group[split].std(ddof=1, skipna=False)  # NaN for a single seed
+    row.update(
+        n_seeds=len(group),
+        seeds=",".join(str(s) for s in sorted(group.seed.dropna().astype(int))),
+        n_unfinished=int(n_unfinished),
+        tokens_per_s=group.tokens_per_s.mean(),
+        steps=group.steps.mean(),
+        wall_time_s=group.wall_time_s.mean(),
+    )
+    return row
+
+
+def _reference(row, table: pd.DataFrame, overrides: Mapping[str, frozenset]) -> str | None:
+    """The SWA variant this row is compared with (see ``REFERENCE_RULE``)."""
+    comparable = table[(table.dataset == row.dataset) & (table.metric == row.metric)]
+    candidates = comparable[comparable.model == "swa"]
+    if candidates.empty:
+        candidates = comparable[comparable.schedule == "uniform"]
+    if candidates.empty:
+        return None
+    differing = candidates.variant.map(lambda name: len(overrides[name] ^ overrides[row.variant]))
+    best = candidates.variant[differing == differing.min()].tolist()
+    return best[0] if len(best) == 1 else "ambiguous: " + " | ".join(best)
+
+
+def failed_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """Every run that did not finish, with its status and error."""
+    return runs.loc[runs.status != "finished", list(FAILED_COLUMNS)].reset_index(drop=True)
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A GitHub Markdown table of string cells."""
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+    lines += [
+        "| " + " | ".join(str(cell).replace("|", "\\|").replace("\n", " ") for cell in row) + " |"
+        for row in frame.itertuples(index=False)
+    ]
+    return "\n".join(lines)
+
+
+def _fmt(value, spec: str) -> str:
+    return "" if value is None or pd.isna(value) else format(value, spec)
+
+
+def _mean_std(mean, std) -> str:
+    return _fmt(mean, ".4f") + (f" ± {std:.4f}" if pd.notna(std) else "")
+
+
+def summary_markdown_frame(table: pd.DataFrame) -> pd.DataFrame:
+    """The summary table formatted for reading; columns empty in every row are left out."""
+    shown = pd.DataFrame(
+        {
+            "variant": table.variant,
+            "metric": table.metric,
+            "seeds": [f"{n}" + (f" (+{u} unfinished)" if u else "") for n, u in zip(table.n_seeds, table.n_unfinished)],
+            "val": [_mean_std(m, s) for m, s in zip(table.val, table.val_std)],
+            "test": [_mean_std(m, s) for m, s in zip(table.test, table.test_std)],
+            "Δ val": [_fmt(v, "+.4f") for v in table.delta_val],
+            "Δ test": [_fmt(v, "+.4f") for v in table.delta_test],
+            "SWA reference": table.reference.fillna(""),
+            "pairs / SWA": [_fmt(v, ".3f") for v in table.pairs_vs_swa],
+            "pairs / full": [_fmt(v, ".3f") for v in table.pairs_vs_full],
+            "mean window / w": [_fmt(v, ".3f") for v in table.mean_window_over_w],
+            "params": [_fmt(v, ",.0f") for v in table.n_params],
+            "tokens/s": [_fmt(v, ",.0f") for v in table.tokens_per_s],
+            "steps": [_fmt(v, ".0f") for v in table.steps],
+            "entropy floor (bits/byte)": [_fmt(v, ".4f") for v in table.entropy_floor_bpb],
+        }
+    )
+    return shown.loc[:, (shown != "").any(axis=0)]
+
+
+# ---------------------------------------------------------------- plots
+
+
+def _new_figure(n_panels: int, panel_size: tuple[float, float], ncols: int | None = None) -> tuple[Figure, list]:
+    """A pyplot-free Agg figure (no global state, safe in scripts and notebooks) with a row-major panel grid."""
+    ncols = ncols or n_panels
+    nrows = -(-n_panels // ncols)
+    fig = Figure(figsize=(panel_size[0] * ncols, panel_size[1] * nrows), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax in axes[n_panels:]:
+        ax.set_visible(False)
+    return fig, list(axes[:n_panels])
+
+
+def _metrics(runs: pd.DataFrame) -> list[str]:
+    return sorted(runs.metric.dropna().unique())
+
+
+def plot_curves(runs: pd.DataFrame) -> Figure:
+    """Validation metric (and train loss) against step: mean over the finished seeds of each variant, band ± std."""
+    finished = runs[runs.status == "finished"]
+    columns = [f"val/{metric}" for metric in _metrics(finished)] + ["train/loss"]
+    fig, axes = _new_figure(len(columns), (6.0, 4.2))
+    for ax, column in zip(axes, columns):
+        for variant, group in finished.groupby("variant", sort=False):
+            curves = [h[["step", column]].dropna() for h in group.history if h is not None and column in h]
+            if curves:
+                stats = pd.concat(curves).groupby("step")[column].agg(["mean", "std"])
+                (line,) = ax.plot(stats.index, stats["mean"], label=f"{variant} (n={len(curves)})")
+                ax.fill_between(
+                    stats.index,
+                    stats["mean"] - stats["std"],
+                    stats["mean"] + stats["std"],
+                    color=line.get_color(),
+                    alpha=0.2,
+                )
+        if column == "val/bpc":
+            for floor in finished.entropy_floor_bpb.dropna().unique():
+                ax.axhline(floor, color="black", linestyle="--", linewidth=1, label=f"entropy floor {floor:.3f}")
+        _finish_axes(ax, column, "step", column)
+    return fig
+
+
+def _finish_axes(ax, title: str, xlabel: str, ylabel: str) -> None:
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no data (no finished run logged it)", ha="center", va="center", transform=ax.transAxes)
+
+
+def plot_budget(runs: pd.DataFrame, split: str = "test") -> Figure:
+    """Final ``split`` metric (mean ± std over seeds) against attended pairs relative to full attention.
+
+    The x axis is pairs / full rather than pairs / SWA so that full attention (x = 1) and SWA at different
+    base windows share one axis.
+    """
+    table = summary_table(runs)
+    metrics = _metrics(table)
+    fig, axes = _new_figure(max(1, len(metrics)), (6.0, 4.5))
+    for ax, metric in zip(axes, metrics):
+        rows = table[table.metric == metric]
+        for model, group in rows.groupby("model", sort=False):
+            ax.errorbar(
+                group.pairs_vs_full, group[split], yerr=group[f"{split}_std"].fillna(0), fmt="o", capsize=3, label=model
+            )
+        for row in rows.itertuples():
+            ax.annotate(
+                row.variant,
+                (row.pairs_vs_full, getattr(row, split)),
+                fontsize=6,
+                textcoords="offset points",
+                xytext=(4, 4),
+            )
+        ax.set_xlim(0, 1.05)
+        _finish_axes(
+            ax, f"{split} {metric} vs attention budget", "attended pairs / full attention", f"{split} {metric}"
+        )
+    if not metrics:
+        _finish_axes(axes[0], f"{split} metric vs attention budget", "attended pairs / full attention", split)
+    return fig
+
+
+def plot_windows(runs: pd.DataFrame) -> Figure:
+    """Layer x head heatmap of every distinct window schedule (log colour scale, values written in)."""
+    schedules: dict[tuple, list[str]] = {}
+    for variant, windows in zip(runs.variant, runs.windows):
+        if windows:
+            names = schedules.setdefault(tuple(tuple(layer) for layer in windows), [])
+            if variant not in names:
+                names.append(variant)
+    finite = [w for windows in schedules for layer in windows for w in layer if w is not None]
+    norm = LogNorm(vmin=min(finite, default=1), vmax=max(max(finite, default=2), min(finite, default=1) + 1))
+    n_head = max((len(windows[0]) for windows in schedules), default=1)
+    n_layer = max((len(windows) for windows in schedules), default=1)
+    fig, axes = _new_figure(
+        max(1, len(schedules)),
+        (max(3.2, 0.25 * n_head + 1.5), max(2.6, 0.2 * n_layer + 1.4)),
+        ncols=min(4, max(1, len(schedules))),
+    )
+    for ax, (windows, names) in zip(axes, schedules.items()):
+        _window_panel(ax, windows, norm, "\n".join(names))
+    if schedules:
+        colorbar = fig.colorbar(axes[0].images[0], ax=axes, label="window (log scale); grey = full causal")
+        if len(set(finite)) <= 12:  # label the windows that occur rather than powers of ten
+            colorbar.set_ticks(sorted(set(finite)), labels=[str(w) for w in sorted(set(finite))])
+            colorbar.minorticks_off()
+    else:
+        _finish_axes(axes[0], "windows", "head", "layer")
+    return fig
+
+
+def _window_panel(ax, windows: tuple[tuple, ...], norm: LogNorm, title: str) -> None:
+    values = np.ma.masked_invalid(
+        np.array([[np.nan if w is None else w for w in layer] for layer in windows], dtype=float)
+    )
+    ax.imshow(values, norm=norm, cmap=matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey"), aspect="auto")
+    for (top, bottom, left, right), window in _equal_blocks(windows):
+        dark = window is not None and norm(window) < 0.5
+        ax.text(
+            (left + right) / 2,
+            (top + bottom) / 2,
+            "full" if window is None else str(window),
+            ha="center",
+            va="center",
+            fontsize=8,
+            color="white" if dark else "black",
+            in_layout=False,
+        )
+    ax.set(
+        title=title,
+        xlabel="head",
+        ylabel="layer (shallow at top)",
+        xticks=range(values.shape[1]),
+        yticks=range(values.shape[0]),
+    )
+    ax.title.set_fontsize(8)
+
+
+def _equal_blocks(windows: tuple[tuple, ...]) -> list[tuple[tuple[int, int, int, int], int | None]]:
+    """((first layer, last layer, first head, last head), window) for each block of equal windows: runs of
+    identical consecutive layers, split into runs of equal consecutive heads. One label per block keeps the
+    group structure readable and the drawing fast."""
+    blocks, top = [], 0
+    for row, layers in itertools.groupby(windows):
+        bottom, left = top + len(list(layers)) - 1, 0
+        for window, heads in itertools.groupby(row):
+            right = left + len(list(heads)) - 1
+            blocks.append(((top, bottom, left, right), window))
+            left = right + 1
+        top = bottom + 1
+    return blocks
+
+
+# ---------------------------------------------------------------- report folder
+
+
+def write_report(runs: pd.DataFrame, out: str | Path, title: str) -> dict[str, Path]:
+    """summary.md, summary.csv, curves.png, budget.png and windows.png in ``out``; returns their paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {name: out / name for name in ("summary.md", "summary.csv", "curves.png", "budget.png", "windows.png")}
+    for name, plot in (("curves.png", plot_curves), ("budget.png", plot_budget), ("windows.png", plot_windows)):
+        plot(runs).savefig(paths[name], dpi=100)
+    table, failed = summary_table(runs), failed_runs(runs)
+    csv = pd.concat([table.assign(status="finished"), failed.rename(columns={"seed": "seeds"})], ignore_index=True)
+    csv.to_csv(paths["summary.csv"], index=False)
+    paths["summary.md"].write_text(summary_markdown(runs, table, failed, title))
+    return paths
+
+
+def summary_markdown(runs: pd.DataFrame, table: pd.DataFrame, failed: pd.DataFrame, title: str) -> str:
+    n_finished = int((runs.status == "finished").sum())
+    no_curve = int(sum(h is None for h in runs.history[runs.status == "finished"]))
+    parts = [
+        f"# Report: {title}",
+        f"{len(runs)} runs: {n_finished} finished, {len(failed)} failed or unfinished (listed below, not averaged).",
+        "val / test: final metric (bpc: bits per byte, ppl: perplexity per word; lower is better), "
+        "mean ± sample std (n-1) over the finished seeds of each variant.",
+        REFERENCE_RULE,
+        BUDGET_NOTE,
+        markdown_table(summary_markdown_frame(table)) if len(table) else "No finished runs.",
+    ]
+    if no_curve:
+        parts.append(f"Note: {no_curve} finished run(s) have no metrics.csv, so they are missing from curves.png.")
+    parts.append("## Failed or unfinished runs")
+    parts.append(markdown_table(failed.astype("string").fillna("")) if len(failed) else "None.")
+    parts.append(
+        "## Plots\n\n![validation curves](curves.png)\n\n![metric vs budget](budget.png)\n\n![windows](windows.png)"
+    )
+    return "\n\n".join(parts) + "\n"
+
+
+def default_out(dirs: Sequence[str], wandb_path: str | None) -> Path:
+    """reports/<parent>_<name> of the first DIR (a Hydra sweep's <date>_<time>), or reports/<project>."""
+    if wandb_path:
+        return Path("reports") / wandb_path.strip("/").split("/")[-1]
+    first = Path(dirs[0]).resolve()
+    return Path("reports") / f"{first.parent.name}_{first.name}"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m mswa.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("dirs", nargs="*", metavar="DIR", help="folders searched recursively for runs")
+    parser.add_argument("--out", help="output folder (default: reports/<parent>_<name> of the first DIR)")
+    parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read runs from the W&B API instead of DIRs")
+    args = parser.parse_args(argv)
+    if bool(args.dirs) == bool(args.wandb):
+        parser.error("pass either run folders (DIR ...) or --wandb ENTITY/PROJECT, not both and not neither")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    try:
+        runs = load_wandb_runs(args.wandb) if args.wandb else load_runs(args.dirs)
+    except ReportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else default_out(args.dirs, args.wandb)
+    paths = write_report(runs, out, title=args.wandb or ", ".join(args.dirs))
+    print(paths["summary.md"].read_text())
+    for path in paths.values():
+        print(f"wrote {path}")
+    print(f"report of {len(runs)} runs written in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

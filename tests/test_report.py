@@ -1,0 +1,274 @@
+"""The comparison report on hand-built run folders in the results.json schema train.py writes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import matplotlib
+import nbformat
+import numpy as np
+import pytest
+from nbclient import NotebookClient
+from PIL import Image
+
+from mswa import report
+from mswa.windows import make_schedule
+
+REPO = Path(__file__).resolve().parents[1]
+SEQ_LEN, W, N_LAYER, N_HEAD = 64, 16, 4, 4
+
+# (overrides, final val bpc, final test bpc) of the finished runs
+FINISHED = [
+    (["model=swa", "seed=1"], 2.10, 2.15),
+    (["model=swa", "seed=2"], 2.20, 2.22),
+    (["model=mswa", "seed=1"], 2.00, 2.04),
+    (["model=mswa", "seed=2"], 2.05, 2.11),
+]
+FAILED_ERROR = "FloatingPointError: loss is NaN at step 40"
+
+
+def write_run(job_dir: Path, overrides: list[str], status: str, val: float | None, test: float | None, error=None):
+    """A Hydra job folder holding results.json (schema 1) and a sparse Lightning metrics.csv."""
+    model = overrides[0].split("=")[1]
+    schedule = make_schedule("mswa" if model == "mswa" else "uniform", w=W, n_layer=N_LAYER, n_head=N_HEAD)
+    (job_dir / ".hydra").mkdir(parents=True)
+    (job_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    results = {
+        "schema": 1,
+        "status": status,
+        "error": error,
+        "run_name": ",".join(overrides),
+        "variant": ",".join(overrides[:-1]),
+        "seed": int(overrides[-1].split("=")[1]),
+        "overrides": overrides,
+        "run_dir": str(job_dir),
+        "config": {"model": {"name": model}},
+        "dataset": "synthetic",
+        "unit": "byte",
+        "metric": "bpc",
+        "model": model,
+        "schedule": schedule.name,
+        "window": W,
+        "windows": schedule.as_lists(),
+        "budget": schedule.budget(SEQ_LEN),
+        "n_params": 12345,
+        "metrics": {}
+        if val is None
+        else {"val/loss": val * math.log(2), "val/bpc": val, "test/loss": test * math.log(2), "test/bpc": test},
+        "entropy_floor_bpb": 1.5,
+        "tokens_per_s": 1000.0 + val * 100 if val else None,
+        "steps": 100,
+        "wall_time_s": 12.0,
+        "git_commit": "abc123",
+        "wandb": {"id": "x", "mode": "disabled", "group": "g", "project": "p"},
+    }
+    (job_dir / "results.json").write_text(json.dumps(results))
+    with open(job_dir / "metrics.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["epoch", "step", "train/loss", "val/loss", "val/bpc", "perf/tokens_per_s"])
+        for step in (10, 20, 30):
+            writer.writerow([0, step, 3.0 - step / 100, "", "", 1000])
+            final = (val or 3.0) + (30 - step) / 100
+            writer.writerow([0, step, "", final * math.log(2), final, ""])
+
+
+@pytest.fixture
+def sweep(tmp_path: Path) -> Path:
+    """2 variants x 2 seeds finished, one failed run, one Hydra job that died before results.json."""
+    root = tmp_path / "multirun" / "2025-01-31" / "12-00-00"
+    for job, (overrides, val, test) in enumerate(FINISHED):
+        write_run(root / str(job), overrides, "finished", val, test)
+    write_run(root / "4", ["model=mswa", "seed=3"], "failed", None, None, error=FAILED_ERROR)
+    crashed = root / "5" / ".hydra"
+    crashed.mkdir(parents=True)
+    (crashed / "overrides.yaml").write_text("- model=full\n- seed=1\n")
+    return root
+
+
+def run_report(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO), **(env_extra or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "mswa.report", *args], capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+def read_csv_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_cli_writes_table_with_independent_means_and_failed_runs(sweep: Path, tmp_path: Path):
+    out = tmp_path / "report"
+    proc = run_report(str(sweep), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert f"wrote {out / 'summary.md'}" in proc.stdout
+
+    rows = {row["variant"]: row for row in read_csv_rows(out / "summary.csv") if row["status"] == "finished"}
+    for variant in ("model=swa", "model=mswa"):
+        runs = [(val, test) for overrides, val, test in FINISHED if overrides[0] == variant]
+        row = rows[variant]
+        assert row["status"] == "finished" and int(row["n_seeds"]) == 2 and row["seeds"] == "1,2"
+        for i, split in enumerate(("val", "test")):
+            values = [run[i] for run in runs]
+            assert float(row[split]) == pytest.approx(statistics.mean(values), abs=1e-12)
+            assert float(row[f"{split}_std"]) == pytest.approx(statistics.stdev(values), abs=1e-12)
+        assert row["reference"] == "model=swa"
+        assert float(row["entropy_floor_bpb"]) == 1.5
+    swa_test = statistics.mean([2.15, 2.22])
+    assert float(rows["model=mswa"]["delta_test"]) == pytest.approx(statistics.mean([2.04, 2.11]) - swa_test)
+    assert float(rows["model=swa"]["delta_val"]) == 0.0
+    assert int(rows["model=mswa"]["n_unfinished"]) == 1  # the failed seed 3 is counted, not averaged
+    mswa_budget = make_schedule("mswa", w=W, n_layer=N_LAYER, n_head=N_HEAD).budget(SEQ_LEN)
+    assert float(rows["model=mswa"]["pairs_vs_swa"]) == pytest.approx(mswa_budget["pairs_vs_swa"])
+
+    failed = [row for row in read_csv_rows(out / "summary.csv") if row["status"] != "finished"]
+    assert {(row["variant"], row["status"]) for row in failed} == {
+        ("model=mswa", "failed"),
+        ("model=full", "no results"),
+    }
+    assert [row["error"] for row in failed if row["status"] == "failed"] == [FAILED_ERROR]
+
+    markdown = (out / "summary.md").read_text()
+    failed_section = markdown.split("## Failed or unfinished runs")[1]
+    assert FAILED_ERROR in failed_section and "no results.json" in failed_section
+    assert f"{statistics.mean([2.00, 2.05]):.4f} ± {statistics.stdev([2.00, 2.05]):.4f}" in markdown
+
+    for name in ("curves.png", "budget.png", "windows.png"):
+        with Image.open(out / name) as image:
+            pixels = np.asarray(image.convert("L"), dtype=float)
+        assert min(pixels.shape) >= 200, name
+        assert pixels.std() > 5, f"{name} looks blank"
+
+
+def test_load_runs_reads_curves_and_skips_nested_copies(sweep: Path):
+    copy = sweep / "0" / "wandb" / "files"  # e.g. a W&B copy of results.json inside the run folder
+    copy.mkdir(parents=True)
+    (copy / "results.json").write_text((sweep / "0" / "results.json").read_text())
+    runs = report.load_runs([sweep, sweep / "1"])  # overlapping dirs count each run once
+    assert len(runs) == 6
+    assert runs.status.value_counts().to_dict() == {"finished": 4, "failed": 1, report.NO_RESULTS: 1}
+    history = runs[runs.run_name == "model=swa,seed=1"].history.iloc[0]
+    assert history["val/bpc"].dropna().tolist() == pytest.approx([2.30, 2.20, 2.10])
+
+
+def test_bad_inputs_fail_before_work_with_a_clear_message(tmp_path: Path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the default output folder is reports/ below the working directory
+    for args, message in [
+        ([str(tmp_path / "nope")], "not found"),
+        ([str(tmp_path)], "no results.json or Hydra job folder"),
+        (["--wandb", "just-a-project"], "is not ENTITY/PROJECT"),
+    ]:
+        assert report.main(args) == 2
+        assert message in capsys.readouterr().err, args
+    with pytest.raises(SystemExit):  # argparse: neither DIRs nor --wandb
+        report.main([])
+    assert "pass either run folders" in capsys.readouterr().err
+    assert not (tmp_path / "reports").exists()
+
+
+def finished_row(overrides: list[str], model: str, schedule: str, val: float, dataset: str = "synthetic") -> dict:
+    results = {
+        "run_name": ",".join(overrides),
+        "variant": ",".join(report.without_seed(overrides)),
+        "seed": 1,
+        "overrides": overrides,
+        "status": "finished",
+        "dataset": dataset,
+        "metric": "bpc",
+        "model": model,
+        "schedule": schedule,
+        "metrics": {"val/bpc": val, "test/bpc": val},
+    }
+    return report.row_from_results(results, path="-", history=None)
+
+
+def test_reference_is_the_closest_swa_variant_on_the_same_data():
+    base_window = report.runs_frame(
+        [
+            finished_row([f"model={model}", f"window={w}", "seed=1"], model, schedule, val)
+            for model, schedule, w, val in [
+                ("swa", "uniform", 32, 2.0),
+                ("swa", "uniform", 64, 1.9),
+                ("mswa", "mswa", 32, 1.8),
+                ("mswa", "mswa", 64, 1.5),
+            ]
+        ]
+    )
+    table = report.summary_table(base_window).set_index("variant")
+    assert table.loc["model=mswa,window=64", "reference"] == "model=swa,window=64"
+    assert table.loc["model=mswa,window=64", "delta_val"] == pytest.approx(1.5 - 1.9)
+    assert table.loc["model=mswa,window=32", "reference"] == "model=swa,window=32"
+
+    # no model=swa: the uniform schedule is the reference; two equally close candidates leave Δ empty
+    schedules = report.runs_frame(
+        [
+            finished_row(["model=mswa", f"window_schedule={schedule}", "seed=1"], "mswa", schedule, val)
+            for schedule, val in [("uniform", 2.0), ("mswa_h", 1.9)]
+        ]
+        + [finished_row(["model=mswa", "window_schedule=uniform", "dataset=x", "seed=1"], "mswa", "uniform", 2.1, "x")]
+    )
+    table = report.summary_table(schedules).set_index("variant")
+    assert table.loc["model=mswa,window_schedule=mswa_h", "reference"] == "model=mswa,window_schedule=uniform"
+    assert table.loc["model=mswa,window_schedule=mswa_h", "delta_test"] == pytest.approx(1.9 - 2.0)
+    ambiguous = report.summary_table(schedules.assign(dataset="synthetic", overrides=[["a"], ["b"], ["c"]]))
+    assert ambiguous.reference.str.startswith("ambiguous").sum() == 1 and ambiguous.delta_val.isna().sum() == 1
+
+
+@pytest.mark.timeout(90)
+def test_wandb_without_login_errors_clearly(tmp_path: Path):
+    # a home without W&B credentials; matplotlib keeps its font cache so the run stays quick
+    env = {"HOME": str(tmp_path), "WANDB_CONFIG_DIR": str(tmp_path), "WANDB_API_KEY": ""}
+    env.update(NETRC=str(tmp_path / "netrc"), MPLCONFIGDIR=matplotlib.get_configdir())
+    proc = run_report("--wandb", "some-team/mswa", "--out", str(tmp_path / "out"), env_extra=env)
+    assert proc.returncode == 2
+    assert "could not read W&B project 'some-team/mswa'" in proc.stderr and "wandb login" in proc.stderr
+
+
+def test_wandb_runs_convert_to_the_same_rows(sweep: Path):
+    """Stand-ins with the public-API attributes the converter reads; no network involved."""
+    results = json.loads((sweep / "2" / "results.json").read_text())
+    history = report.read_history(sweep / "2").rename(columns={"step": "trainer/global_step"})
+    finished = SimpleNamespace(
+        name=results["run_name"],
+        state="finished",
+        url="https://wandb.ai/t/p/runs/a",
+        summary={"results": results},
+        history=lambda samples, pandas: history,
+    )
+    crashed = SimpleNamespace(
+        name="model=full,seed=2",
+        state="crashed",
+        url="https://wandb.ai/t/p/runs/b",
+        summary={},
+        history=lambda samples, pandas: history.iloc[:0],
+    )
+    api = SimpleNamespace(runs=lambda path: [finished, crashed])
+    runs = report.load_wandb_runs("t/p", api=api)
+    local = report.load_runs([sweep / "2"]).iloc[0]
+    remote = runs[runs.status == "finished"].iloc[0]
+    for column in ("variant", "seed", "val", "test", "pairs_vs_swa", "windows"):
+        assert remote[column] == local[column], column
+    assert remote.history["step"].tolist() == local.history["step"].tolist()
+    failed = runs[runs.status != "finished"].iloc[0]
+    assert (failed.variant, failed.seed, failed.status) == ("model=full", 2, "failed") and "crashed" in failed.error
+
+
+def test_notebook_runs_top_to_bottom_on_a_sweep(sweep: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("MSWA_SWEEP_DIR", str(sweep))
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    notebook = nbformat.read(REPO / "notebooks" / "analysis.ipynb", as_version=4)
+    NotebookClient(
+        notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(REPO / "notebooks")}}
+    ).execute()
+    outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
+    assert sum("image/png" in output.get("data", {}) for output in outputs) == 3  # each plot shown once
+    html = "".join(output.get("data", {}).get("text/html", "") for output in outputs)
+    assert "model=mswa" in html and FAILED_ERROR in html
