@@ -1,0 +1,287 @@
+"""Multi-scale window attention inside a pretrained Hugging Face causal LM (Llama, Mistral, Qwen2...).
+
+`apply_window_attention(model, windows)` gives every layer's attention its own per-head windows,
+computed by `mswa.attention.window_attention`; the weights are untouched and `.remove()` restores
+the model. Window convention: W means query i sees keys j with 0 <= i - j < W, which is exactly
+Hugging Face's `sliding_window=W`.
+
+How it plugs in: transformers' Llama-family attention modules call whatever function the config's
+`_attn_implementation` names in `ALL_ATTENTION_FUNCTIONS`, after RoPE and the KV-cache update. We
+register "mswa" there (the attention) and in `ALL_MASK_ATTENTION_FUNCTIONS` (the mask builder, which
+returns only a key-padding mask, never an N x N one, so memory stays O(N * W)).
+
+Three paths inside the attention function:
+- no cache, no padding (training, scoring, prefill): `window_attention`, O(N * W);
+- with a KV cache (decoding): the queries are the last positions of the keys; each head sees the
+  keys inside its window of its own query position, through one masked SDPA over at most
+  `max window + queries - 1` keys;
+- padded batches (left padding in batched `generate`): the same masked SDPA, padding keys masked.
+  Its mask is queries x keys, so a padded long prefill costs O(N^2) memory; unpadded inputs never do.
+
+`window_cache(model)` is an optional rolling cache: each layer keeps only its largest window - 1
+past keys, so `generate` memory is bounded by the windows, not the sequence.
+
+While patched, the model's own sliding-window settings (`config.sliding_window`, `layer_types`) are
+cleared, since our windows replace them; `.remove()` restores them, so remove before `save_pretrained`
+to save the original config.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, prepare_padding_mask
+
+from mswa.attention import BACKENDS, window_attention
+
+IMPLEMENTATION = "mswa"
+
+__all__ = [
+    "IMPLEMENTATION",
+    "WindowAttentionHandle",
+    "apply_window_attention",
+    "remove_window_attention",
+    "resolve_windows",
+    "window_cache",
+    "patched_windows",
+]
+
+
+@dataclass
+class WindowAttentionHandle:
+    """What `apply_window_attention` changed; `.remove()` (or leaving the `with` block) undoes it."""
+
+    model: torch.nn.Module
+    windows: tuple[tuple[int | None, ...], ...]
+    backend: str
+    previous_implementation: str
+    saved_attributes: list[tuple[object, str, object]] = field(default_factory=list)
+
+    def remove(self) -> None:
+        remove_window_attention(self.model)
+
+    def __enter__(self) -> WindowAttentionHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def apply_window_attention(model, windows, *, seq_len: int | None = None, backend: str = "auto") -> WindowAttentionHandle:
+    """Make every attention layer of `model` windowed; returns a handle whose `.remove()` undoes it.
+
+    `windows`: a per-layer list of per-head windows (a `WindowSchedule` works too), or one value for
+    every head. A window is an int >= 1 (tokens), None (full causal), or a float in (0, 1]: a
+    fraction of `seq_len`, as the MSWA authors give windows (0.25 at seq_len=4096 -> 1024 tokens).
+    Calling it again on a patched model replaces the windows; `.remove()` still restores the original.
+    """
+    hf_model = _unwrap(model)
+    config = hf_model.config.get_text_config()
+    attentions = _attention_modules(hf_model)
+    table = resolve_windows(windows, len(attentions), config.num_attention_heads, seq_len=seq_len)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is unknown: choose one of {', '.join(BACKENDS)}.")
+    _check_attention_modules(attentions, config)
+    handle = getattr(hf_model, "_mswa_handle", None)
+    if handle is None:
+        handle = WindowAttentionHandle(hf_model, table, backend, hf_model.config._attn_implementation)
+        _switch_to_window_attention(hf_model, config, handle.saved_attributes)
+        hf_model._mswa_handle = handle
+    handle.windows, handle.backend = table, backend
+    for attention, layer_windows in zip(attentions, table):
+        attention.mswa_windows, attention.mswa_backend = layer_windows, backend
+    return handle
+
+
+def remove_window_attention(model) -> None:
+    """Undo `apply_window_attention`: original attention implementation and config values back."""
+    hf_model = _unwrap(model)
+    handle = getattr(hf_model, "_mswa_handle", None)
+    if handle is None:
+        raise ValueError("this model has no window attention to remove: apply_window_attention was not called on it.")
+    for attention in _attention_modules(hf_model):
+        del attention.mswa_windows, attention.mswa_backend
+    for owner, name, value in reversed(handle.saved_attributes):
+        setattr(owner, name, value)
+    hf_model.set_attn_implementation(handle.previous_implementation)
+    del hf_model._mswa_handle
+
+
+def patched_windows(model) -> tuple[tuple[int | None, ...], ...] | None:
+    """The per-layer, per-head windows `model` currently runs with, or None if it is not patched."""
+    handle = getattr(_unwrap(model), "_mswa_handle", None)
+    return None if handle is None else handle.windows
+
+
+def window_cache(model) -> Cache:
+    """A rolling KV cache for `generate(..., cache=window_cache(model))`: a layer whose
+    heads all have windows keeps only its largest window - 1 past keys; a layer with a full-causal
+    head keeps everything."""
+    windows = patched_windows(model)
+    if windows is None:
+        raise ValueError("window_cache needs a patched model: call apply_window_attention(model, windows) first.")
+    # transformers' sliding layer keeps `sliding_window - 1` keys and cannot keep 0: at least 2.
+    layers = [
+        DynamicLayer() if None in layer else DynamicSlidingWindowLayer(sliding_window=max(2, *layer)) for layer in windows
+    ]
+    return Cache(layers=layers)
+
+
+def resolve_windows(windows, n_layer: int, n_head: int, *, seq_len: int | None = None):
+    """Windows as a (n_layer x n_head) tuple of ints >= 1 or None, fractions of `seq_len` turned into tokens."""
+    table = getattr(windows, "windows", windows)  # a WindowSchedule carries its table in .windows
+    if table is None or isinstance(table, (int, float)):
+        table = [[table] * n_head for _ in range(n_layer)]
+    if not _is_sequence(table) or len(table) != n_layer or any(not _is_sequence(row) or len(row) != n_head for row in table):
+        raise ValueError(
+            f"windows must be one window or {n_layer} layers x {n_head} heads; give one list of {n_head} windows per layer."
+        )
+    return tuple(
+        tuple(_window_tokens(f"windows[{layer}][{head}]", window, seq_len) for head, window in enumerate(row))
+        for layer, row in enumerate(table)
+    )
+
+
+def _is_sequence(value) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+
+
+def _window_tokens(key: str, window, seq_len: int | None) -> int | None:
+    kinds = "a window is an int >= 1 (tokens), a float in (0, 1] (fraction of seq_len) or None"
+    if window is None:
+        return None
+    if isinstance(window, bool):
+        raise ValueError(f"{key}={window!r}: {kinds}.")
+    if isinstance(window, float):
+        if not 0 < window <= 1:
+            raise ValueError(f"{key}={window}: a fractional window must be in (0, 1]; give token counts as ints.")
+        if seq_len is None or seq_len < 1:
+            raise ValueError(f"{key}={window} is a fraction of the sequence length: pass seq_len=<tokens> too.")
+        return max(1, round(window * seq_len))
+    if not hasattr(type(window), "__index__") or operator.index(window) < 1:
+        raise ValueError(f"{key}={window!r}: {kinds}.")
+    return operator.index(window)
+
+
+def _unwrap(model):
+    """The transformers model inside a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _attention_modules(hf_model) -> list[torch.nn.Module]:
+    layers = getattr(hf_model.get_decoder(), "layers", None)
+    if layers is None or not all(hasattr(layer, "self_attn") for layer in layers):
+        raise ValueError(
+            f"{type(hf_model).__name__} has no decoder `layers[i].self_attn`: window attention supports Llama-family causal LMs."
+        )
+    return [layer.self_attn for layer in layers]
+
+
+def _check_attention_modules(attentions, config) -> None:
+    for attention in attentions:
+        if not all(hasattr(attention, name) for name in ("scaling", "head_dim", "layer_idx")):
+            raise ValueError(
+                f"{type(attention).__name__} lacks scaling/head_dim/layer_idx: window attention supports Llama-family attention."
+            )
+        head_dim = attention.head_dim
+        if not math.isclose(attention.scaling, head_dim**-0.5, rel_tol=1e-6):
+            raise ValueError(
+                f"{type(attention).__name__} scales scores by {attention.scaling}, not 1/sqrt(head_dim={head_dim}); "
+                "window_attention supports only the standard scale."
+            )
+    if getattr(config, "attention_dropout", 0.0):
+        raise ValueError(
+            f"config.attention_dropout={config.attention_dropout}: window attention has no attention dropout; set it to 0.0."
+        )
+
+
+def _switch_to_window_attention(hf_model, config, saved: list) -> None:
+    """Point the model at the "mswa" functions and silence its own sliding windows (ours replace them;
+    left on, the model would build sliding masks and a cache that forgets keys our windows still see)."""
+    hf_model.set_attn_implementation(IMPLEMENTATION)
+    if hf_model.config._attn_implementation != IMPLEMENTATION:  # transformers only warns for such models
+        raise ValueError(
+            f"{type(hf_model).__name__} does not dispatch attention through transformers' AttentionInterface, "
+            "so window attention cannot be plugged in."
+        )
+    _save_and_set(saved, config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        _save_and_set(saved, config, "layer_types", ["full_attention"] * len(layer_types))
+    for module in hf_model.modules():
+        if getattr(module, "has_sliding_layers", False):
+            _save_and_set(saved, module, "has_sliding_layers", False)
+
+
+def _save_and_set(saved: list, owner, name: str, value) -> None:
+    if hasattr(owner, name):
+        saved.append((owner, name, getattr(owner, name)))
+        setattr(owner, name, value)
+
+
+def _padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None, **_):
+    """Mask builder for "mswa": only the (batch, positions) key-padding mask, None when nothing is padded.
+
+    The attention function applies the windows itself; anything else the model asks for (packed
+    sequences, extra and/or masks) is refused rather than dropped."""
+    if mask_function is not causal_mask_function:
+        raise ValueError(
+            "window attention supports plain causal masks plus padding; this call asked for another mask "
+            "(packed sequences in position_ids, or custom mask functions): give one sequence per row."
+        )
+    if int(q_offset) + q_length != kv_offset + kv_length:
+        raise ValueError(
+            "window attention needs the queries to be the newest keys (a dynamic cache); a static cache is not supported: "
+            "use the default cache or window_cache(model)."
+        )
+    if attention_mask is None:
+        return None
+    padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)[:, : kv_offset + kv_length]
+    return None if bool(padding.all()) else padding
+
+
+def _window_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **_):
+    """transformers attention interface: q (B, H, Nq, D), k/v (B, Hkv, Nk, D) after the cache update;
+    returns (B, Nq, H, D) and no attention weights."""
+    windows = getattr(module, "mswa_windows", None)
+    if windows is None:
+        raise ValueError(
+            f"{type(module).__name__} (layer {module.layer_idx}) has no windows: use apply_window_attention(model, windows)."
+        )
+    if dropout:
+        raise ValueError(f"attention dropout={dropout}: window attention has none; set config.attention_dropout=0.0.")
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(f"window attention takes a 2-D padding mask, got a {attention_mask.dim()}-D attention mask.")
+    if attention_mask is None and query.shape[2] == key.shape[2]:
+        out = window_attention(query, key, value, windows, backend=module.mswa_backend)
+    else:
+        out = _masked_window_attention(query, key, value, windows, attention_mask)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _masked_window_attention(query, key, value, windows, key_padding):
+    """Queries are the last Nq of the Nk keys; per-head windows and key padding as one boolean mask.
+
+    Only the keys some window can reach are kept (at most max window + Nq - 1). A padding query
+    sees itself, so its (ignored) output row stays finite."""
+    n_query, n_key = query.shape[2], key.shape[2]
+    if None not in windows:
+        n_key = min(n_key, max(windows) + n_query - 1)
+        key, value = key[:, :, -n_key:], value[:, :, -n_key:]
+    lag = torch.arange(n_key - n_query, n_key, device=query.device)[:, None] - torch.arange(n_key, device=query.device)
+    limits = torch.tensor([n_key if w is None else w for w in windows], device=query.device)
+    mask = ((lag >= 0) & (lag < limits[:, None, None])).unsqueeze(0)  # (1, H, Nq, Nk)
+    if key_padding is not None:
+        mask = mask & (key_padding[:, None, None, -n_key:] | (lag == 0))
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, enable_gqa=query.shape[1] != key.shape[1])
+
+
+AttentionInterface.register(IMPLEMENTATION, _window_attention_forward)
+AttentionMaskInterface.register(IMPLEMENTATION, _padding_mask)
