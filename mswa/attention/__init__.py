@@ -1,0 +1,95 @@
+"""Multi-scale window attention behind one function, `window_attention`.
+
+Window convention (the project's only one): a window W means query i sees keys j with
+0 <= i - j < W, itself plus the W - 1 keys before it; None means full causal attention.
+This equals HF `sliding_window=W` and flash-attn `window_size=(W - 1, 0)`.
+
+Backends: `dense` (O(N^2) reference), `blocked` (O(N*W), trains on CPU and GPU), `flex`
+(FlexAttention; CPU forward only), `auto` (blocked on CPU, flex on CUDA). Whatever is asked,
+a layer whose windows are all None (or >= N) runs fused full causal SDPA.
+"""
+
+import operator
+import warnings
+
+from .blocked import blocked_window_attention
+from .dense import causal_attention, dense_window_attention
+from .flex import flex_available, flex_window_attention
+
+__all__ = ["BACKENDS", "resolve_backend", "validate_windows", "window_attention"]
+
+BACKENDS = ("auto", "dense", "blocked", "flex")
+_KERNELS = {"dense": dense_window_attention, "blocked": blocked_window_attention, "flex": flex_window_attention}
+_warned_flex_fallback = False
+
+
+def window_attention(q, k, v, windows, backend="auto"):
+    """Causal attention where head h sees its last `windows[h]` keys (None = all).
+
+    q: (batch, heads, seq, head_dim); k, v: (batch, kv_heads, seq, head_dim) with heads % kv_heads
+    == 0 (grouped-query: q head h uses kv head h // (heads // kv_heads)). Scale 1/sqrt(head_dim).
+    """
+    _check_tensors(q, k, v)
+    windows = validate_windows(windows, q.shape[1])
+    backend = resolve_backend(backend, q.device)
+    if all(w is None or w >= q.shape[2] for w in windows):
+        return causal_attention(q, k, v)
+    return _KERNELS[backend](q, k, v, windows)
+
+
+def validate_windows(windows, n_head):
+    """Check a per-head window list (ints >= 1 or None) and return it as a tuple of ints/None."""
+    if isinstance(windows, (str, bytes)) or not hasattr(windows, "__len__"):
+        raise ValueError(f"windows={windows!r}: give a list with one window per head (ints >= 1, None = full causal).")
+    if len(windows) != n_head:
+        raise ValueError(f"windows has {len(windows)} entries but there are {n_head} heads: give one window per head.")
+    return tuple(_check_window(i, w) for i, w in enumerate(windows))
+
+
+def resolve_backend(backend, device):
+    """The concrete backend for `backend` on `device` ('auto': blocked on CPU, flex on CUDA)."""
+    global _warned_flex_fallback
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is unknown: choose one of {', '.join(BACKENDS)}.")
+    if backend != "auto":
+        return backend
+    if device.type != "cuda":
+        return "blocked"
+    if flex_available(device):
+        return "flex"
+    if not _warned_flex_fallback:
+        warnings.warn(
+            "backend='auto': torch.compile/Triton is unavailable on CUDA, using backend='blocked' instead of 'flex'."
+        )
+        _warned_flex_fallback = True
+    return "blocked"
+
+
+def _check_window(head, window):
+    if window is None:
+        return None
+    if isinstance(window, bool) or not hasattr(type(window), "__index__"):
+        raise ValueError(f"windows[{head}]={window!r}: a window must be an int >= 1 or None (full causal).")
+    value = operator.index(window)
+    if value < 1:
+        raise ValueError(f"windows[{head}]={value}: a window must be >= 1 (1 = the query itself only).")
+    return value
+
+
+def _check_tensors(q, k, v):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"q, k, v must be 4-D (batch, heads, seq, head_dim); got shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}."
+        )
+    if k.shape != v.shape:
+        raise ValueError(f"k shape {tuple(k.shape)} != v shape {tuple(v.shape)}: they must match.")
+    if (q.shape[0], q.shape[2], q.shape[3]) != (k.shape[0], k.shape[2], k.shape[3]):
+        raise ValueError(
+            f"q {tuple(q.shape)} and k {tuple(k.shape)} must share batch, seq and head_dim (self-attention)."
+        )
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(
+            f"q has {q.shape[1]} heads, not divisible by the {k.shape[1]} k/v heads: use a divisor of {q.shape[1]}."
+        )
+    if q.dtype != k.dtype or q.dtype != v.dtype or q.device != k.device or q.device != v.device:
+        raise ValueError("q, k, v must share one dtype and one device.")

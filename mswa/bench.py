@@ -1,0 +1,317 @@
+"""Benchmarks, one subcommand each: `python -m mswa.bench attention [--tiny] ...`.
+
+`attention` times the attention backends over sequence lengths for two layers of windows (the
+`mswa` head scales and `uniform` SWA at the same base window w) plus the full causal baseline, and
+prints a table and writes JSON. Useful GFLOP/s count only query-key pairs inside the windows
+(4 * head_dim FLOPs per pair forward, x3 for forward+backward), compared with this machine's fp32
+matmul rate measured by the command itself.
+"""
+
+import argparse
+import contextlib
+import ctypes
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from mswa.attention import window_attention
+from mswa.windows import attended_pairs, make_schedule
+
+PAGE_RESET = "5"  # written to /proc/self/clear_refs: resets the peak resident set (VmHWM)
+HEADER = f"{'layer':<8} {'N':>6} {'backend':<8} {'mode':<9} {'time ms':>10} {'runs':>4} {'peak MB':>9} {'GFLOP/s':>8} {'%matmul':>7}"
+MEMORY_METHOD = {
+    "cpu": "peak resident memory (VmHWM) above the resident memory just before one forward+backward, "
+    "in MB, with glibc's mmap threshold pinned to 64 KiB so freed tensors leave the resident set",
+    "cuda": "torch.cuda.max_memory_allocated above the allocation before one forward+backward, in MB",
+}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m mswa.bench", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_attention_command(commands)
+    args = parser.parse_args(argv)
+    args.run(args)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def _add_attention_command(commands):
+    bench = commands.add_parser("attention", help="time and peak memory of the attention backends")
+    bench.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    bench.add_argument("--heads", type=int, default=8, help="heads (a multiple of 4: the mswa layer has 4 head groups)")
+    bench.add_argument("--head-dim", type=int, default=64)
+    bench.add_argument("--window", type=int, default=128, help="base window w of both layers")
+    bench.add_argument("--repeats", type=int, default=5, help="timed runs after one warm-up; the median is reported")
+    bench.add_argument(
+        "--row-budget-s", type=float, default=60.0, help="slow cases get fewer runs (at least 3) to fit this"
+    )
+    bench.add_argument(
+        "--backends",
+        nargs="+",
+        choices=("blocked", "dense", "causal", "flex"),
+        default=["blocked", "dense", "causal", "flex"],
+    )
+    bench.add_argument("--dense-max-gb", type=float, default=4.0, help="skip dense where its (N, N) masks need more")
+    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    bench.add_argument("--output", type=Path, default=Path("bench_results/attention.json"))
+    bench.add_argument(
+        "--tiny", action="store_true", help="smoke run: lengths 64 96, window 16, head_dim 16, 2 repeats"
+    )
+    bench.set_defaults(run=run_attention_bench)
+
+
+def run_attention_bench(args):
+    if args.tiny:
+        args.lengths, args.window, args.head_dim, args.repeats = [64, 96], 16, 16, 2
+    if min(args.lengths) < 1 or args.repeats < 1 or args.head_dim < 1:
+        raise SystemExit("--lengths, --repeats and --head-dim must all be >= 1.")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    layers = {
+        name: make_schedule(schedule, w=args.window, n_layer=1, n_head=args.heads).windows[0]
+        for name, schedule in (("mswa", "mswa_h"), ("uniform", "uniform"))
+    }
+    load_before = os.getloadavg()[0]  # other work on the machine makes timings noisy: record it
+    matmul_gflops = measure_matmul_gflops(device)
+    print(f"matmul rate (fp32, measured): {matmul_gflops:.1f} GFLOP/s; timing...", flush=True)
+    rows = [_timed_row(*case, inputs, args, matmul_gflops) for inputs, case in _cases(layers, args, device)]
+    # Memory last, so that the allocator settings it needs never touch the timings.
+    for (inputs, case), row in zip(_cases(layers, args, device), rows):
+        if row["time_s"] is not None:
+            row["peak_mb"] = _peak_memory_mb(
+                _attention_step(case[1], case[2], inputs, row["mode"] == "fwd+bwd"), device
+            )
+    result = {
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "device": str(device),
+            "load_average_1min": {"start": load_before, "end": os.getloadavg()[0]},
+        },
+        "config": {
+            "lengths": args.lengths,
+            "heads": args.heads,
+            "head_dim": args.head_dim,
+            "window": args.window,
+            "repeats": args.repeats,
+            "dtype": "float32",
+            "batch": 1,
+            "layers": {k: list(v) for k, v in layers.items()},
+        },
+        "matmul_gflops": matmul_gflops,
+        "memory_method": MEMORY_METHOD[device.type],
+        "rows": rows,
+        "comparisons": compare_rows(rows),
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2))
+    print(_report(result))
+    print(f"\nwritten: {args.output}")
+
+
+def measure_matmul_gflops(device, size=2048, repeats=5):
+    """This machine's fp32 matrix-multiply rate: median time of a (size x size) @ (size x size)."""
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    seconds, _ = _median_seconds(lambda: a @ b, device, repeats)
+    return 2 * size**3 / seconds / 1e9
+
+
+def _cases(layers, args, device):
+    """(inputs, (layer, windows, backend)) for every length; one set of random inputs per length."""
+    for n in args.lengths:
+        inputs = [torch.randn(1, args.heads, n, args.head_dim, device=device, requires_grad=True) for _ in range(3)]
+        for name, windows in layers.items():
+            for backend in ("blocked", "dense", "flex"):
+                if backend in args.backends:
+                    yield inputs, (name, windows, backend)
+        if "causal" in args.backends:
+            yield inputs, ("full", (None,) * args.heads, "causal")
+
+
+def _timed_row(layer, windows, backend, inputs, args, matmul_gflops):
+    n = inputs[0].shape[2]
+    backward = not (backend == "flex" and inputs[0].device.type == "cpu")  # torch has no CPU flex backward
+    row = {
+        "layer": layer,
+        "n": n,
+        "backend": backend,
+        "mode": "fwd+bwd" if backward else "fwd only",
+        "time_s": None,
+        "runs": 0,
+        "peak_mb": None,
+        "useful_gflops": None,
+        "pct_matmul": None,
+        "note": "",
+    }
+    dense_gb = (args.heads * 5 + 5) * n * n / 1e9  # bool mask, its float copy, int32 lags
+    if backend == "dense" and dense_gb > args.dense_max_gb:
+        row["note"] = f"skipped: (N, N) masks need ~{dense_gb:.1f} GB > --dense-max-gb {args.dense_max_gb}"
+    else:
+        step = _attention_step(windows, backend, inputs, backward)
+        try:
+            row["time_s"], row["runs"] = _median_seconds(step, inputs[0].device, args.repeats, args.row_budget_s)
+        except Exception as error:
+            if backend != "flex":
+                raise
+            # flex is optional (it needs torch.compile): record why it did not run
+            row["note"] = f"skipped: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
+    if row["time_s"] is not None:
+        pairs = sum(attended_pairs(w, n) for w in windows)
+        row["useful_gflops"] = pairs * 4 * args.head_dim * (3 if backward else 1) / row["time_s"] / 1e9
+        row["pct_matmul"] = 100 * row["useful_gflops"] / matmul_gflops
+    print(
+        f"  {layer:<8} {n:>6} {backend:<8} {row['mode']:<9} "
+        + (f"{1e3 * row['time_s']:.1f} ms" if row["time_s"] is not None else row["note"]),
+        flush=True,
+    )
+    return row
+
+
+def _attention_step(windows, backend, inputs, backward):
+    grad_out = torch.randn_like(inputs[0])
+    backend = "auto" if backend == "causal" else backend  # all-None windows run fused causal SDPA
+
+    def step():
+        with torch.set_grad_enabled(backward):
+            out = window_attention(*inputs, windows, backend=backend)
+            if backward:
+                torch.autograd.grad(out, inputs, grad_out)
+
+    return step
+
+
+def _median_seconds(step, device, repeats, budget_s=float("inf")):
+    """Median of `repeats` timed runs after a warm-up (compilation, cached masks, allocator); slow
+    cases get fewer runs, at least 3, so that the timed runs fit in about `budget_s`."""
+    warmup_s = _seconds(step, device)
+    runs = repeats if warmup_s * repeats <= budget_s else min(repeats, max(3, int(budget_s / warmup_s)))
+    return statistics.median(_seconds(step, device) for _ in range(runs)), runs
+
+
+def _seconds(step, device):
+    _synchronize(device)
+    start = time.perf_counter()
+    step()
+    _synchronize(device)
+    return time.perf_counter() - start
+
+
+def _synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_memory_mb(step, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    with _freed_memory_unmapped():
+        Path("/proc/self/clear_refs").write_text(PAGE_RESET)
+        before = _proc_status_bytes("VmRSS")
+        step()
+    return (_proc_status_bytes("VmHWM") - before) / 2**20
+
+
+def _proc_status_bytes(key):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {key}; CPU memory measurement needs Linux.")
+
+
+@contextlib.contextmanager
+def _freed_memory_unmapped():
+    """glibc normally keeps freed blocks up to 32 MiB resident for reuse; with its mmap threshold
+    pinned to 64 KiB, big tensors get their own mappings, returned on free, so resident memory
+    tracks live tensors. Afterwards the threshold stays at 32 MiB, the dynamic default's ceiling."""
+    libc, threshold = ctypes.CDLL("libc.so.6"), -3  # M_MMAP_THRESHOLD
+    libc.mallopt(threshold, 64 * 1024)
+    libc.malloc_trim(0)  # also hand back what earlier runs left in the heap's free lists
+    try:
+        yield
+    finally:
+        libc.mallopt(threshold, 32 * 1024 * 1024)
+
+
+def compare_rows(rows):
+    """Per layer and N: blocked speedups over dense and full causal, mswa/uniform time, growth from the smallest N."""
+    times = {(r["layer"], r["backend"], r["n"]): r for r in rows if r["time_s"] is not None}
+    lengths = sorted({r["n"] for r in rows})
+    comparisons = []
+    for layer in ("mswa", "uniform"):
+        first = times.get((layer, "blocked", lengths[0]))
+        for n in lengths:
+            blocked = times.get((layer, "blocked", n))
+            if blocked is None:
+                continue
+            uniform = times.get(("uniform", "blocked", n))
+            comparisons.append(
+                {
+                    "layer": layer,
+                    "n": n,
+                    "blocked_ms": 1e3 * blocked["time_s"],
+                    "speedup_vs_dense": _time_ratio(times.get((layer, "dense", n)), blocked),
+                    "speedup_vs_causal": _time_ratio(times.get(("full", "causal", n)), blocked),
+                    "time_vs_uniform": _time_ratio(blocked, uniform),
+                    "time_vs_smallest_n": blocked["time_s"] / first["time_s"],
+                    "peak_mb_per_1k_tokens": blocked["peak_mb"] / n * 1024,
+                    "pct_matmul": blocked["pct_matmul"],
+                }
+            )
+    return comparisons
+
+
+def _time_ratio(numerator, denominator):
+    return numerator["time_s"] / denominator["time_s"] if numerator and denominator else None
+
+
+def _format_row(row):
+    if row["time_s"] is None:
+        return f"{row['layer']:<8} {row['n']:>6} {row['backend']:<8} {row['mode']:<9} {row['note']}"
+    return (
+        f"{row['layer']:<8} {row['n']:>6} {row['backend']:<8} {row['mode']:<9} {1e3 * row['time_s']:>10.1f} {row['runs']:>4} "
+        f"{row['peak_mb']:>9.1f} {row['useful_gflops']:>8.1f} {row['pct_matmul']:>7.1f} {row['note']}"
+    )
+
+
+def _report(result):
+    def number(x, spec):
+        return "-" if x is None else format(x, spec)
+
+    load = result["machine"]["load_average_1min"]
+    machine = (
+        f"\nmatmul rate (fp32, measured): {result['matmul_gflops']:.1f} GFLOP/s; "
+        f"{result['machine']['threads']} threads; load average {load['start']:.1f} -> {load['end']:.1f} "
+        f"(other work on the machine slows timings)"
+    )
+    lines = [machine, f"memory: {result['memory_method']}", HEADER]
+    lines += [_format_row(row) for row in result["rows"]]
+    lines.append(
+        f"\nblocked: {'layer':<8} {'N':>6} {'ms':>9} {'x dense':>8} {'x causal':>8} {'/uniform':>8} "
+        f"{'/first N':>8} {'MB/1k tok':>9} {'%matmul':>7}"
+    )
+    for c in result["comparisons"]:
+        lines.append(
+            f"         {c['layer']:<8} {c['n']:>6} {c['blocked_ms']:>9.1f} {number(c['speedup_vs_dense'], '8.1f'):>8} "
+            f"{number(c['speedup_vs_causal'], '8.1f'):>8} {number(c['time_vs_uniform'], '8.2f'):>8} "
+            f"{c['time_vs_smallest_n']:>8.1f} {c['peak_mb_per_1k_tokens']:>9.2f} {c['pct_matmul']:>7.1f}"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""Every attention backend against the dense reference (itself checked against the textbook formula)."""
+
+import functools
+import random
+import warnings
+
+import pytest
+import torch
+from torch.nn.attention.flex_attention import flex_attention
+
+from mswa import attention
+from mswa.attention import BACKENDS, resolve_backend, validate_windows, window_attention
+from mswa.attention.blocked import block_size_for, blocked_window_attention
+from mswa.attention.dense import dense_window_attention, window_mask
+from mswa.attention.flex import BLOCK, _tile_visibility, window_block_mask
+
+TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+
+def make_inputs(batch, heads, kv_heads, n, dim, dtype=torch.float64, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    shapes = [(batch, heads, n, dim), (batch, kv_heads, n, dim), (batch, kv_heads, n, dim)]
+    return [torch.randn(s, generator=generator, dtype=dtype).requires_grad_() for s in shapes]
+
+
+def output_and_grads(fn, q, k, v):
+    """fn's output and the gradients of q, k, v for a fixed random output gradient."""
+    out = fn(q, k, v)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+    return (out, *torch.autograd.grad(out, (q, k, v), grad_out))
+
+
+def assert_matches_dense(fn, q, k, v, windows):
+    tolerance = TOLERANCE[q.dtype]
+    got = output_and_grads(fn, q, k, v)
+    want = output_and_grads(lambda *x: dense_window_attention(*x, windows), q, k, v)
+    for name, a, b in zip(("out", "grad q", "grad k", "grad v"), got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=tolerance, rtol=0, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def textbook_attention(q, k, v, windows):
+    """softmax(q k^T / sqrt(d) + mask) v with the mask written out pair by pair."""
+    n, group = q.shape[2], q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    for h, window in enumerate(windows):
+        for i in range(n):
+            for j in range(n):
+                if not (0 <= i - j < (window or n + 1)):
+                    scores[:, h, i, j] = float("-inf")
+    return scores.softmax(-1) @ v
+
+
+# ----------------------------------------------------------------------------- the reference
+
+
+def test_dense_reference_is_the_textbook_formula():
+    q, k, v = make_inputs(2, 4, 2, 23, 8)
+    windows = [1, 5, None, 40]
+    with torch.no_grad():
+        torch.testing.assert_close(
+            dense_window_attention(q, k, v, windows), textbook_attention(q, k, v, windows), atol=1e-12, rtol=0
+        )
+
+
+def test_window_mask_follows_the_convention():
+    mask = window_mask(6, [3], "cpu")[0, 0]
+    assert mask[5].tolist() == [False, False, False, True, True, True]  # query 5 sees keys 3, 4, 5
+    assert mask.sum().item() == 1 + 2 + 3 + 3 + 3 + 3
+
+
+# ----------------------------------------------------------------------------- blocked (and auto)
+
+CASES = {
+    "window 1": (1, 4, 4, 70, [1, 1, 1, 1]),
+    "window >= N mixed with small": (1, 4, 4, 70, [70, 500, 3, 3]),
+    "N not a multiple of the block": (2, 4, 4, 2 * block_size_for(40) + 7, [40, 40, 17, 17]),
+    "mixed windows with None": (1, 6, 6, 130, [None, 32, 5, None, 129, 64]),
+    "heads sharing a window are not adjacent": (1, 5, 5, 90, [8, 32, 8, None, 32]),
+    "grouped-query k/v": (2, 8, 2, 100, [4, 4, 16, 16, 33, 33, None, 7]),
+    "grouped-query, one kv head": (1, 4, 1, 77, [9, 60, 9, 2]),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("backend", ["blocked", "auto"])
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_backend_matches_dense(case, backend, dtype):
+    batch, heads, kv_heads, n, windows = case
+    q, k, v = make_inputs(batch, heads, kv_heads, n, 16, dtype)
+    assert_matches_dense(lambda *x: window_attention(*x, windows, backend=backend), q, k, v, windows)
+
+
+def test_blocked_matches_dense_on_random_shapes():
+    rng = random.Random(0)
+    for trial in range(25):
+        kv_heads = rng.choice([1, 2, 3])
+        heads = kv_heads * rng.choice([1, 2, 3])
+        n = rng.randint(1, 200)
+        windows = [rng.choice([None, rng.randint(1, 8), rng.randint(1, n + 3)]) for _ in range(heads)]
+        block = rng.choice([None, 1, 8, 13, 64])
+        q, k, v = make_inputs(rng.randint(1, 2), heads, kv_heads, n, rng.choice([4, 8, 16]), seed=trial)
+        kernel = functools.partial(blocked_window_attention, windows=windows, block_size=block)
+        assert_matches_dense(kernel, q, k, v, windows)
+
+
+def test_blocked_alone_handles_all_windows_at_least_n():
+    q, k, v = make_inputs(1, 2, 2, 40, 8)
+    assert_matches_dense(lambda *x: blocked_window_attention(*x, [40, 99]), q, k, v, [40, 99])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_full_windows_run_fused_causal_whatever_the_backend(backend):
+    q, k, v = make_inputs(1, 4, 2, 50, 8)
+    windows = [None, 50, None, 80]  # all see every earlier key: even flex trains here (no flex call)
+    assert_matches_dense(lambda *x: window_attention(*x, windows, backend=backend), q, k, v, windows)
+
+
+def test_blocked_trains_in_float32_under_autograd():
+    q, k, v = make_inputs(1, 4, 4, 300, 32, torch.float32)
+    windows = [32, 32, 128, 256]
+    assert_matches_dense(lambda *x: window_attention(*x, windows, backend="blocked"), q, k, v, windows)
+
+
+# ----------------------------------------------------------------------------- flex
+
+
+def test_flex_tiles_match_brute_force():
+    n, windows = 3 * BLOCK + 40, (1, BLOCK, BLOCK + 1, 2 * BLOCK + 5, None)
+    partial, full = _tile_visibility(n, torch.tensor([n if w is None else w for w in windows]))
+    mask = window_mask(n, windows, "cpu")[0]
+    tiles = range(0, n, BLOCK)
+    for h in range(len(windows)):
+        for a, qs in enumerate(tiles):
+            for b, ks in enumerate(tiles):
+                tile = mask[h, qs : qs + BLOCK, ks : ks + BLOCK]
+                complete = tile.shape == (BLOCK, BLOCK)
+                assert full[h, a, b] == (complete and bool(tile.all()))
+                assert partial[h, a, b] == (bool(tile.any()) and not full[h, a, b])
+
+
+def test_flex_block_mask_and_mask_mod_match_dense_uncompiled():
+    q, k, v = (x.detach() for x in make_inputs(1, 6, 3, 300, 16))
+    windows = (1, 200, None, 64, 130, 5)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns that uncompiled flex is unfused
+        got = flex_attention(q, k, v, block_mask=window_block_mask(300, windows, q.device), enable_gqa=True)
+        torch.testing.assert_close(got, dense_window_attention(q, k, v, windows), atol=1e-10, rtol=0)
+
+
+def test_flex_refuses_gradients_on_cpu():
+    q, k, v = make_inputs(1, 2, 2, 16, 8, torch.float32)
+    with pytest.raises(ValueError, match="backend='blocked'"):
+        window_attention(q, k, v, [4, 8], backend="flex")
+
+
+@pytest.mark.slow  # compiling flex on CPU takes 10-30 s
+def test_flex_compiled_forward_matches_dense_on_cpu():
+    for windows, (heads, kv_heads, n) in [((1, 200, None, 64, 130, 5), (6, 3, 300)), ((16, 16, 40, 40), (4, 4, 256))]:
+        q, k, v = make_inputs(1, heads, kv_heads, n, 16, torch.float32)
+        with torch.no_grad():
+            got = window_attention(q, k, v, windows, backend="flex")
+            torch.testing.assert_close(got, dense_window_attention(q, k, v, windows), atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- backend choice and bad inputs
+
+
+def test_auto_is_blocked_on_cpu():
+    assert resolve_backend("auto", torch.device("cpu")) == "blocked"
+
+
+def test_auto_on_cuda_without_compile_warns_once_and_uses_blocked(monkeypatch):
+    monkeypatch.setattr(attention, "flex_available", lambda device: False)
+    monkeypatch.setattr(attention, "_warned_flex_fallback", False)
+    with pytest.warns(UserWarning, match="blocked"):
+        assert resolve_backend("auto", torch.device("cuda")) == "blocked"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_backend("auto", torch.device("cuda")) == "blocked"
+
+
+def test_validate_windows_normalises():
+    assert validate_windows([torch.tensor(3), None, 7], 3) == (3, None, 7)
+
+
+BAD_WINDOWS = {
+    "too few": ([4, 4, 4], "one window per head"),
+    "zero": ([4, 0, 4, 4], r"windows\[1\]=0"),
+    "negative": ([4, 4, -2, 4], r"windows\[2\]=-2"),
+    "float": ([4, 2.5, 4, 4], r"windows\[1\]=2.5"),
+    "bool": ([4, 4, 4, True], r"windows\[3\]=True"),
+    "string": ("4444", "one window per head"),
+}
+
+
+@pytest.mark.parametrize("windows, message", BAD_WINDOWS.values(), ids=BAD_WINDOWS.keys())
+def test_bad_windows_raise(windows, message):
+    q, k, v = make_inputs(1, 4, 4, 8, 4)
+    with pytest.raises(ValueError, match=message):
+        window_attention(q, k, v, windows)
+
+
+BAD_TENSORS = {
+    "heads not divisible": ((1, 4, 8, 4), (1, 3, 8, 4), "not divisible"),
+    "k/v lengths differ from q": ((1, 4, 8, 4), (1, 4, 9, 4), "share batch, seq and head_dim"),
+    "3-D": ((4, 8, 4), (4, 8, 4), "4-D"),
+}
+
+
+@pytest.mark.parametrize("q_shape, kv_shape, message", BAD_TENSORS.values(), ids=BAD_TENSORS.keys())
+def test_bad_tensors_raise(q_shape, kv_shape, message):
+    with pytest.raises(ValueError, match=message):
+        window_attention(torch.zeros(q_shape), torch.zeros(kv_shape), torch.zeros(kv_shape), [2] * q_shape[-3])
+
+
+def test_unknown_backend_raises():
+    q, k, v = make_inputs(1, 2, 2, 8, 4)
+    with pytest.raises(ValueError, match="backend='fast' is unknown"):
+        window_attention(q, k, v, [2, 2], backend="fast")

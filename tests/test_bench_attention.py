@@ -1,0 +1,62 @@
+"""`python -m mswa.bench attention` runs end to end at tiny sizes and reports consistent figures."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_bench(tmp_path, *extra):
+    output = tmp_path / "attention.json"
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "mswa.bench", "attention", "--tiny", "--output", str(output), *extra]
+    done = subprocess.run(command, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(output.read_text()), done.stdout
+
+
+def useful_pairs(windows, n):
+    return sum(min(i + 1, n if w is None else w) for w in windows for i in range(n))
+
+
+def test_tiny_bench_writes_consistent_json_and_table(tmp_path):
+    result, table = run_bench(tmp_path, "--backends", "blocked", "dense", "causal")
+    config = result["config"]
+    assert config["lengths"] == [64, 96] and config["layers"]["uniform"] == [16] * 8
+    assert config["layers"]["mswa"] == [4, 4, 8, 8, 16, 16, 32, 32]
+    assert result["matmul_gflops"] > 0
+    cases = {(r["layer"], r["backend"], r["n"]) for r in result["rows"]}
+    assert cases == {
+        (layer, backend, n) for n in (64, 96) for layer in ("mswa", "uniform") for backend in ("blocked", "dense")
+    } | {("full", "causal", 64), ("full", "causal", 96)}
+    windows = {**config["layers"], "full": [None] * 8}
+    for row in result["rows"]:
+        assert row["mode"] == "fwd+bwd" and row["time_s"] > 0 and row["runs"] == 2 and row["peak_mb"] >= 0
+        flops = useful_pairs(windows[row["layer"]], row["n"]) * 4 * config["head_dim"] * 3
+        assert row["useful_gflops"] == pytest.approx(flops / row["time_s"] / 1e9)
+        assert row["pct_matmul"] == pytest.approx(100 * row["useful_gflops"] / result["matmul_gflops"])
+        assert f"{row['layer']:<8} {row['n']:>6} {row['backend']:<8}" in table
+    comparison = {(c["layer"], c["n"]): c for c in result["comparisons"]}
+    assert comparison[("uniform", 96)]["time_vs_uniform"] == 1.0
+    assert comparison[("mswa", 64)]["speedup_vs_dense"] > 0 and comparison[("mswa", 96)]["speedup_vs_causal"] > 0
+    assert "x dense" in table and "GFLOP/s" in table
+
+
+def test_dense_is_skipped_with_a_note_when_its_masks_do_not_fit(tmp_path):
+    result, table = run_bench(tmp_path, "--backends", "blocked", "dense", "--dense-max-gb", "0")
+    dense = [r for r in result["rows"] if r["backend"] == "dense"]
+    assert dense and all(r["time_s"] is None and "skipped" in r["note"] for r in dense)
+    assert all(c["speedup_vs_dense"] is None for c in result["comparisons"])
+    assert "skipped" in table
+
+
+@pytest.mark.slow  # compiles flex on CPU
+def test_tiny_bench_runs_flex_forward_only_on_cpu(tmp_path):
+    result, _ = run_bench(tmp_path, "--backends", "flex")
+    assert {r["mode"] for r in result["rows"]} == {"fwd only"}
+    assert all(r["time_s"] > 0 for r in result["rows"])
