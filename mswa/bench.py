@@ -35,6 +35,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m mswa.bench", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     _add_attention_command(commands)
+    _add_model_command(commands)
     args = parser.parse_args(argv)
     args.run(args)
 
@@ -311,6 +312,82 @@ def _report(result):
             f"{c['time_vs_smallest_n']:>8.1f} {c['peak_mb_per_1k_tokens']:>9.2f} {c['pct_matmul']:>7.1f}"
         )
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- model
+
+MODEL_VARIANTS = {  # name -> (window schedule, ModelConfig mixer keywords)
+    "full": ("full", {}),
+    "swa": ("uniform", {}),
+    "mswa": ("mswa", {}),
+    "linear": ("full", {"mixer": "linear"}),
+    "swa_linear": ("uniform", {"mixer": "hybrid"}),
+    "mswa_linear": ("mswa", {"mixer": "hybrid"}),
+    "mswa_linear_parallel": ("mswa", {"mixer": "hybrid", "layout": "parallel"}),
+}
+
+
+def _add_model_command(commands):
+    bench = commands.add_parser("model", help="training-step tokens/s and peak memory of whole models")
+    bench.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 8192])
+    bench.add_argument("--models", nargs="+", choices=tuple(MODEL_VARIANTS), default=list(MODEL_VARIANTS))
+    bench.add_argument("--layers", type=int, default=6)
+    bench.add_argument("--d-model", type=int, default=256)
+    bench.add_argument("--heads", type=int, default=8)
+    bench.add_argument("--window", type=int, default=128)
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--threads", type=int, default=0)
+    bench.add_argument("--output", type=Path, default=Path("bench_results/model.json"))
+    bench.add_argument("--tiny", action="store_true", help="smoke run: lengths 64 128, 2 layers, d_model 32, window 16")
+    bench.set_defaults(run=run_model_bench)
+
+
+def run_model_bench(args):
+    """One training step (forward, backward, AdamW) on a batch of one sequence, per model and length."""
+    from mswa.model import LanguageModel, ModelConfig
+
+    if args.tiny:
+        args.lengths, args.layers, args.d_model, args.heads, args.window, args.repeats = [64, 128], 4, 32, 4, 16, 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, rows = torch.device("cpu"), []
+    for name in args.models:
+        schedule_name, mixer = MODEL_VARIANTS[name]
+        schedule = make_schedule(schedule_name, w=args.window, n_layer=args.layers, n_head=args.heads)
+        for n in args.lengths:
+            windows = None if schedule.is_full else schedule.as_lists()
+            config = ModelConfig(n_layer=args.layers, n_head=args.heads, d_model=args.d_model, max_seq_len=n,
+                                 windows=windows, attn_backend="blocked", **mixer)
+            model = LanguageModel(config)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            tokens = torch.randint(0, 256, (1, n))
+
+            def step():
+                optimizer.zero_grad(set_to_none=True)
+                model.token_nll(tokens, tokens).mean().backward()
+                optimizer.step()
+
+            seconds, runs = _median_seconds(step, device, args.repeats)
+            rows.append({"model": name, "n": n, "tokens_per_s": n / seconds, "step_s": seconds, "runs": runs,
+                         "peak_mb": _peak_memory_mb(step, device)})
+            print(f"{name:<22} N={n:>6} {n / seconds:>10.0f} tok/s {rows[-1]['peak_mb']:>9.1f} MB", flush=True)
+    _add_model_ratios(rows)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps({"rows": rows, "settings": {k: v for k, v in vars(args).items() if k not in ("run", "output")}}, indent=2, default=str))
+    print(f"\n{'model':<22} {'N':>6} {'tok/s':>10} {'x full':>7} {'/swa':>6} {'peak MB':>9} {'MB/1k tok':>9}")
+    for row in rows:
+        print(f"{row['model']:<22} {row['n']:>6} {row['tokens_per_s']:>10.0f} {row['x_full'] or float('nan'):>7.2f} "
+              f"{row['vs_swa'] or float('nan'):>6.2f} {row['peak_mb']:>9.1f} {1024 * row['peak_mb'] / row['n']:>9.1f}")
+    print(f"wrote {args.output}")
+
+
+def _add_model_ratios(rows):
+    """tokens/s relative to full attention and to SWA at the same length."""
+    by_key = {(row["model"], row["n"]): row for row in rows}
+    for row in rows:
+        for key, reference in (("x_full", "full"), ("vs_swa", "swa")):
+            other = by_key.get((reference, row["n"]))
+            row[key] = row["tokens_per_s"] / other["tokens_per_s"] if other else None
 
 
 if __name__ == "__main__":
