@@ -64,7 +64,8 @@ FAILED_COLUMNS = ("variant", "seed", "status", "error", "run_name", "path")
 
 REFERENCE_RULE = (
     "Δ = variant mean minus its SWA reference mean (negative = better). The reference is a finished variant "
-    "on the same dataset and metric whose model is `swa` (if none, whose schedule is `uniform`), choosing "
+    "on the same dataset and metric whose model is `swa` with the `uniform` schedule (if none, whose model is "
+    "`swa`; if none, whose schedule is `uniform`), choosing "
     "the one whose overrides differ from the variant's in the fewest places; a tie leaves Δ empty and names "
     "the candidates."
 )
@@ -299,10 +300,15 @@ def _variant_row(group: pd.DataFrame, n_unfinished: int) -> dict:
 def _reference(row, table: pd.DataFrame, overrides: Mapping[str, frozenset]) -> str | None:
     """The SWA variant this row is compared with (see ``REFERENCE_RULE``)."""
     comparable = table[(table.dataset == row.dataset) & (table.metric == row.metric)]
-    candidates = comparable[comparable.model == "swa"]
-    if candidates.empty:
-        candidates = comparable[comparable.schedule == "uniform"]
-    if candidates.empty:
+    for pick in (
+        (comparable.model == "swa") & (comparable.schedule == "uniform"),
+        comparable.model == "swa",
+        comparable.schedule == "uniform",
+    ):
+        candidates = comparable[pick]
+        if not candidates.empty:
+            break
+    else:
         return None
     differing = candidates.variant.map(lambda name: len(overrides[name] ^ overrides[row.variant]))
     best = candidates.variant[differing == differing.min()].tolist()
