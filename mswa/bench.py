@@ -331,7 +331,7 @@ def _add_model_command(commands):
     bench = commands.add_parser("model", help="training-step tokens/s and peak memory of whole models")
     bench.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 8192])
     bench.add_argument("--models", nargs="+", choices=tuple(MODEL_VARIANTS), default=list(MODEL_VARIANTS))
-    bench.add_argument("--layers", type=int, default=6)
+    bench.add_argument("--layers", type=int, default=8, help="a multiple of 4: mswa has 4 layer groups")
     bench.add_argument("--d-model", type=int, default=256)
     bench.add_argument("--heads", type=int, default=8)
     bench.add_argument("--window", type=int, default=128)
