@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from mswa.data.corpus import Corpus
 from mswa.lit import GracefulInterrupt, CorpusDataModule, LanguageModelTask, Throughput
-from mswa.windows import ScheduleError, WindowSchedule, make_schedule
+from mswa.windows import WindowSchedule, make_schedule
 
 MODEL_KEYS = ("n_layer", "n_head", "d_model", "mlp_ratio", "dropout", "positions", "attn_backend", "output",
               "adaptive_cutoffs", "mixer", "layout", "pattern", "linear_feature_map", "linear_feature_dim")
