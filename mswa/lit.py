@@ -28,11 +28,22 @@ def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: fl
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def build_language_model(model: dict) -> torch.nn.Module:
+    """`mswa.model.LanguageModel` from its config keys, or a pretrained HF model when `pretrained` is given."""
+    if "pretrained" in model:
+        from mswa.hf.backbone import PretrainedCausalLM  # needs the `hf` extra
+
+        return PretrainedCausalLM(**model)
+    return LanguageModel(ModelConfig(**model))
+
+
 class LanguageModelTask(L.LightningModule):
     def __init__(self, model: dict, optim: dict, unit: str, compile: bool = False):
         super().__init__()
         self.save_hyperparameters()
-        self.model = LanguageModel(ModelConfig(**model))
+        self.model = build_language_model(model)
+        self.frozen = {name for name, p in self.named_parameters() if not p.requires_grad}
+        self.strict_loading = not self.frozen  # checkpoints of a partly frozen model hold only what trains
         self.unit, self.optim = unit, optim
         self.token_nll = torch.compile(self.model.token_nll) if compile else self.model.token_nll
         self.eval_nll = SummedNLL()
@@ -73,6 +84,12 @@ class LanguageModelTask(L.LightningModule):
     def on_test_epoch_end(self):
         self._eval_epoch_end("test")
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Leave out frozen weights (a 7B base model would make every checkpoint 13 GB); they are
+        reloaded from the pretrained checkpoint, not from ours."""
+        for name in self.frozen:
+            checkpoint["state_dict"].pop(name, None)
+
     def configure_optimizers(self):
         """AdamW; matrices decay, norms, biases and the 1-D rest do not."""
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -92,9 +109,9 @@ class CorpusDataModule(L.LightningDataModule):
     """Random crops for training (batch index = global step, so resuming continues the data order)."""
 
     def __init__(self, corpus: Corpus, seq_len: int, batch_size: int, eval_batch_size: int, seed: int,
-                 val_max_tokens: int | None = None):
+                 val_max_tokens: int | None = None, aligned_chunks: bool = False):
         super().__init__()
-        self.corpus, self.seq_len, self.seed = corpus, seq_len, seed
+        self.corpus, self.seq_len, self.seed, self.aligned_chunks = corpus, seq_len, seed, aligned_chunks
         self.batch_size, self.eval_batch_size, self.val_max_tokens = batch_size, eval_batch_size, val_max_tokens
 
     def _rank_world(self) -> tuple[int, int]:
@@ -104,7 +121,7 @@ class CorpusDataModule(L.LightningDataModule):
     def train_dataloader(self):
         rank, _ = self._rank_world()
         start = self.trainer.global_step * self.trainer.accumulate_grad_batches if self.trainer else 0
-        crops = RandomCrops(self.corpus.splits["train"], self.seq_len, self.batch_size, self.seed, rank, start)
+        crops = RandomCrops(self.corpus.splits["train"], self.seq_len, self.batch_size, self.seed, rank, start, self.aligned_chunks)
         return DataLoader(crops, batch_size=None)
 
     def _eval_loader(self, split: str, max_tokens: int | None) -> DataLoader:

@@ -13,7 +13,7 @@ from torchmetrics import Metric
 
 
 def metrics_from_sums(nll_sum: float, count: int, unit: str) -> dict[str, float]:
-    """``unit`` 'byte' adds bpc = loss / ln 2; 'word' adds ppl = exp(loss)."""
+    """``unit`` 'byte' adds bpc = loss / ln 2; 'word' and 'token' add ppl = exp(loss)."""
     if count <= 0:
         raise ValueError("no targets were evaluated; the evaluation split is empty")
     loss = nll_sum / count

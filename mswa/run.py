@@ -18,6 +18,7 @@ from pathlib import Path
 import lightning as L
 import pandas as pd
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
@@ -29,6 +30,8 @@ from mswa.windows import WindowSchedule, make_schedule
 
 MODEL_KEYS = ("n_layer", "n_head", "d_model", "mlp_ratio", "dropout", "positions", "attn_backend", "output",
               "adaptive_cutoffs", "mixer", "layout", "pattern", "linear_feature_map", "linear_feature_dim")
+
+PRETRAINED_KEYS = ("pretrained", "dtype", "lora", "gradient_checkpointing", "attn_backend")
 
 
 class ConfigError(ValueError):
@@ -53,16 +56,35 @@ def check_config(cfg: dict) -> None:
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"{key}={value!r} must be a positive integer")
     model, schedule = cfg["model"]["name"], cfg["window_schedule"]["name"]
-    if cfg["model"]["windowed"] == (schedule == "full"):
+    if cfg["model"]["windowed"] is not None and cfg["model"]["windowed"] == (schedule == "full"):
         raise ConfigError(
             f"model={model} cannot use window_schedule={schedule}; models without window attention (full, linear) "
             "take only the 'full' schedule, windowed models any other: pick a matching model or schedule"
         )
-    if cfg["model"]["d_model"] % cfg["model"]["n_head"]:
+    if not is_pretrained(cfg) and cfg["model"]["d_model"] % cfg["model"]["n_head"]:
         raise ConfigError(f"model.d_model={cfg['model']['d_model']} is not divisible by model.n_head={cfg['model']['n_head']}")
 
 
+def is_pretrained(cfg: dict) -> bool:
+    return "pretrained" in cfg["model"]
+
+
+def read_pretrained_shape(cfg: dict) -> None:
+    """A pretrained model's layers and heads come from its checkpoint; the schedule needs them."""
+    from mswa.hf.backbone import pretrained_shape
+
+    try:
+        cfg["model"].update(pretrained_shape(cfg["model"]["pretrained"]))
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+
+
 def check_corpus(cfg: dict, corpus: Corpus) -> None:
+    if is_pretrained(cfg) and corpus.vocab_size > cfg["model"]["vocab_size"]:
+        raise ConfigError(
+            f"dataset {corpus.name!r} has {corpus.vocab_size} token ids but model.pretrained has {cfg['model']['vocab_size']}; "
+            "tokenise with the model's tokenizer (dataset=packed_text does)"
+        )
     seq_len = cfg["seq_len"]
     for split, tokens in corpus.splits.items():
         needed = seq_len + 1 if split == "train" else 2
@@ -73,9 +95,20 @@ def check_corpus(cfg: dict, corpus: Corpus) -> None:
             )
 
 
+def load_corpus(cfg: dict) -> Corpus:
+    try:
+        return instantiate(cfg["dataset"]["loader"])
+    except InstantiationException as error:
+        if isinstance(error.__cause__, ValueError):  # the loader's own one-sentence DataError, not Hydra's wrapping
+            raise error.__cause__ from None
+        raise
+
+
 def model_kwargs(cfg: dict, corpus: Corpus, schedule: WindowSchedule) -> dict:
-    kwargs = {key: cfg["model"][key] for key in MODEL_KEYS if key in cfg["model"]}
     windows = None if schedule.is_full else schedule.as_lists()
+    if is_pretrained(cfg):
+        return {key: cfg["model"][key] for key in PRETRAINED_KEYS} | {"windows": windows}
+    kwargs = {key: cfg["model"][key] for key in MODEL_KEYS if key in cfg["model"]}
     return {**kwargs, "vocab_size": corpus.vocab_size, "max_seq_len": cfg["seq_len"], "windows": windows}
 
 
@@ -207,11 +240,13 @@ def train(cfg: dict, run: RunInfo) -> dict:
     loggers: list = []
     earlier_metrics = None
     try:
+        if is_pretrained(cfg):
+            read_pretrained_shape(cfg)
         check_config(cfg)
         schedule = build_schedule(cfg)
         resume = folder.resolve_resume(cfg["ckpt_path"], cfg["overwrite"])
         earlier_metrics = folder.set_aside_metrics() if resume else None
-        corpus: Corpus = instantiate(cfg["dataset"]["loader"])
+        corpus = load_corpus(cfg)
         check_corpus(cfg, corpus)
         if cfg.get("torch_threads"):
             torch.set_num_threads(cfg["torch_threads"])
@@ -220,11 +255,12 @@ def train(cfg: dict, run: RunInfo) -> dict:
         results.update(
             unit=corpus.unit, metric=corpus.metric, window=schedule.w, windows=schedule.as_lists(),
             budget=schedule.budget(cfg["seq_len"]), n_params=task.model.n_params(),
+            n_trainable=sum(p.numel() for p in task.parameters() if p.requires_grad),
             entropy_floor_bpb=corpus.entropy_floor_bpb,
         )
         folder.write(results)
         data = CorpusDataModule(corpus, cfg["seq_len"], cfg["data"]["batch_size"], cfg["data"]["eval_batch_size"],
-                                cfg["seed"], cfg["data"]["val_max_tokens"])
+                                cfg["seed"], cfg["data"]["val_max_tokens"], cfg["data"]["aligned_chunks"])
         loggers = build_loggers(cfg, folder, run, results["schedule"])
         interrupt = GracefulInterrupt(str(folder.last))
         throughput = Throughput(cfg["data"]["batch_size"] * cfg["seq_len"])
@@ -250,6 +286,9 @@ def train(cfg: dict, run: RunInfo) -> dict:
             status="finished", metrics=dict(task.eval_results), steps=trainer.global_step,
             tokens_per_s=throughput.mean_tokens_per_s, evaluated_checkpoint=evaluated,
         )
+        if is_pretrained(cfg) and rank_zero_only.rank == 0:
+            record = {"schedule": results["schedule"], "pretrained": cfg["model"]["pretrained"], "checkpoint": evaluated}
+            results["lm_eval"] = finish_pretrained(cfg, task, folder, loggers, record)
         return results
     except BaseException as error:  # noqa: BLE001 - Ctrl-C and crashes are recorded, then re-raised
         interrupted = isinstance(error, (KeyboardInterrupt, SystemExit))
@@ -262,6 +301,28 @@ def train(cfg: dict, run: RunInfo) -> dict:
         finish_wandb(loggers, results)
         if earlier_metrics is not None:
             folder.merge_metrics(earlier_metrics)
+
+
+def finish_pretrained(cfg: dict, task: LanguageModelTask, folder: RunFolder, loggers: list, record: dict) -> dict | None:
+    """Save the fine-tuned adapter of the evaluated (best) weights to `adapter/`; then, when `lm_eval`
+    is configured, score common-sense reasoning with them (`lm_eval.json`, and W&B)."""
+    task.model.save_adapter(folder.path / "adapter")
+    if not cfg.get("lm_eval"):
+        return None
+    from transformers import AutoTokenizer
+
+    from mswa.hf.evaluate import evaluate_commonsense
+
+    options = cfg["lm_eval"]
+    wandb_run = next((logger.experiment for logger in loggers if isinstance(logger, WandbLogger)), None)
+    tokenizer = AutoTokenizer.from_pretrained(cfg["model"]["pretrained"])
+    hf_model = task.model.lm.get_base_model() if hasattr(task.model.lm, "get_base_model") else task.model.lm
+    return evaluate_commonsense(
+        hf_model.eval(), tokenizer, folder.path, tasks=options["tasks"], num_fewshot=options["num_fewshot"],
+        batch_size=options["batch_size"], limit=options["limit"], include_path=options["include_path"],
+        include_defaults=options["include_defaults"], max_length=cfg["seq_len"], logger=wandb_run,
+        extra=record,
+    )
 
 
 def optimised_metric(results: dict) -> float:

@@ -7,19 +7,11 @@ import pytest
 import torch
 
 pytest.importorskip("lm_eval")
+from conftest import CHOICE_DOCS as DOCS, CHOICE_TASK as TASK, write_choice_task  # noqa: E402
 from mswa.hf import apply_window_attention  # noqa: E402
 from mswa.hf.evaluate import evaluate_commonsense, main, summarize  # noqa: E402
 from mswa.hf.tiny import save_tiny, tiny_model, tiny_tokenizer  # noqa: E402
 
-TASK = "mswa_tiny_choice"
-DOCS = [
-    ("Where does milk stay cold?", ["in the fridge", "in the oven", "on the roof"], 0),
-    ("What does the quick fox jump over?", ["the moon", "the lazy dog"], 1),
-    ("How do you open a jar?", ["paint it blue", "twist the lid", "sing to it"], 1),
-    ("What happens to ice when it is warm?", ["it melts", "it boils"], 0),
-    ("Where did the cat sit?", ["in the sea", "on a cloud", "on the mat"], 2),
-    ("When does water boil?", ["when it is heated", "when it is dark"], 0),
-]
 WINDOWS = [[2, 4, 1, 8], [3, 3, 6, None]]
 
 
@@ -31,34 +23,7 @@ def _offline(monkeypatch):
 
 @pytest.fixture
 def task_dir(tmp_path):
-    """A local lm_eval multiple-choice task: its YAML and its data, written here."""
-    folder = tmp_path / "tasks"
-    folder.mkdir()
-    for split in ("train", "test"):
-        rows = [{"question": q, "choices": c, "label": label} for q, c, label in DOCS]
-        (folder / f"{split}.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
-    (folder / f"{TASK}.yaml").write_text(
-        f"""task: {TASK}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    train: {folder / "train.jsonl"}
-    test: {folder / "test.jsonl"}
-training_split: train
-test_split: test
-output_type: multiple_choice
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_target: label
-doc_to_choice: choices
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: 1.0
-"""
-    )
-    return folder
+    return write_choice_task(tmp_path / "tasks")
 
 
 def own_loglikelihoods(model, tokenizer):

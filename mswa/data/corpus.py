@@ -20,13 +20,13 @@ class Corpus:
     name: str
     splits: dict[str, np.ndarray]  # "train" / "valid" / "test" -> 1-D token ids (uint8 or int32, memmap ok)
     vocab_size: int
-    unit: str  # "byte" -> bits per byte/character (bpc); "word" -> perplexity (ppl)
+    unit: str  # "byte" -> bits per byte/character (bpc); "word" or "token" (subwords) -> perplexity (ppl)
     entropy_floor_bpb: float | None = None  # known per-byte entropy of generated data, else None
     vocab: list[str] | None = field(default=None, repr=False)  # word-level corpora: id -> word
 
     def __post_init__(self) -> None:
-        if self.unit not in ("byte", "word"):
-            raise ValueError(f"Corpus.unit must be 'byte' or 'word', got {self.unit!r}")
+        if self.unit not in ("byte", "word", "token"):
+            raise ValueError(f"Corpus.unit must be 'byte', 'word' or 'token', got {self.unit!r}")
         missing = [s for s in SPLITS if s not in self.splits]
         if missing:
             raise ValueError(f"corpus {self.name!r} lacks splits {missing}; a loader must return {list(SPLITS)}")

@@ -24,17 +24,24 @@ def _as_batch(rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class RandomCrops(IterableDataset):
-    """Endless batches of ``batch_size`` random contiguous crops of ``seq_len + 1`` tokens."""
+    """Endless batches of ``batch_size`` random contiguous crops of ``seq_len + 1`` tokens.
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, rank: int = 0, start_batch: int = 0):
+    ``aligned``: crops start only at multiples of ``seq_len``, i.e. they are the fixed chunks of a
+    packed stream (each chunk's inputs are its ``seq_len`` tokens, its last target the next one)."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, rank: int = 0, start_batch: int = 0,
+                 aligned: bool = False):
         if len(tokens) < seq_len + 1:
             raise ValueError(f"training split has {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}; lower seq_len")
         self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
-        self.seed, self.rank, self.start_batch = seed, rank, start_batch
+        self.seed, self.rank, self.start_batch, self.aligned = seed, rank, start_batch, aligned
 
     def batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.seed, self.rank, index])
-        starts = rng.integers(0, len(self.tokens) - self.seq_len, size=self.batch_size)
+        if self.aligned:
+            starts = rng.integers(0, (len(self.tokens) - 1) // self.seq_len, size=self.batch_size) * self.seq_len
+        else:
+            starts = rng.integers(0, len(self.tokens) - self.seq_len, size=self.batch_size)
         return _as_batch(np.stack([self.tokens[s : s + self.seq_len + 1] for s in starts]))
 
     def __iter__(self):
