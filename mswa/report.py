@@ -12,6 +12,11 @@ Seeds of one variant (``results["variant"]``: the overrides minus ``seed``) are 
 sample standard deviation (n - 1) of the final val/test metric. Only finished runs enter the averages;
 every other run is listed with its status and error.
 
+A folder may also hold ``lm_eval.json`` (common-sense reasoning, written by ``mswa.hf.evaluate``), next
+to a run's ``results.json`` or alone (``python -m mswa.hf.evaluate --out DIR``): ``load_lm_eval`` ->
+``lm_eval_table`` (headline accuracy per task, seeds of a variant aggregated the same way) -> ``plot_lm_eval``.
+A report of evaluations only is fine; one with neither runs nor evaluations is an error.
+
 The same functions serve ``notebooks/analysis.ipynb``: ``load_runs`` -> ``summary_table`` /
 ``failed_runs`` / ``plot_curves`` / ``plot_budget`` / ``plot_windows``; ``write_report`` writes them all.
 """
@@ -62,6 +67,12 @@ SUMMARY_COLUMNS = (
 )
 FAILED_COLUMNS = ("variant", "seed", "status", "error", "run_name", "path")
 
+LM_EVAL_FILE = "lm_eval.json"  # mswa.hf.evaluate.RESULTS_FILE; not imported, that module needs torch
+HEADLINE_METRICS = ("acc_norm", "acc")  # papers report acc_norm where lm_eval has it (hellaswag, arc, piqa...)
+# an evaluation's identity; "<task>/<metric>" accuracies and "average" follow, each with "<column>_stderr"
+EVAL_COLUMNS = ("path", "run_name", "variant", "seed", "model", "schedule", "num_fewshot", "limit")
+EVAL_SHARED_COLUMNS = ("variant", "model", "schedule", "num_fewshot", "limit")
+
 REFERENCE_RULE = (
     "Δ = variant mean minus its SWA reference mean (negative = better). The reference is a finished variant "
     "on the same dataset and metric whose model is `swa` with the `uniform` schedule (if none, whose model is "
@@ -83,7 +94,8 @@ class ReportError(ValueError):
 
 
 def load_runs(dirs: Sequence[str | Path]) -> pd.DataFrame:
-    """One row per run found below ``dirs`` (columns ``RUN_COLUMNS``), sorted by variant then seed."""
+    """One row per run found below ``dirs`` (columns ``RUN_COLUMNS``), sorted by variant then seed; no rows
+    when the dirs hold evaluations (lm_eval.json) only."""
     missing = [str(d) for d in dirs if not Path(d).is_dir()]
     if not dirs or missing:
         raise ReportError(
@@ -91,10 +103,10 @@ def load_runs(dirs: Sequence[str | Path]) -> pd.DataFrame:
             "e.g. multirun/<date>/<time>"
         )
     results_dirs, job_dirs = find_run_folders(dirs)
-    if not results_dirs and not job_dirs:
+    if not results_dirs and not job_dirs and not outermost_folders(dirs, LM_EVAL_FILE):
         raise ReportError(
-            f"no results.json or Hydra job folder (.hydra/overrides.yaml) found below {[str(d) for d in dirs]}; "
-            "pass the folder a sweep wrote its runs into"
+            f"no results.json or Hydra job folder (.hydra/overrides.yaml) found below {[str(d) for d in dirs]}, "
+            f"and no {LM_EVAL_FILE} either; pass the folder a sweep (or `python -m mswa.hf.evaluate --out`) wrote into"
         )
     rows = [row_from_results(read_results(d), str(d), read_history(d)) for d in results_dirs]
     rows += [row_from_hydra_job(d) for d in job_dirs]
@@ -103,13 +115,18 @@ def load_runs(dirs: Sequence[str | Path]) -> pd.DataFrame:
 
 def find_run_folders(dirs: Iterable[str | Path]) -> tuple[list[Path], list[Path]]:
     """(folders with results.json, Hydra job folders without one); nested copies of a run are skipped."""
-    found = {p.parent.resolve() for d in dirs for p in Path(d).rglob("results.json")}
-    results_dirs = sorted(r for r in found if not any(parent in found for parent in r.parents))
+    results_dirs = outermost_folders(dirs, "results.json")
     jobs = {
         p.parent.parent.resolve() for d in dirs for p in Path(d).rglob("overrides.yaml") if p.parent.name == ".hydra"
     }
     has_results = set(results_dirs).union(*(r.parents for r in results_dirs))
     return results_dirs, sorted(jobs - has_results)
+
+
+def outermost_folders(dirs: Iterable[str | Path], filename: str) -> list[Path]:
+    """Folders below ``dirs`` holding ``filename``, except those inside another one (e.g. a W&B copy)."""
+    found = {p.parent.resolve() for d in dirs for p in Path(d).rglob(filename)}
+    return sorted(f for f in found if not any(parent in found for parent in f.parents))
 
 
 def read_results(run_dir: Path) -> dict:
@@ -177,8 +194,12 @@ def runs_frame(rows: list[dict]) -> pd.DataFrame:
         runs[column] = pd.to_numeric(runs[column])
     for column in INTEGER_RUN_COLUMNS:
         runs[column] = runs[column].astype("Int64")
-    order = sorted(range(len(runs)), key=lambda i: (natural_key(str(runs.variant[i])), _seed_key(runs.seed[i])))
-    return runs.iloc[order].reset_index(drop=True)
+    return _by_variant_and_seed(runs)
+
+
+def _by_variant_and_seed(frame: pd.DataFrame) -> pd.DataFrame:
+    order = sorted(range(len(frame)), key=lambda i: (natural_key(str(frame.variant[i])), _seed_key(frame.seed[i])))
+    return frame.iloc[order].reset_index(drop=True)
 
 
 def natural_key(text: str) -> list:
@@ -518,21 +539,216 @@ def _equal_blocks(windows: tuple[tuple, ...]) -> list[tuple[tuple[int, int, int,
     return blocks
 
 
+# ---------------------------------------------------------------- common-sense evaluations (lm_eval.json)
+
+
+def load_lm_eval(dirs: Sequence[str | Path]) -> pd.DataFrame:
+    """One row per lm_eval.json below ``dirs``: ``EVAL_COLUMNS``, then per task its headline accuracy
+    ``<task>/<metric>`` and ``<task>/<metric>_stderr`` (fractions), then ``average`` and ``average_stderr``.
+
+    Name, seed, model and schedule come from the folder's results.json when it has one; an evaluation on its
+    own is named by its folder (its path below the DIR it was found in) and takes model and schedule from
+    what ``mswa.hf.evaluate`` recorded. No rows when there is no lm_eval.json."""
+    folders = outermost_folders(dirs, LM_EVAL_FILE)
+    return evals_frame([eval_row(folder, _eval_name(folder, dirs)) for folder in folders])
+
+
+def _eval_name(folder: Path, dirs: Sequence[str | Path]) -> str:
+    for root in (Path(d).resolve() for d in dirs):
+        if folder != root and folder.is_relative_to(root):
+            return folder.relative_to(root).as_posix()  # "llama/mswa" tells apart two folders named "mswa"
+    return folder.name
+
+
+def eval_row(folder: Path, name: str) -> dict:
+    record = read_lm_eval(folder / LM_EVAL_FILE)
+    results = read_results(folder) if (folder / "results.json").is_file() else {}
+    row = {
+        "path": str(folder),
+        "run_name": results.get("run_name") or name,
+        "variant": results.get("variant") or name,
+        "seed": results.get("seed"),
+        "model": results.get("model") or record.get("model"),
+        "schedule": results.get("schedule") or record.get("schedule"),
+        "num_fewshot": record.get("num_fewshot"),
+        "limit": record.get("limit"),
+    }
+    return row | headline_accuracies(record["summary"])
+
+
+def read_lm_eval(path: Path) -> dict:
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ReportError(f"{path} is not valid JSON ({err}); rerun its evaluation or delete the file") from err
+    if not isinstance(record, dict) or not isinstance(record.get("summary"), dict):
+        raise ReportError(f"{path} has no 'summary' {{task: {{metric: value}}}}; write it with mswa.hf.evaluate")
+    return record
+
+
+def headline_accuracies(summary: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """Per task its ``acc_norm`` if reported, else its ``acc`` (tasks with neither, e.g. generation tasks, are
+    left out), with stderrs; ``average``: their unweighted mean, its stderr taking the tasks as independent."""
+    row = {}
+    for task, metrics in summary.items():
+        metric = next((m for m in HEADLINE_METRICS if m in metrics), None)
+        if metric:
+            row[f"{task}/{metric}"] = metrics[metric]
+            row[f"{task}/{metric}_stderr"] = metrics.get(f"{metric}_stderr", np.nan)  # "N/A" was dropped
+    accuracies = [c for c in row if not c.endswith("_stderr")]
+    if accuracies:
+        errors = np.array([row[f"{c}_stderr"] for c in accuracies])
+        row["average"] = float(np.mean([row[c] for c in accuracies]))
+        row["average_stderr"] = float(np.sqrt(np.sum(errors**2)) / len(errors))
+    return row
+
+
+def evals_frame(rows: list[dict]) -> pd.DataFrame:
+    """Rows of ``eval_row`` as a frame; task columns in the order they first appear, ``average`` last."""
+    frame = pd.DataFrame(rows)
+    average = ["average", "average_stderr"]
+    tasks = [c for c in frame.columns if c not in EVAL_COLUMNS and c not in average]
+    frame = frame.reindex(columns=[*EVAL_COLUMNS, *tasks, *average])
+    frame["seed"] = pd.to_numeric(frame.seed).astype("Int64")
+    return _by_variant_and_seed(frame)
+
+
+def accuracy_columns(frame: pd.DataFrame) -> list[str]:
+    """The ``<task>/<metric>`` columns, then ``average``."""
+    return [c for c in frame.columns if "/" in c and not c.endswith(("_std", "_stderr"))] + ["average"]
+
+
+def lm_eval_table(evals: pd.DataFrame) -> pd.DataFrame:
+    """One row per variant and shot count: each accuracy column is the mean over the seeds, ``<column>_std``
+    their sample std (n - 1; NaN for one seed), ``<column>_stderr`` lm_eval's stderr (mean over the seeds).
+    An evaluation without a seed (no results.json) is never averaged with another."""
+    alone = evals.path.where(evals.seed.isna(), "")
+    keys = pd.Series(list(zip(evals.variant, evals.num_fewshot.astype(object), alone)), index=evals.index)
+    return pd.DataFrame([_eval_variant_row(group) for _, group in evals.groupby(keys, sort=False)])
+
+
+def _eval_variant_row(group: pd.DataFrame) -> dict:
+    first = group.iloc[0]
+    row = {key: first[key] for key in EVAL_SHARED_COLUMNS}
+    row.update(n_seeds=len(group), seeds=",".join(str(s) for s in sorted(group.seed.dropna().astype(int))))
+    for column in accuracy_columns(group):
+        row[column] = group[column].mean(skipna=False)
+        row[f"{column}_std"] = group[column].std(ddof=1, skipna=False)
+        row[f"{column}_stderr"] = group[f"{column}_stderr"].mean(skipna=False)
+    return row
+
+
+def _spread(table: pd.DataFrame, column: str) -> pd.Series:
+    """The ± of a cell: the std over seeds where a variant has several, else lm_eval's stderr."""
+    return table[f"{column}_std"].where(table.n_seeds > 1, table[f"{column}_stderr"])
+
+
+def _percent(value, spread) -> str:
+    if pd.isna(value):
+        return ""
+    return f"{100 * value:.1f}" + (f" ±{100 * spread:.1f}" if pd.notna(spread) else "")
+
+
+def lm_eval_markdown_frame(table: pd.DataFrame) -> pd.DataFrame:
+    """The table in %, one decimal, with its ±; columns empty in every row are left out."""
+    shown = pd.DataFrame(
+        {
+            "variant": table.variant,
+            "model": table.model.fillna(""),
+            "schedule": table.schedule.fillna(""),
+            "shots": [_fmt(v, "g") for v in table.num_fewshot],
+            "seeds": table.seeds,
+            "limit": [_fmt(v, "g") for v in table.limit],
+            **{c: [_percent(v, e) for v, e in zip(table[c], _spread(table, c))] for c in accuracy_columns(table)},
+        }
+    )
+    return shown.loc[:, (shown != "").any(axis=0)]
+
+
+def lm_eval_markdown(table: pd.DataFrame) -> str:
+    notes = [
+        (
+            "Accuracy in % per task, as `task/metric` (lm_eval's `acc_norm` where the task reports it, else `acc`), "
+            "and their unweighted average. ±: lm_eval's standard error for a single evaluation (for the average, "
+            "the tasks' combined as independent); the sample std (n-1) over seeds where a variant has several."
+        )
+    ]
+    if table[accuracy_columns(table)].isna().any(axis=None):
+        notes.append("Not every row has every task: an average covers only the tasks of its row.")
+    if table.limit.notna().any():
+        notes.append("limit: examples per task (a smoke evaluation, not comparable with full ones).")
+    return "\n\n".join(
+        [
+            "## Common-sense reasoning (lm_eval)",
+            *notes,
+            markdown_table(lm_eval_markdown_frame(table)),
+            "![lm_eval accuracy](lm_eval.png)",
+        ]
+    )
+
+
+def plot_lm_eval(table: pd.DataFrame) -> Figure:
+    """Grouped bars: one group per task and the average, one bar per row of ``lm_eval_table``; error bars are
+    the table's ± (stderr, or std over seeds)."""
+    columns = accuracy_columns(table)
+    fig, (ax,) = _new_figure(1, (max(6.0, 0.25 * len(columns) * len(table) + 2.0), 4.5))
+    width, x = 0.8 / len(table), np.arange(len(columns))
+    several_shots = table.num_fewshot.nunique() > 1
+    for i, (_, row) in enumerate(table.iterrows()):
+        label = row.variant + (f" ({row.num_fewshot}-shot)" if several_shots else "")
+        spread = [_spread(table, c).iloc[i] for c in columns]
+        ax.bar(
+            x + (i - (len(table) - 1) / 2) * width,
+            100 * row[columns].astype(float),
+            width,
+            yerr=100 * np.nan_to_num(np.array(spread, dtype=float)),
+            capsize=2,
+            label=label,
+        )
+    ax.set_xticks(x, [c.replace("/", "\n") for c in columns], fontsize=8)
+    _finish_axes(ax, "lm_eval accuracy (error bars: stderr, or std over seeds)", "task", "accuracy (%)")
+    return fig
+
+
 # ---------------------------------------------------------------- report folder
 
 
-def write_report(runs: pd.DataFrame, out: str | Path, title: str) -> dict[str, Path]:
-    """summary.md, summary.csv, curves.png, budget.png and windows.png in ``out``; returns their paths."""
+def write_report(runs: pd.DataFrame, out: str | Path, title: str, evals: pd.DataFrame | None = None) -> dict[str, Path]:
+    """summary.md in ``out``, with summary.csv, curves.png, budget.png and windows.png when there are runs
+    and lm_eval.csv and lm_eval.png when there are evaluations (``load_lm_eval``); returns their paths."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {name: out / name for name in ("summary.md", "summary.csv", "curves.png", "budget.png", "windows.png")}
+    paths = {"summary.md": out / "summary.md"}
+    markdown = f"# Report: {title}\n\nNo training runs (results.json).\n"
+    if len(runs):
+        run_paths, markdown = _write_runs(runs, out, title)
+        paths.update(run_paths)
+    if evals is not None and len(evals):
+        eval_paths, eval_markdown = _write_lm_eval(evals, out)
+        paths.update(eval_paths)
+        markdown += "\n" + eval_markdown + "\n"
+    paths["summary.md"].write_text(markdown)
+    return paths
+
+
+def _write_runs(runs: pd.DataFrame, out: Path, title: str) -> tuple[dict[str, Path], str]:
+    """The runs' CSV and plots written to ``out`` (their paths), and the runs' markdown."""
+    paths = {name: out / name for name in ("summary.csv", "curves.png", "budget.png", "windows.png")}
     for name, plot in (("curves.png", plot_curves), ("budget.png", plot_budget), ("windows.png", plot_windows)):
         plot(runs).savefig(paths[name], dpi=100)
     table, failed = summary_table(runs), failed_runs(runs)
     csv = pd.concat([table.assign(status="finished"), failed.rename(columns={"seed": "seeds"})], ignore_index=True)
     csv.to_csv(paths["summary.csv"], index=False)
-    paths["summary.md"].write_text(summary_markdown(runs, table, failed, title))
-    return paths
+    return paths, summary_markdown(runs, table, failed, title)
+
+
+def _write_lm_eval(evals: pd.DataFrame, out: Path) -> tuple[dict[str, Path], str]:
+    """lm_eval.csv (fractions, not %) and lm_eval.png written to ``out`` (their paths), and their markdown."""
+    paths = {name: out / name for name in ("lm_eval.csv", "lm_eval.png")}
+    table = lm_eval_table(evals)
+    table.to_csv(paths["lm_eval.csv"], index=False)
+    plot_lm_eval(table).savefig(paths["lm_eval.png"], dpi=100)
+    return paths, lm_eval_markdown(table)
 
 
 def summary_markdown(runs: pd.DataFrame, table: pd.DataFrame, failed: pd.DataFrame, title: str) -> str:
@@ -581,15 +797,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         runs = load_wandb_runs(args.wandb) if args.wandb else load_runs(args.dirs)
+        evals = load_lm_eval(args.dirs)  # no DIRs with --wandb: none
     except ReportError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else default_out(args.dirs, args.wandb)
-    paths = write_report(runs, out, title=args.wandb or ", ".join(args.dirs))
+    paths = write_report(runs, out, title=args.wandb or ", ".join(args.dirs), evals=evals)
     print(paths["summary.md"].read_text())
     for path in paths.values():
         print(f"wrote {path}")
-    print(f"report of {len(runs)} runs written in {time.perf_counter() - start:.1f} s")
+    n_evals = f" and {len(evals)} lm_eval evaluations" if len(evals) else ""
+    print(f"report of {len(runs)} runs{n_evals} written in {time.perf_counter() - start:.1f} s")
     return 0
 
 
