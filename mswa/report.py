@@ -75,8 +75,9 @@ EVAL_SHARED_COLUMNS = ("variant", "model", "schedule", "num_fewshot", "limit")
 
 REFERENCE_RULE = (
     "Δ = variant mean minus its SWA reference mean (negative = better). The reference is a finished variant "
-    "on the same dataset and metric whose model is `swa` with the `uniform` schedule (if none, whose model is "
-    "`swa`; if none, whose schedule is `uniform`), choosing "
+    "on the same dataset and metric with the `uniform` schedule whose model is the variant's SWA counterpart "
+    "(`mswa_linear` -> `swa_linear`; if none, whose model is `swa`; if none, any model `swa`; if none, any "
+    "`uniform` schedule), choosing "
     "the one whose overrides differ from the variant's in the fewest places; a tie leaves Δ empty and names "
     "the candidates."
 )
@@ -321,7 +322,9 @@ def _variant_row(group: pd.DataFrame, n_unfinished: int) -> dict:
 def _reference(row, table: pd.DataFrame, overrides: Mapping[str, frozenset]) -> str | None:
     """The SWA variant this row is compared with (see ``REFERENCE_RULE``)."""
     comparable = table[(table.dataset == row.dataset) & (table.metric == row.metric)]
+    counterpart = str(row.model).replace("mswa", "swa")  # hybrids compare with the same hybrid under SWA
     for pick in (
+        (comparable.model == counterpart) & (comparable.schedule == "uniform"),
         (comparable.model == "swa") & (comparable.schedule == "uniform"),
         comparable.model == "swa",
         comparable.schedule == "uniform",

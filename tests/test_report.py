@@ -221,6 +221,20 @@ def test_reference_is_the_closest_swa_variant_on_the_same_data():
     ambiguous = report.summary_table(schedules.assign(dataset="synthetic", overrides=[["a"], ["b"], ["c"]]))
     assert ambiguous.reference.str.startswith("ambiguous").sum() == 1 and ambiguous.delta_val.isna().sum() == 1
 
+    # hybrids: each layout is compared with the same hybrid under SWA, not with the other layout
+    hybrids = report.runs_frame(
+        [
+            finished_row([f"model={model}", "seed=1"], model, schedule, val)
+            for model, schedule, val in [
+                ("swa_linear", "uniform", 2.0), ("swa_linear_parallel", "uniform", 1.9),
+                ("mswa_linear", "mswa", 1.8), ("mswa_linear_parallel", "mswa", 1.6),
+            ]
+        ]
+    )
+    table = report.summary_table(hybrids).set_index("variant")
+    assert table.loc["model=mswa_linear", "reference"] == "model=swa_linear"
+    assert table.loc["model=mswa_linear_parallel", "delta_val"] == pytest.approx(1.6 - 1.9)
+
 
 @pytest.mark.timeout(90)
 def test_wandb_without_login_errors_clearly(tmp_path: Path):
