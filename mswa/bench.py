@@ -63,10 +63,16 @@ def _add_attention_command(commands):
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     bench.add_argument("--output", type=Path, default=Path("bench_results/attention.json"))
+    _add_allocator_flag(bench)
     bench.add_argument(
         "--tiny", action="store_true", help="smoke run: lengths 64 96, window 16, head_dim 16, 2 repeats"
     )
     bench.set_defaults(run=run_attention_bench)
+
+
+def _add_allocator_flag(bench):
+    bench.add_argument("--glibc-default", action="store_true",
+                       help="time with glibc's default allocator settings (see reuse_freed_memory)")
 
 
 def run_attention_bench(args):
@@ -82,15 +88,18 @@ def run_attention_bench(args):
         for name, schedule in (("mswa", "mswa_h"), ("uniform", "uniform"))
     }
     load_before = os.getloadavg()[0]  # other work on the machine makes timings noisy: record it
+    if not args.glibc_default:
+        reuse_freed_memory()
     matmul_gflops = measure_matmul_gflops(device)
     print(f"matmul rate (fp32, measured): {matmul_gflops:.1f} GFLOP/s; timing...", flush=True)
-    rows = [_timed_row(*case, inputs, args, matmul_gflops) for inputs, case in _cases(layers, args, device)]
+    cases = _cases(layers, args)
+    rows = [row for n in args.lengths for row in _timed_rows(cases, _inputs(args, n, device), args, matmul_gflops)]
     # Memory last, so that the allocator settings it needs never touch the timings.
-    for (inputs, case), row in zip(_cases(layers, args, device), rows):
-        if row["time_s"] is not None:
-            row["peak_mb"] = _peak_memory_mb(
-                _attention_step(case[1], case[2], inputs, row["mode"] == "fwd+bwd"), device
-            )
+    for n in args.lengths:
+        inputs = _inputs(args, n, device)
+        for (_, windows, backend), row in zip(cases, (row for row in rows if row["n"] == n)):
+            if row["time_s"] is not None:
+                row["peak_mb"] = _peak_memory_mb(_attention_step(windows, backend, inputs, row["mode"] == "fwd+bwd"), device)
     result = {
         "machine": {
             "platform": platform.platform(),
@@ -99,6 +108,7 @@ def run_attention_bench(args):
             "threads": torch.get_num_threads(),
             "device": str(device),
             "load_average_1min": {"start": load_before, "end": os.getloadavg()[0]},
+            "allocator": "glibc default" if args.glibc_default else "reuse freed memory (no mmap)",
         },
         "config": {
             "lengths": args.lengths,
@@ -128,55 +138,52 @@ def measure_matmul_gflops(device, size=2048, repeats=5):
     return 2 * size**3 / seconds / 1e9
 
 
-def _cases(layers, args, device):
-    """(inputs, (layer, windows, backend)) for every length; one set of random inputs per length."""
-    for n in args.lengths:
-        inputs = [torch.randn(1, args.heads, n, args.head_dim, device=device, requires_grad=True) for _ in range(3)]
-        for name, windows in layers.items():
-            for backend in ("blocked", "dense", "flex"):
-                if backend in args.backends:
-                    yield inputs, (name, windows, backend)
-        if "causal" in args.backends:
-            yield inputs, ("full", (None,) * args.heads, "causal")
+def _inputs(args, n, device):
+    return [torch.randn(1, args.heads, n, args.head_dim, device=device, requires_grad=True) for _ in range(3)]
 
 
-def _timed_row(layer, windows, backend, inputs, args, matmul_gflops):
+def _cases(layers, args):
+    """(layer, windows, backend) timed at every length."""
+    cases = [(name, windows, backend) for name, windows in layers.items()
+             for backend in ("blocked", "dense", "flex") if backend in args.backends]
+    return cases + ([("full", (None,) * args.heads, "causal")] if "causal" in args.backends else [])
+
+
+def _timed_rows(cases, inputs, args, matmul_gflops):
+    """Rows of one length; the cases' timed runs are interleaved (see `interleaved_medians`)."""
     n = inputs[0].shape[2]
-    backward = not (backend == "flex" and inputs[0].device.type == "cpu")  # torch has no CPU flex backward
-    row = {
-        "layer": layer,
-        "n": n,
-        "backend": backend,
-        "mode": "fwd+bwd" if backward else "fwd only",
-        "time_s": None,
-        "runs": 0,
-        "peak_mb": None,
-        "useful_gflops": None,
-        "pct_matmul": None,
-        "note": "",
-    }
-    dense_gb = (args.heads * 5 + 5) * n * n / 1e9  # bool mask, its float copy, int32 lags
-    if backend == "dense" and dense_gb > args.dense_max_gb:
-        row["note"] = f"skipped: (N, N) masks need ~{dense_gb:.1f} GB > --dense-max-gb {args.dense_max_gb}"
-    else:
-        step = _attention_step(windows, backend, inputs, backward)
-        try:
-            row["time_s"], row["runs"] = _median_seconds(step, inputs[0].device, args.repeats, args.row_budget_s)
+    rows, steps = [], []
+    for layer, windows, backend in cases:
+        backward = not (backend == "flex" and inputs[0].device.type == "cpu")  # torch has no CPU flex backward
+        row = {"layer": layer, "n": n, "backend": backend, "mode": "fwd+bwd" if backward else "fwd only", "time_s": None,
+               "runs": 0, "peak_mb": None, "useful_gflops": None, "pct_matmul": None, "note": ""}
+        dense_gb = (args.heads * 5 + 5) * n * n / 1e9  # bool mask, its float copy, int32 lags
+        if backend == "dense" and dense_gb > args.dense_max_gb:
+            row["note"] = f"skipped: (N, N) masks need ~{dense_gb:.1f} GB > --dense-max-gb {args.dense_max_gb}"
+        else:
+            steps.append((row, _attention_step(windows, backend, inputs, backward)))
+        rows.append(row)
+    runnable, warmups = [], []
+    for row, step in steps:
+        try:  # the warm-up; flex is optional (it needs torch.compile): record why it did not run
+            warmups.append(_seconds(step, inputs[0].device))
+            runnable.append((row, step))
         except Exception as error:
-            if backend != "flex":
+            if row["backend"] != "flex":
                 raise
-            # flex is optional (it needs torch.compile): record why it did not run
             row["note"] = f"skipped: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
-    if row["time_s"] is not None:
-        pairs = sum(attended_pairs(w, n) for w in windows)
-        row["useful_gflops"] = pairs * 4 * args.head_dim * (3 if backward else 1) / row["time_s"] / 1e9
-        row["pct_matmul"] = 100 * row["useful_gflops"] / matmul_gflops
-    print(
-        f"  {layer:<8} {n:>6} {backend:<8} {row['mode']:<9} "
-        + (f"{1e3 * row['time_s']:.1f} ms" if row["time_s"] is not None else row["note"]),
-        flush=True,
-    )
-    return row
+    steps = [step for _, step in runnable]
+    timings = interleaved_medians(steps, inputs[0].device, args.repeats, args.row_budget_s, warmups)
+    for (row, _), (seconds, runs) in zip(runnable, timings):
+        row["time_s"], row["runs"] = seconds, runs
+    for row, (layer, windows, backend) in zip(rows, cases):
+        if row["time_s"] is not None:
+            pairs = sum(attended_pairs(w, n) for w in windows)
+            row["useful_gflops"] = pairs * 4 * args.head_dim * (3 if row["mode"] == "fwd+bwd" else 1) / row["time_s"] / 1e9
+            row["pct_matmul"] = 100 * row["useful_gflops"] / matmul_gflops
+        shown = f"{1e3 * row['time_s']:.1f} ms" if row["time_s"] is not None else row["note"]
+        print(f"  {layer:<8} {n:>6} {backend:<8} {row['mode']:<9} {shown}", flush=True)
+    return rows
 
 
 def _attention_step(windows, backend, inputs, backward):
@@ -193,11 +200,23 @@ def _attention_step(windows, backend, inputs, backward):
 
 
 def _median_seconds(step, device, repeats, budget_s=float("inf")):
-    """Median of `repeats` timed runs after a warm-up (compilation, cached masks, allocator); slow
-    cases get fewer runs, at least 3, so that the timed runs fit in about `budget_s`."""
-    warmup_s = _seconds(step, device)
-    runs = repeats if warmup_s * repeats <= budget_s else min(repeats, max(3, int(budget_s / warmup_s)))
-    return statistics.median(_seconds(step, device) for _ in range(runs)), runs
+    """Median of `repeats` timed runs after a warm-up."""
+    return interleaved_medians([step], device, repeats, budget_s)[0]
+
+
+def interleaved_medians(steps, device, repeats, budget_s=float("inf"), warmups=None):
+    """(median seconds, runs) of each step. After one warm-up each (compilation, cached masks,
+    allocator), the timed runs go round-robin over the steps, so drift in the machine's speed (a
+    shared VM's neighbours) hits every step alike and their ratios stay fair. Slow steps get fewer
+    runs, at least 3, so that each fits in about `budget_s`. `warmups`: seconds of warm-ups already run."""
+    warmups = warmups or [_seconds(step, device) for step in steps]
+    runs = [repeats if w * repeats <= budget_s else min(repeats, max(3, int(budget_s / w))) for w in warmups]
+    times = [[] for _ in steps]
+    for round_ in range(max(runs, default=0)):
+        for step, wanted, timed in zip(steps, runs, times):
+            if round_ < wanted:
+                timed.append(_seconds(step, device))
+    return [(statistics.median(timed), len(timed)) for timed in times]
 
 
 def _seconds(step, device):
@@ -234,18 +253,40 @@ def _proc_status_bytes(key):
     raise RuntimeError(f"/proc/self/status has no {key}; CPU memory measurement needs Linux.")
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc mallopt parameters
+_reusing_freed_memory = False
+
+
+def reuse_freed_memory():
+    """Serve every allocation from glibc's heap and keep freed memory there (no mmap, no trim).
+
+    By default glibc gives blocks above its mmap threshold (at most 32 MiB) their own fresh mapping
+    and unmaps them on free, so every step pays page faults to zero them again. Tensors cross that
+    size only at long sequences (q, k, v at N = 16k are 32 MiB), which made time grow faster than N
+    (+40% at 16k here). Timings use this setting, the one a long-running trainer would choose;
+    `--glibc-default` times without it (`MALLOC_MMAP_MAX_=0` does the same for any process)."""
+    global _reusing_freed_memory
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(M_MMAP_MAX, 0)
+    libc.mallopt(M_TRIM_THRESHOLD, 2**30)
+    _reusing_freed_memory = True
+
+
 @contextlib.contextmanager
 def _freed_memory_unmapped():
-    """glibc normally keeps freed blocks up to 32 MiB resident for reuse; with its mmap threshold
-    pinned to 64 KiB, big tensors get their own mappings, returned on free, so resident memory
-    tracks live tensors. Afterwards the threshold stays at 32 MiB, the dynamic default's ceiling."""
-    libc, threshold = ctypes.CDLL("libc.so.6"), -3  # M_MMAP_THRESHOLD
-    libc.mallopt(threshold, 64 * 1024)
+    """For memory measurement: with the mmap threshold pinned to 64 KiB, big tensors get their own
+    mappings, returned on free, so resident memory tracks live tensors. Afterwards the timing
+    setting is back (`reuse_freed_memory`, else a 32 MiB threshold, the dynamic default's ceiling)."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(M_MMAP_MAX, 65536)
+    libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
     libc.malloc_trim(0)  # also hand back what earlier runs left in the heap's free lists
     try:
         yield
     finally:
-        libc.mallopt(threshold, 32 * 1024 * 1024)
+        libc.mallopt(M_MMAP_THRESHOLD, 32 * 1024 * 1024)
+        if _reusing_freed_memory:
+            reuse_freed_memory()
 
 
 def compare_rows(rows):
@@ -338,39 +379,28 @@ def _add_model_command(commands):
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--threads", type=int, default=0)
     bench.add_argument("--output", type=Path, default=Path("bench_results/model.json"))
+    _add_allocator_flag(bench)
     bench.add_argument("--tiny", action="store_true", help="smoke run: lengths 64 128, 2 layers, d_model 32, window 16")
     bench.set_defaults(run=run_model_bench)
 
 
 def run_model_bench(args):
-    """One training step (forward, backward, AdamW) on a batch of one sequence, per model and length."""
-    from mswa.model import LanguageModel, ModelConfig
-
+    """Training tokens/s per model and length; the models of one length are timed interleaved."""
     if args.tiny:
         args.lengths, args.layers, args.d_model, args.heads, args.window, args.repeats = [64, 128], 4, 32, 4, 16, 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not args.glibc_default:
+        reuse_freed_memory()
     device, rows = torch.device("cpu"), []
-    for name in args.models:
-        schedule_name, mixer = MODEL_VARIANTS[name]
-        schedule = make_schedule(schedule_name, w=args.window, n_layer=args.layers, n_head=args.heads)
-        for n in args.lengths:
-            windows = None if schedule.is_full else schedule.as_lists()
-            config = ModelConfig(n_layer=args.layers, n_head=args.heads, d_model=args.d_model, max_seq_len=n,
-                                 windows=windows, attn_backend="blocked", **mixer)
-            model = LanguageModel(config)
-            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-            tokens = torch.randint(0, 256, (1, n))
-
-            def step():
-                optimizer.zero_grad(set_to_none=True)
-                model.token_nll(tokens, tokens).mean().backward()
-                optimizer.step()
-
-            seconds, runs = _median_seconds(step, device, args.repeats)
+    for n in args.lengths:
+        steps = {name: _training_step(name, n, args) for name in args.models}
+        timings = interleaved_medians(list(steps.values()), device, args.repeats)
+        for (name, step), (seconds, runs) in zip(steps.items(), timings):
             rows.append({"model": name, "n": n, "tokens_per_s": n / seconds, "step_s": seconds, "runs": runs,
                          "peak_mb": _peak_memory_mb(step, device)})
             print(f"{name:<22} N={n:>6} {n / seconds:>10.0f} tok/s {rows[-1]['peak_mb']:>9.1f} MB", flush=True)
+    rows.sort(key=lambda row: args.models.index(row["model"]))  # stable: by model, then length
     _add_model_ratios(rows)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({"rows": rows, "settings": {k: v for k, v in vars(args).items() if k not in ("run", "output")}}, indent=2, default=str))
@@ -379,6 +409,27 @@ def run_model_bench(args):
         print(f"{row['model']:<22} {row['n']:>6} {row['tokens_per_s']:>10.0f} {row['x_full'] or float('nan'):>7.2f} "
               f"{row['vs_swa'] or float('nan'):>6.2f} {row['peak_mb']:>9.1f} {1024 * row['peak_mb'] / row['n']:>9.1f}")
     print(f"wrote {args.output}")
+
+
+def _training_step(name, n, args):
+    """One training step (forward, backward, AdamW) of model `name` on one sequence of n tokens."""
+    from mswa.model import LanguageModel, ModelConfig
+
+    schedule_name, mixer = MODEL_VARIANTS[name]
+    schedule = make_schedule(schedule_name, w=args.window, n_layer=args.layers, n_head=args.heads)
+    windows = None if schedule.is_full else schedule.as_lists()
+    config = ModelConfig(n_layer=args.layers, n_head=args.heads, d_model=args.d_model, max_seq_len=n,
+                         windows=windows, attn_backend="blocked", **mixer)
+    model = LanguageModel(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    tokens = torch.randint(0, 256, (1, n))
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        model.token_nll(tokens, tokens).mean().backward()
+        optimizer.step()
+
+    return step
 
 
 def _add_model_ratios(rows):

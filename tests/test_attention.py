@@ -79,6 +79,7 @@ CASES = {
     "heads sharing a window are not adjacent": (1, 5, 5, 90, [8, 32, 8, None, 32]),
     "grouped-query k/v": (2, 8, 2, 100, [4, 4, 16, 16, 33, 33, None, 7]),
     "grouped-query, one kv head": (1, 4, 1, 77, [9, 60, 9, 2]),
+    "every block size in one layer": (1, 4, 2, 1100, [5, 600, 70, None]),
 }
 
 

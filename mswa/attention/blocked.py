@@ -21,9 +21,10 @@ import torch.nn.functional as F
 
 def block_size_for(window):
     """Query block size for a window. A block computes block + W - 1 keys per query to use W, so
-    small blocks waste less work, but tiny ones make inefficient matmuls. Tuned on a 2-core AVX2
-    CPU, fp32 forward+backward, head_dim 64, W from 16 to 512. Powers of two keep padding < 64."""
-    return 32 if window < 128 else 64
+    small blocks waste less work, but tiny ones make inefficient matmuls. Tuned on a 2-core CPU,
+    fp32 forward+backward, head_dim 32 and 64, W from 16 to 1024, timings interleaved (differences
+    under ~5% were noise there). Powers of two keep padding below the largest block."""
+    return 32 if window < 64 else 64 if window < 512 else 128
 
 
 def blocked_window_attention(q, k, v, windows, block_size=None):
