@@ -279,6 +279,7 @@ def _freed_memory_unmapped():
     setting is back (`reuse_freed_memory`, else a 32 MiB threshold, the dynamic default's ceiling)."""
     libc = ctypes.CDLL("libc.so.6")
     libc.mallopt(M_MMAP_MAX, 65536)
+    libc.mallopt(M_TRIM_THRESHOLD, 128 * 1024)  # glibc's default: freed heap tops go back too
     libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
     libc.malloc_trim(0)  # also hand back what earlier runs left in the heap's free lists
     try:
