@@ -141,7 +141,7 @@ def test_lora_fine_tuning_through_train_py_lowers_the_loss(tiny_dir, tmp_path):
     args = [
         "model=hf_causal_lm", f"model.pretrained={tiny_dir}", "dataset=packed_text",
         f"dataset.loader.files=[{','.join(str(p) for p in docs)}]", "dataset.loader.eval_every=10",
-        "window_schedule=mswa_h", "seq_len=64", "window=16", "data.batch_size=4", "optim.lr=1e-2",
+        "window_schedule=mswa_h", "model.gradient_checkpointing=true", "seq_len=64", "window=16", "data.batch_size=4", "optim.lr=1e-2",
         "trainer.max_steps=30", "trainer.val_check_interval=10", "trainer.log_every_n_steps=1", "logger=csv",
         # common-sense evaluation after training, on a multiple-choice task defined here
         f"lm_eval={{tasks: [{CHOICE_TASK}], num_fewshot: 0, batch_size: 2, limit: null, "
