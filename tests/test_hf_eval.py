@@ -93,6 +93,28 @@ def test_cli_patches_a_saved_model_with_a_schedule(task_dir, tmp_path, capsys):
     assert TASK in capsys.readouterr().out
 
 
+def test_cli_merges_a_fine_tuned_adapter(task_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model_dir = save_tiny(tmp_path / "model")
+    tokenizer = tiny_tokenizer()
+    tuned = get_peft_model(tiny_model("llama", vocab_size=len(tokenizer)), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():  # LoRA starts as a no-op (B = 0): make it change the model
+        for name, parameter in tuned.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)
+    tuned.save_pretrained(tmp_path / "adapter")
+    out = tmp_path / "cli_run"
+    main(["--model", str(model_dir), "--adapter", str(tmp_path / "adapter"), "--tasks", TASK, "--include-path",
+          str(task_dir), "--no-default-tasks", "--save-samples", "--out", str(out)])
+    samples = sorted((json.loads(line) for line in (out / "lm_eval_samples.jsonl").read_text().splitlines()),
+                     key=lambda row: row["doc_id"])
+    scored = [[choice[0] for choice in row["responses"]] for row in samples]
+    assert flat(scored) == pytest.approx(flat(own_loglikelihoods(tuned.eval(), tokenizer)), abs=1e-4)
+    with tuned.disable_adapter():  # the adapter mattered: without it the scores differ
+        assert flat(scored) != pytest.approx(flat(own_loglikelihoods(tuned, tokenizer)), abs=1e-2)
+
+
 def test_bad_requests_fail_before_evaluating(task_dir, tmp_path):
     tokenizer = tiny_tokenizer()
     model = tiny_model("llama", vocab_size=len(tokenizer))

@@ -5,7 +5,8 @@ is (patch it first with `apply_window_attention`), writes `<run_dir>/lm_eval.jso
 flat summary `{task: {metric: value}}`; a passed logger (a W&B run, or a Lightning logger) gets the
 same numbers as `lm_eval/<task>/<metric>`.
 
-CLI, e.g. MSWA on a local Llama with w = 1/4 of 4096 tokens:
+CLI, e.g. MSWA on a local Llama with w = 1/4 of 4096 tokens (add `--adapter RUN/adapter` to score a
+model fine-tuned by train.py):
 
     python -m mswa.hf.evaluate --model PATH --schedule mswa --window-fraction 0.25 --seq-len 4096 --out runs/eval
 """
@@ -170,11 +171,16 @@ def main(argv=None) -> dict:
             AutoConfig.from_pretrained(args.model), args.schedule, window=args.window,
             window_fraction=args.window_fraction, seq_len=args.seq_len, windows=custom,
         )
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(args.device).eval()
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
+    if args.adapter:  # a fine-tuned adapter (train.py writes <run>/adapter), merged into the weights
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, args.adapter).merge_and_unload()
+    model = model.to(args.device).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     if table is not None:
         apply_window_attention(model, table, backend=args.backend)
-    extra = {"model": args.model, "schedule": args.schedule}
+    extra = {"model": args.model, "adapter": args.adapter, "schedule": args.schedule}
     logger = _wandb_run(args) if args.wandb_project else None
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     summary = evaluate_commonsense(
@@ -192,6 +198,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="lm-evaluation-harness on a Hugging Face causal LM with MSWA windows.")
     parser.add_argument("--model", required=True, help="local folder or hub name of a causal LM")
     parser.add_argument("--tokenizer", help="defaults to --model")
+    parser.add_argument("--adapter", help="peft adapter folder to merge into --model (a fine-tuning run's adapter/)")
     parser.add_argument(
         "--schedule", help="window schedule (mswa.windows: uniform, mswa, mswa_official, ...); omit for the unpatched model"
     )
