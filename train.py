@@ -10,9 +10,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from mswa.run import ConfigError, RunInfo, optimised_metric, train
+from mswa.run import ConfigError, RunInfo, folder_name, optimised_metric, train
 from mswa.windows import ScheduleError
 
+OmegaConf.register_new_resolver("folder_name", folder_name, replace=True)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

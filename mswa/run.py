@@ -6,6 +6,7 @@ the same function serves tests, notebooks and other launchers.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import secrets
@@ -110,6 +111,15 @@ def model_kwargs(cfg: dict, corpus: Corpus, schedule: WindowSchedule) -> dict:
         return {key: cfg["model"][key] for key in PRETRAINED_KEYS} | {"windows": windows}
     kwargs = {key: cfg["model"][key] for key in MODEL_KEYS if key in cfg["model"]}
     return {**kwargs, "vocab_size": corpus.vocab_size, "max_seq_len": cfg["seq_len"], "windows": windows}
+
+
+def folder_name(name: str, limit: int = 200) -> str:
+    """A run's folder name: its overrides, cut and given a hash of the whole when too long for the
+    file system (255 bytes), so that distinct runs keep distinct folders."""
+    if len(name.encode()) <= limit:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:12]
+    return name.encode()[: limit - 13].decode(errors="ignore") + "-" + digest
 
 
 def git_commit() -> str | None:

@@ -219,3 +219,14 @@ def test_unknown_backend_raises():
     q, k, v = make_inputs(1, 2, 2, 8, 4)
     with pytest.raises(ValueError, match="backend='fast' is unknown"):
         window_attention(q, k, v, [2, 2], backend="fast")
+
+
+def test_mixed_dtypes_under_autocast_run_in_the_autocast_dtype():
+    """fp32 RoPE on bf16 projections leaves q, k fp32 and v bf16; torch's SDPA accepts that under autocast, so must we."""
+    q, k, v = make_inputs(1, 4, 2, 70, 16, torch.float32)
+    windows = [4, 9, None, 30]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = window_attention(q, k, v.bfloat16(), windows, backend="blocked")
+    reference = window_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), windows, backend="dense")
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, reference, atol=2e-2, rtol=2e-2)

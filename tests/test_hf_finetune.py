@@ -197,3 +197,21 @@ def test_bad_pretrained_configs_stop_with_one_sentence(tiny_dir, tmp_path, overr
     with pytest.raises(ValueError, match=message) as error:
         train(cfg, RunInfo(str(tmp_path / "run")))
     assert "\n" not in str(error.value)
+
+
+def test_bf16_weights_under_bf16_autocast_train_and_long_run_names_fit_the_file_system(tiny_dir, tmp_path):
+    """The GPU recipe's dtype path (bf16 base, fp32 LoRA, bf16-mixed autocast) on CPU; its many
+    overrides make a run name longer than a file name may be."""
+    docs = write_documents(tmp_path / "docs", 20)
+    args = [
+        "model=hf_causal_lm", f"model.pretrained={tiny_dir}", "model.dtype=bfloat16", "hardware.precision=bf16-mixed",
+        "model.gradient_checkpointing=true", "dataset=packed_text", f"dataset.loader.files=[{','.join(map(str, docs))}]",
+        "dataset.loader.eval_every=10", "seq_len=32", "window=8", "data.batch_size=2", "trainer.max_steps=4",
+        "trainer.val_check_interval=4", "optim.lr=1e-3", "optim.warmup_steps=1", "logger=csv",
+    ]
+    run_train(args, tmp_path)
+    (results_path,) = (tmp_path / "outputs").rglob("results.json")
+    results = json.loads(results_path.read_text())
+    assert results["status"] == "finished" and np.isfinite(results["metrics"]["val/loss"])
+    name = results_path.parent.name
+    assert len(name.encode()) <= 200 and name.startswith("data.batch_size=2,") and len(results["run_name"]) > 200

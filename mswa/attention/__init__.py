@@ -12,6 +12,8 @@ a layer whose windows are all None (or >= N) runs fused full causal SDPA.
 import operator
 import warnings
 
+import torch
+
 from .blocked import blocked_window_attention
 from .dense import causal_attention, dense_window_attention
 from .flex import flex_available, flex_window_attention
@@ -28,7 +30,10 @@ def window_attention(q, k, v, windows, backend="auto"):
 
     q: (batch, heads, seq, head_dim); k, v: (batch, kv_heads, seq, head_dim) with heads % kv_heads
     == 0 (grouped-query: q head h uses kv head h // (heads // kv_heads)). Scale 1/sqrt(head_dim).
+    Under autocast, q, k and v run in the autocast dtype, as torch's own SDPA does (fp32 RoPE on
+    bf16 projections otherwise leaves q, k in fp32 and v in bf16).
     """
+    q, k, v = _in_autocast_dtype(q, k, v)
     _check_tensors(q, k, v)
     windows = validate_windows(windows, q.shape[1])
     backend = resolve_backend(backend, q.device)
@@ -74,6 +79,14 @@ def _check_window(head, window):
     if value < 1:
         raise ValueError(f"windows[{head}]={value}: a window must be >= 1 (1 = the query itself only).")
     return value
+
+
+def _in_autocast_dtype(q, k, v):
+    device = q.device.type
+    if not torch.is_autocast_enabled(device):
+        return q, k, v
+    dtype = torch.get_autocast_dtype(device)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
 def _check_tensors(q, k, v):
