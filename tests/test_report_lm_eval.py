@@ -192,7 +192,6 @@ def test_headline_metric_is_acc_norm_where_reported_else_acc():
     assert math.isnan(row["arc_easy/acc_norm_stderr"]) and math.isnan(row["average_stderr"])  # N/A stays unknown
 
 
-@pytest.mark.slow
 def test_a_real_training_run_gets_its_evaluation_row(tmp_path: Path):
     run_train(["debug=smoke", *TINY_DATA, "logger=none", "seed=3"], tmp_path)
     (results_path,) = (tmp_path / "outputs").rglob("results.json")
