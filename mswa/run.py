@@ -56,6 +56,11 @@ def check_config(cfg: dict) -> None:
             value = value[part]
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"{key}={value!r} must be a positive integer")
+    if cfg["hardware"]["accelerator"] in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"hardware.accelerator={cfg['hardware']['accelerator']} but this machine has no CUDA GPU; "
+            "add hardware=cpu to run here (an experiment= that picks the GPU keeps its other settings)"
+        )
     model, schedule = cfg["model"]["name"], cfg["window_schedule"]["name"]
     if cfg["model"]["windowed"] is not None and cfg["model"]["windowed"] == (schedule == "full"):
         raise ConfigError(

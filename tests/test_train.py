@@ -166,6 +166,8 @@ def test_bad_config_stops_before_training_with_one_sentence(tmp_path):
         (["seq_len=300000"], ConfigError, "seq_len=300000"),
         (["model=full", "window_schedule=mswa"], ConfigError, "model=full cannot use window_schedule=mswa"),
         (["model=swa", "window_schedule=full"], ConfigError, "model=swa cannot use window_schedule=full"),
+        pytest.param(["hardware=gpu"], ConfigError, "no CUDA GPU; add hardware=cpu",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
     ],
 )
 def test_bad_configs_raise_named_errors_before_any_checkpoint(tmp_path, overrides, error, words):
