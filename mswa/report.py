@@ -94,9 +94,9 @@ class ReportError(ValueError):
 # ---------------------------------------------------------------- loading run folders
 
 
-def load_runs(dirs: Sequence[str | Path]) -> pd.DataFrame:
-    """One row per run found below ``dirs`` (columns ``RUN_COLUMNS``), sorted by variant then seed; no rows
-    when the dirs hold evaluations (lm_eval.json) only."""
+def load_runs(dirs: Sequence[str | Path], allow_empty: bool = False) -> pd.DataFrame:
+    """One row per run found below ``dirs`` (columns ``RUN_COLUMNS``), sorted by variant then seed.
+    ``allow_empty``: no rows rather than an error (the dirs hold evaluations, lm_eval.json, only)."""
     missing = [str(d) for d in dirs if not Path(d).is_dir()]
     if not dirs or missing:
         raise ReportError(
@@ -104,7 +104,7 @@ def load_runs(dirs: Sequence[str | Path]) -> pd.DataFrame:
             "e.g. multirun/<date>/<time>"
         )
     results_dirs, job_dirs = find_run_folders(dirs)
-    if not results_dirs and not job_dirs and not outermost_folders(dirs, LM_EVAL_FILE):
+    if not results_dirs and not job_dirs and not allow_empty:
         raise ReportError(
             f"no results.json or Hydra job folder (.hydra/overrides.yaml) found below {[str(d) for d in dirs]}, "
             f"and no {LM_EVAL_FILE} either; pass the folder a sweep (or `python -m mswa.hf.evaluate --out`) wrote into"
@@ -799,8 +799,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
     try:
-        runs = load_wandb_runs(args.wandb) if args.wandb else load_runs(args.dirs)
         evals = load_lm_eval(args.dirs)  # no DIRs with --wandb: none
+        runs = load_wandb_runs(args.wandb) if args.wandb else load_runs(args.dirs, allow_empty=len(evals) > 0)
     except ReportError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

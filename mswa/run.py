@@ -327,13 +327,13 @@ def finish_pretrained(cfg: dict, task: LanguageModelTask, folder: RunFolder, log
     from transformers import AutoTokenizer
 
     from mswa.hf.evaluate import evaluate_commonsense
+    from mswa.hf.patch import hf_base_model
 
     options = cfg["lm_eval"]
     wandb_run = next((logger.experiment for logger in loggers if isinstance(logger, WandbLogger)), None)
     tokenizer = AutoTokenizer.from_pretrained(cfg["model"]["pretrained"])
-    hf_model = task.model.lm.get_base_model() if hasattr(task.model.lm, "get_base_model") else task.model.lm
     return evaluate_commonsense(
-        hf_model.eval(), tokenizer, folder.path, tasks=options["tasks"], num_fewshot=options["num_fewshot"],
+        hf_base_model(task.model.lm).eval(), tokenizer, folder.path, tasks=options["tasks"], num_fewshot=options["num_fewshot"],
         batch_size=options["batch_size"], limit=options["limit"], include_path=options["include_path"],
         include_defaults=options["include_defaults"], max_length=cfg["seq_len"], logger=wandb_run,
         extra=record,

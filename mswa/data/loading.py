@@ -38,10 +38,9 @@ class RandomCrops(IterableDataset):
 
     def batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.seed, self.rank, index])
-        if self.aligned:
-            starts = rng.integers(0, (len(self.tokens) - 1) // self.seq_len, size=self.batch_size) * self.seq_len
-        else:
-            starts = rng.integers(0, len(self.tokens) - self.seq_len, size=self.batch_size)
+        stride = self.seq_len if self.aligned else 1
+        n_starts = (len(self.tokens) - 1 - self.seq_len) // stride + 1
+        starts = rng.integers(0, n_starts, size=self.batch_size) * stride
         return _as_batch(np.stack([self.tokens[s : s + self.seq_len + 1] for s in starts]))
 
     def __iter__(self):

@@ -60,9 +60,6 @@ class PretrainedCausalLM(torch.nn.Module):
     def n_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def n_trainable(self) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
-
     def save_adapter(self, folder: str | Path) -> None:
         """The LoRA adapter and the fully trained modules, loadable with `peft.PeftModel.from_pretrained`."""
         if hasattr(self.lm, "peft_config"):

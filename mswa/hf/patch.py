@@ -47,6 +47,7 @@ __all__ = [
     "IMPLEMENTATION",
     "WindowAttentionHandle",
     "apply_window_attention",
+    "hf_base_model",
     "remove_window_attention",
     "resolve_windows",
     "window_cache",
@@ -82,7 +83,7 @@ def apply_window_attention(model, windows, *, seq_len: int | None = None, backen
     fraction of `seq_len`, as the MSWA authors give windows (0.25 at seq_len=4096 -> 1024 tokens).
     Calling it again on a patched model replaces the windows; `.remove()` still restores the original.
     """
-    hf_model = _unwrap(model)
+    hf_model = hf_base_model(model)
     config = hf_model.config.get_text_config()
     attentions = _attention_modules(hf_model)
     table = resolve_windows(windows, len(attentions), config.num_attention_heads, seq_len=seq_len)
@@ -102,7 +103,7 @@ def apply_window_attention(model, windows, *, seq_len: int | None = None, backen
 
 def remove_window_attention(model) -> None:
     """Undo `apply_window_attention`: original attention implementation and config values back."""
-    hf_model = _unwrap(model)
+    hf_model = hf_base_model(model)
     handle = getattr(hf_model, "_mswa_handle", None)
     if handle is None:
         raise ValueError("this model has no window attention to remove: apply_window_attention was not called on it.")
@@ -116,7 +117,7 @@ def remove_window_attention(model) -> None:
 
 def patched_windows(model) -> tuple[tuple[int | None, ...], ...] | None:
     """The per-layer, per-head windows `model` currently runs with, or None if it is not patched."""
-    handle = getattr(_unwrap(model), "_mswa_handle", None)
+    handle = getattr(hf_base_model(model), "_mswa_handle", None)
     return None if handle is None else handle.windows
 
 
@@ -170,7 +171,7 @@ def _window_tokens(key: str, window, seq_len: int | None) -> int | None:
     return operator.index(window)
 
 
-def _unwrap(model):
+def hf_base_model(model):
     """The transformers model inside a peft wrapper (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
