@@ -1,128 +1,257 @@
-"""Exact sliding-window attention in O(N*W) time and memory, built on fused SDPA calls.
+"""Exact sliding-window attention in O(N*W) time and memory, from batched matrix multiplies.
 
-Heads that share a window form a group. A group's queries are cut into blocks of `block` queries;
-the block starting at query s sees keys [s - W + 1, s + block - 1], a span of block + W - 1 keys.
-Those spans are overlapping strided views of the key tensor (no copy), so all blocks of a group go
-through ONE SDPA call, "blocks" playing the role of SDPA's head axis, with one small (block, span)
-band mask shared by every block. The first queries, whose span would reach before position 0, are
-a small dense problem of their own (a second call, fewer than W - 1 + block queries).
+Heads that share a window W form a band. A band's queries are cut into blocks of B queries; block j
+sees the `reach` keys before it (W - 1 rounded up to a multiple of B) plus its own B keys: a span of
+reach + B keys, whose (B, span) scores are masked to the window with one small mask shared by every
+block. The spans of consecutive blocks overlap, so they are strided views of the keys, not copies.
 
-Memory traffic matters as much as FLOPs on CPU, so tensors are rearranged once per layer into a
-heads-major (H, B, N', D) layout, N' padded to a multiple of the block sizes: every group, head
-region and block grid is then a view, and each gradient is assembled with one buffer.
+Layout: every tensor is rearranged once into flat rows, heads-major ((head, batch) rows of N'
+positions, N' padded to a multiple of the blocks), keys and values after `front` zero rows, so that
+the blocks of ALL rows of a band form one batch of matrix products with a single batch stride. The
+first blocks of a row then see the end of the previous row (or the zero front) where positions
+before 0 would be; those scores are masked too. Each band is one baddbmm, one softmax and one bmm
+forward, and the backward reuses the stored probabilities (the cost: N x span floats per head):
+its key and value gradients are accumulated span tile by span tile straight into one buffer, a
+tile being B keys that every block's span holds at the same offset.
+
+Grouped-query k/v rows are repeated per query head in the layout and summed back in the backward.
+Half-precision inputs are computed in fp32 (the layout copy converts them) and the output cast back,
+as fused SDPA does inside. Heads with no window (None, or W >= N) run fused causal SDPA instead.
 """
 
 import math
 from functools import lru_cache
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 
 def block_size_for(window):
-    """Query block size for a window. A block computes block + W - 1 keys per query to use W, so
-    small blocks waste less work, but tiny ones make inefficient matmuls. Tuned on a 2-core CPU,
-    fp32 forward+backward, head_dim 32 and 64, W from 16 to 1024, timings interleaved (differences
-    under ~5% were noise there). Powers of two keep padding below the largest block."""
-    return 32 if window < 64 else 64 if window < 512 else 128
+    """Query block size for a window. A block computes B + reach keys per query to use W, so small
+    blocks waste less work, but tiny ones make inefficient matmuls. Tuned on a 2-core CPU (fp32,
+    forward+backward, head_dim 64, 2-8 heads, N 1k-8k, timings interleaved): W 32 and 64 gain ~10-35%
+    from 32 over 64; at W 128 the two tie within 5%; W 256-512 gain ~5-15% from 64 over 32; W 1024+
+    ~5% from 128 over 64."""
+    return 32 if window < 128 else 64 if window < 1024 else 128
+
+
+class _Band(NamedTuple):
+    """The heads sharing one window: `rows` (head, batch) rows of the layout from `first_row` on."""
+
+    window: int
+    block: int
+    first_row: int
+    rows: int
+
+    @property
+    def reach(self):
+        return self.block * math.ceil((self.window - 1) / self.block)
+
+    @property
+    def span(self):
+        return self.reach + self.block
+
+
+class _Plan(NamedTuple):
+    bands: tuple
+    heads: tuple  # query heads in band order
+    kv_heads: tuple  # their k/v heads
+    batch: int
+    n: int
+    n_padded: int
+    front: int  # zero rows before the keys and values: the largest reach
 
 
 def blocked_window_attention(q, k, v, windows, block_size=None):
-    """Window attention per group of equal-window heads; `block_size=None` picks `block_size_for(W)`."""
-    n_head, n = q.shape[1], q.shape[2]
-    groups = _window_groups(windows, n)
-    blocks = [None if window is None else block_size or block_size_for(window) for window, _ in groups]
-    n_padded = _round_up(n, math.lcm(*filter(None, blocks)))
-    order = [h for _, heads in groups for h in heads]
-    kv_order = [h // (n_head // k.shape[1]) for h in order]
-    q, k, v = _heads_major(q, order, n_padded), _heads_major(k, kv_order, n_padded), _heads_major(v, kv_order, n_padded)
-    sizes = [len(heads) for _, heads in groups]
-    outputs = [
-        _group_attention(*xs, window, block)
-        for xs, (window, _), block in zip(zip(q.split(sizes), k.split(sizes), v.split(sizes)), groups, blocks)
-    ]
-    out = (torch.cat(outputs) if len(outputs) > 1 else outputs[0])[:, :, :n]
+    """Window attention per band of equal-window heads; `block_size=None` picks `block_size_for(W)`."""
+    groups = _window_groups(windows, q.shape[2])
+    causal_heads = groups.pop(None, [])
+    outputs, order = [], []
+    if groups:
+        plan = _plan(groups, q.shape, k.shape[1], block_size)
+        outputs.append(_BandAttention.apply(q, k, v, plan))
+        order += plan.heads
+    if causal_heads:
+        kv = [h // (q.shape[1] // k.shape[1]) for h in causal_heads]
+        causal = F.scaled_dot_product_attention(_heads(q, causal_heads), _heads(k, kv), _heads(v, kv), is_causal=True)
+        outputs.append(causal)
+        order += causal_heads
+    out = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
     if order != sorted(order):
-        out = out.index_select(0, torch.tensor(order, device=out.device).argsort())
-    return out.transpose(0, 1)
+        out = out.index_select(1, torch.tensor(order, device=out.device).argsort())
+    return out
 
 
 def _window_groups(windows, n):
-    """[(window, [heads])] in order of first appearance; window None (full causal) also for W >= N."""
+    """{window: [heads]} in order of first appearance; window None (full causal) also for W >= N."""
     groups = {}
     for head, window in enumerate(windows):
         groups.setdefault(None if window is None or window >= n else window, []).append(head)
-    return list(groups.items())
+    return groups
+
+
+def _heads(x, heads):
+    return x if heads == list(range(x.shape[1])) else x.index_select(1, torch.tensor(heads, device=x.device))
+
+
+def _plan(groups, q_shape, kv_heads, block_size):
+    batch, n_head, n, _ = q_shape
+    blocks = [block_size or block_size_for(window) for window in groups]
+    n_padded = _round_up(n, math.lcm(*blocks))
+    bands, heads, first_row = [], [], 0
+    for (window, band_heads), block in zip(groups.items(), blocks):
+        bands.append(_Band(window, block, first_row, len(band_heads) * batch))
+        heads += band_heads
+        first_row += bands[-1].rows
+    kv = tuple(h // (n_head // kv_heads) for h in heads)
+    return _Plan(tuple(bands), tuple(heads), kv, batch, n, n_padded, max(band.reach for band in bands))
 
 
 def _round_up(n, multiple):
     return multiple * math.ceil(n / multiple)
 
 
-def _heads_major(x, heads, n_padded):
-    """x (B, Hx, N, D) -> (len(heads), B, n_padded, D) contiguous, zero rows after N; free when
-    B = 1, heads = all in order and N = n_padded."""
-    if heads != list(range(x.shape[1])):
-        x = x.index_select(1, torch.tensor(heads, device=x.device))
-    x = x.transpose(0, 1)
-    if n_padded > x.shape[2]:
-        x = F.pad(x, (0, 0, 0, n_padded - x.shape[2]))
-    return x.contiguous()
+class _BandAttention(torch.autograd.Function):
+    """(q, k, v, plan) -> the output of the plan's heads, (batch, len(plan.heads), n, head_dim)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan):
+        with torch.autocast(q.device.type, enabled=False):  # the products run in the dtype chosen here
+            return _BandAttention._forward(ctx, q, k, v, plan)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return _BandAttention._backward(ctx, grad_out)
+
+    @staticmethod
+    def _forward(ctx, q, k, v, plan):
+        dtype = _compute_dtype(q.dtype)
+        q_rows = _to_rows(q, plan.heads, plan, dtype, front=0)
+        k_rows, v_rows = (_to_rows(x, plan.kv_heads, plan, dtype, plan.front) for x in (k, v))
+        out_rows = torch.empty_like(q_rows)
+        scale = q.shape[-1] ** -0.5
+        probs = []
+        for band in plan.bands:
+            queries, keys, values = _blocks(q_rows, band, plan), _spans(k_rows, band, plan), _spans(v_rows, band, plan)
+            scores = torch.baddbmm(_band_mask(band.window, band.block, dtype, q.device), queries, keys.mT, alpha=scale)
+            _mask_before_row_start(scores, band, plan)
+            probs.append(torch.ops.aten._softmax.out(scores, -1, False, out=scores))
+            torch.bmm(probs[-1], values, out=_blocks(out_rows, band, plan))
+        ctx.save_for_backward(q_rows, k_rows, v_rows, *probs)
+        ctx.plan, ctx.scale, ctx.dtypes, ctx.shapes = plan, scale, (q.dtype, k.dtype), (q.shape, k.shape)
+        return _from_rows(out_rows, plan, front=0).to(q.dtype)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
+        q_rows, k_rows, v_rows, *probs = ctx.saved_tensors
+        plan, scale = ctx.plan, ctx.scale
+        grad_out_rows = _to_rows(grad_out, range(len(plan.heads)), plan, q_rows.dtype, front=0)
+        grad_q, grad_k, grad_v = torch.empty_like(q_rows), torch.zeros_like(k_rows), torch.zeros_like(v_rows)
+        for band, prob in zip(plan.bands, probs):
+            grad_blocks = _blocks(grad_out_rows, band, plan)
+            _accumulate_tiles(grad_v, prob, grad_blocks, band, plan, alpha=1.0)
+            grad_scores = torch.bmm(grad_blocks, _spans(v_rows, band, plan).mT)
+            torch.ops.aten._softmax_backward_data.out(grad_scores, prob, -1, prob.dtype, grad_input=grad_scores)
+            _blocks(grad_q, band, plan).baddbmm_(grad_scores, _spans(k_rows, band, plan), beta=0, alpha=scale)
+            _accumulate_tiles(grad_k, grad_scores, _blocks(q_rows, band, plan), band, plan, alpha=scale)
+        (q_shape, k_shape), (q_dtype, k_dtype) = ctx.shapes, ctx.dtypes
+        return (
+            _sum_heads(grad_q, plan.heads, q_shape, plan, front=0).to(q_dtype),
+            _sum_heads(grad_k, plan.kv_heads, k_shape, plan, plan.front).to(k_dtype),
+            _sum_heads(grad_v, plan.kv_heads, k_shape, plan, plan.front).to(k_dtype),
+            None,
+        )
 
 
-def _group_attention(q, k, v, window, block):
-    """One window group, (G, B, N', D) heads-major; padded rows at the end never reach real queries."""
-    heads, batch, n, dim = q.shape
-    if window is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    # Queries before `start` have spans reaching before key 0; they form a small dense band.
-    start = min(n, block * math.ceil((window - 1) / block))
-    if start == n:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=_band_mask(window, n, n, q.dtype, q.device))
-    count, span = (n - start) // block, block + window - 1
-    q_head, q_body = q.split([start, n - start], dim=2)
-    (k_head, k_spans), (v_head, v_spans) = (_HeadAndSpans.apply(x.flatten(0, 1), start, span, block) for x in (k, v))
-    mask = _band_mask(window, block, span, q.dtype, q.device)
-    body = F.scaled_dot_product_attention(q_body.reshape(-1, count, block, dim), k_spans, v_spans, attn_mask=mask)
-    if not start:
-        return body.view(heads, batch, n, dim)
-    head_mask = _band_mask(window, start, start, q.dtype, q.device)
-    head = F.scaled_dot_product_attention(
-        q_head, k_head.view(heads, batch, start, dim), v_head.view(heads, batch, start, dim), attn_mask=head_mask
-    )
-    return torch.cat([head, body.view(heads, batch, n - start, dim)], dim=2)
+def _compute_dtype(dtype):
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _to_rows(x, heads, plan, dtype, front):
+    """x (batch, heads, n, dim) -> (front + len(heads) * batch * n_padded, dim): the chosen heads'
+    rows, heads-major, zero elsewhere. A view when nothing needs moving (one sequence, every head in
+    order, no padding), else one copy."""
+    dim, heads = x.shape[-1], list(heads)
+    if not front and plan.n == plan.n_padded and plan.batch == 1 and heads == list(range(x.shape[1])) and x.dtype == dtype and x.is_contiguous():
+        return x.view(-1, dim)
+    rows = x.new_empty(front + len(heads) * plan.batch * plan.n_padded, dim, dtype=dtype)
+    rows[:front].zero_()
+    rows[front:].view(len(heads), plan.batch, plan.n_padded, dim)[:, :, plan.n :].zero_()
+    positions = _positions(rows, plan, front)
+    for i, head in enumerate(heads):
+        positions[i].copy_(x[:, head])
+    return rows
+
+
+def _positions(rows, plan, front):
+    """The real positions of a rows buffer: (heads, batch, n, dim)."""
+    return rows[front:].view(-1, plan.batch, plan.n_padded, rows.shape[-1])[:, :, : plan.n]
+
+
+def _from_rows(rows, plan, front):
+    """The inverse view of `_to_rows` for every head of the rows: (batch, heads, n, dim)."""
+    return _positions(rows, plan, front).transpose(0, 1)
+
+
+def _sum_heads(rows, heads, shape, plan, front):
+    """Gradient rows -> (batch, heads, n, dim) of the input, summing rows that share a head (GQA)."""
+    if list(heads) == list(range(shape[1])):
+        return _from_rows(rows, plan, front)
+    grad = rows.new_zeros(shape)
+    positions = _positions(rows, plan, front)
+    for i, head in enumerate(heads):
+        grad[:, head] += positions[i]
+    return grad
+
+
+def _blocks(rows, band, plan):
+    """The band's query blocks: (blocks, block, dim) of a rows buffer without front rows."""
+    first, count = band.first_row * plan.n_padded, band.rows * plan.n_padded
+    return rows[first : first + count].view(-1, band.block, rows.shape[-1])
+
+
+def _spans(rows, band, plan):
+    """The keys each query block sees, (blocks, span, dim): overlapping views of a buffer with front rows."""
+    start = plan.front + band.first_row * plan.n_padded - band.reach
+    dim = rows.shape[-1]
+    count = band.rows * plan.n_padded // band.block
+    return rows.as_strided((count, band.span, dim), (band.block * dim, dim, 1), rows.storage_offset() + start * dim)
+
+
+def _accumulate_tiles(grad_rows, weights, block_values, band, plan, alpha):
+    """grad_rows[keys of each span] += alpha * weights^T @ block_values, one span tile at a time:
+    tile t of every block is B consecutive keys, so each tile's sum is one in-place baddbmm."""
+    start = plan.front + band.first_row * plan.n_padded - band.reach
+    count, dim = band.rows * plan.n_padded, grad_rows.shape[-1]
+    for tile in range(0, band.span, band.block):
+        target = grad_rows[start + tile : start + tile + count].view(-1, band.block, dim)
+        target.baddbmm_(weights[:, :, tile : tile + band.block].mT, block_values, alpha=alpha)
+
+
+def _mask_before_row_start(scores, band, plan):
+    """The first blocks of a row see keys before position 0 (another row's, or the zero front)."""
+    blocks_per_row = plan.n_padded // band.block
+    early = min(band.reach // band.block, blocks_per_row)
+    if early:
+        scores.view(band.rows, blocks_per_row, band.block, band.span)[:, :early].masked_fill_(
+            _before_start_mask(band.block, band.reach, early, scores.device), float("-inf")
+        )
 
 
 @lru_cache(maxsize=128)
-def _band_mask(window, n_query, n_key, dtype, device):
-    """(1, 1, n_query, n_key) additive mask; the queries are the last n_query positions of the keys.
-    Additive float (not bool) so SDPA does not convert it on every call."""
-    lag = torch.arange(n_query, device=device)[:, None] + (n_key - n_query) - torch.arange(n_key, device=device)
+def _band_mask(window, block, dtype, device):
+    """(block, span) additive mask: query i of a block sees span key c iff 0 <= i + reach - c < W.
+    Additive float: the scores are accumulated onto it."""
+    band = _Band(window, block, 0, 0)
+    lag = torch.arange(block, device=device)[:, None] + band.reach - torch.arange(band.span, device=device)
     visible = (lag >= 0) & (lag < window)
-    return torch.zeros(n_query, n_key, dtype=dtype, device=device).masked_fill_(~visible, float("-inf"))[None, None]
+    return torch.zeros(block, band.span, dtype=dtype, device=device).masked_fill_(~visible, float("-inf"))
 
 
-class _HeadAndSpans(torch.autograd.Function):
-    """x (R, N', D) -> (x[:, :start], spans (R, count, span, D)), where spans[:, j] are the keys of
-    query block j after `start`: x[:, start + j*step - (span - step) :][:span].
-
-    Both are views. Backward builds x's gradient in one buffer: the head part plus the spans folded
-    back with ceil(span / step) strided adds (the generic unfold backward is much slower)."""
-
-    @staticmethod
-    def forward(ctx, x, start, span, step):
-        ctx.start, ctx.step, ctx.first = start, step, start - (span - step)
-        return x[:, :start], x[:, ctx.first :].unfold(1, span, step).transpose(2, 3)
-
-    @staticmethod
-    def backward(ctx, grad_head, grad_spans):
-        rows, count, span, dim = grad_spans.shape
-        step, pieces = ctx.step, math.ceil(span / ctx.step)
-        grad = grad_spans.new_zeros(rows, ctx.first + (count + pieces - 1) * step, dim)
-        if grad_head is not None:
-            grad[:, : ctx.start] += grad_head
-        folded = grad[:, ctx.first :].view(rows, count + pieces - 1, step, dim)
-        for piece in range(pieces):
-            width = min(step, span - piece * step)
-            folded[:, piece : piece + count, :width] += grad_spans[:, :, piece * step : piece * step + width]
-        return grad[:, : ctx.first + (count - 1) * step + span], None, None, None
+@lru_cache(maxsize=128)
+def _before_start_mask(block, reach, early, device):
+    """(early, 1, span) bool: span key c of a row's block j lies before position 0 (c < reach - j*block)."""
+    key = torch.arange(reach + block, device=device)
+    return (key < reach - block * torch.arange(early, device=device)[:, None])[:, None, :]
