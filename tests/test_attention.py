@@ -10,6 +10,7 @@ from torch.nn.attention.flex_attention import flex_attention
 
 from mswa import attention
 from mswa.attention import BACKENDS, resolve_backend, validate_windows, window_attention
+from mswa.attention import blocked
 from mswa.attention.blocked import block_size_for, blocked_window_attention
 from mswa.attention.dense import dense_window_attention, window_mask
 from mswa.attention.flex import BLOCK, _tile_visibility, window_block_mask
@@ -103,6 +104,16 @@ def test_blocked_matches_dense_on_random_shapes():
         q, k, v = make_inputs(rng.randint(1, 2), heads, kv_heads, n, rng.choice([4, 8, 16]), seed=trial)
         kernel = functools.partial(blocked_window_attention, windows=windows, block_size=block)
         assert_matches_dense(kernel, q, k, v, windows)
+
+
+@pytest.mark.parametrize("chunk_blocks", [1, 3, 20, 10**6], ids=["block by block", "pieces of rows", "rows", "one chunk"])
+def test_blocked_matches_dense_whatever_the_chunking(monkeypatch, chunk_blocks):
+    """Chunks of a band split rows into pieces (masking a row's first blocks from inside a piece) or
+    group several rows; every chunking gives the dense result."""
+    monkeypatch.setattr(blocked, "CHUNK_BYTES", chunk_blocks * 32 * 128 * 4)  # blocks of 32 queries x 128 keys
+    q, k, v = make_inputs(2, 4, 2, 200, 8)
+    windows = [70, 70, 9, 33]  # block 32: spans of 128 keys (W 70, 3 early blocks) and 64; 7 blocks per row
+    assert_matches_dense(lambda *x: blocked_window_attention(*x, windows), q, k, v, windows)
 
 
 def test_blocked_alone_handles_all_windows_at_least_n():

@@ -9,10 +9,14 @@ Layout: every tensor is rearranged once into flat rows, heads-major ((head, batc
 positions, N' padded to a multiple of the blocks), keys and values after `front` zero rows, so that
 the blocks of ALL rows of a band form one batch of matrix products with a single batch stride. The
 first blocks of a row then see the end of the previous row (or the zero front) where positions
-before 0 would be; those scores are masked too. Each band is one baddbmm, one softmax and one bmm
-forward, and the backward reuses the stored probabilities (the cost: N x span floats per head):
-its key and value gradients are accumulated span tile by span tile straight into one buffer, a
-tile being B keys that every block's span holds at the same offset.
+before 0 would be; those scores are masked too.
+
+A band's blocks go in chunks of about 4 MB of scores, so that scores stay in cache from one
+product through the softmax to the next: per chunk, forward is one baddbmm (scores onto the mask),
+one in-place softmax and one bmm. The probabilities are stored for the backward (N x span floats
+per head; no recomputation), which adds each chunk's key and value gradients straight into one
+buffer, span tile by span tile: tile t of every block's span is B consecutive keys, so one
+in-place baddbmm per tile does it, with no copy of the spans and no fold.
 
 Grouped-query k/v rows are repeated per query head in the layout and summed back in the backward.
 Half-precision inputs are computed in fp32 (the layout copy converts them) and the output cast back,
@@ -30,10 +34,10 @@ import torch.nn.functional as F
 def block_size_for(window):
     """Query block size for a window. A block computes B + reach keys per query to use W, so small
     blocks waste less work, but tiny ones make inefficient matmuls. Tuned on a 2-core CPU (fp32,
-    forward+backward, head_dim 64, 2-8 heads, N 1k-8k, timings interleaved): W 32 and 64 gain ~10-35%
-    from 32 over 64; at W 128 the two tie within 5%; W 256-512 gain ~5-15% from 64 over 32; W 1024+
-    ~5% from 128 over 64."""
-    return 32 if window < 128 else 64 if window < 1024 else 128
+    forward+backward, head_dim 64, 8 heads, N 1k-16k, timings interleaved): at W 32-64, 32 beats 64
+    by 10-35%; at W 128 they tie within 5% (32 ahead from 8k); at W 256 they tie; at W 512, 64 beats
+    32 by 15%; from W 1024, 128 beats 64 by ~5%."""
+    return 32 if window < 256 else 64 if window < 1024 else 128
 
 
 class _Band(NamedTuple):
@@ -134,11 +138,15 @@ class _BandAttention(torch.autograd.Function):
         scale = q.shape[-1] ** -0.5
         probs = []
         for band in plan.bands:
-            queries, keys, values = _blocks(q_rows, band, plan), _spans(k_rows, band, plan), _spans(v_rows, band, plan)
-            scores = torch.baddbmm(_band_mask(band.window, band.block, dtype, q.device), queries, keys.mT, alpha=scale)
-            _mask_before_row_start(scores, band, plan)
-            probs.append(torch.ops.aten._softmax.out(scores, -1, False, out=scores))
-            torch.bmm(probs[-1], values, out=_blocks(out_rows, band, plan))
+            queries, keys, values, out = (view(x, band, plan) for view, x in _band_views(q_rows, k_rows, v_rows, out_rows))
+            prob = queries.new_empty(queries.shape[0], band.block, band.span)
+            mask = _band_mask(band.window, band.block, dtype, q.device)
+            for chunk in _chunks(band, plan):  # a chunk's scores stay in cache from product to softmax to product
+                torch.baddbmm(mask, queries[chunk.blocks], keys[chunk.blocks].mT, alpha=scale, out=prob[chunk.blocks])
+                _mask_before_row_start(prob[chunk.blocks], band, chunk)
+                torch.ops.aten._softmax.out(prob[chunk.blocks], -1, False, out=prob[chunk.blocks])
+                torch.bmm(prob[chunk.blocks], values[chunk.blocks], out=out[chunk.blocks])
+            probs.append(prob)
         ctx.save_for_backward(q_rows, k_rows, v_rows, *probs)
         ctx.plan, ctx.scale, ctx.dtypes, ctx.shapes = plan, scale, (q.dtype, k.dtype), (q.shape, k.shape)
         return _from_rows(out_rows, plan, front=0).to(q.dtype)
@@ -150,12 +158,15 @@ class _BandAttention(torch.autograd.Function):
         grad_out_rows = _to_rows(grad_out, range(len(plan.heads)), plan, q_rows.dtype, front=0)
         grad_q, grad_k, grad_v = torch.empty_like(q_rows), torch.zeros_like(k_rows), torch.zeros_like(v_rows)
         for band, prob in zip(plan.bands, probs):
-            grad_blocks = _blocks(grad_out_rows, band, plan)
-            _accumulate_tiles(grad_v, prob, grad_blocks, band, plan, alpha=1.0)
-            grad_scores = torch.bmm(grad_blocks, _spans(v_rows, band, plan).mT)
-            torch.ops.aten._softmax_backward_data.out(grad_scores, prob, -1, prob.dtype, grad_input=grad_scores)
-            _blocks(grad_q, band, plan).baddbmm_(grad_scores, _spans(k_rows, band, plan), beta=0, alpha=scale)
-            _accumulate_tiles(grad_k, grad_scores, _blocks(q_rows, band, plan), band, plan, alpha=scale)
+            queries, keys, values, grad_blocks = (view(x, band, plan) for view, x in _band_views(q_rows, k_rows, v_rows, grad_out_rows))
+            grad_queries = _blocks(grad_q, band, plan)
+            for chunk in _chunks(band, plan):
+                blocks, first_key = chunk.blocks, _first_key_row(band, plan) + chunk.blocks.start * band.block
+                _accumulate_tiles(grad_v, prob[blocks], grad_blocks[blocks], first_key, band, alpha=1.0)
+                grad_scores = torch.bmm(grad_blocks[blocks], values[blocks].mT)
+                torch.ops.aten._softmax_backward_data.out(grad_scores, prob[blocks], -1, prob.dtype, grad_input=grad_scores)
+                grad_queries[blocks].baddbmm_(grad_scores, keys[blocks], beta=0, alpha=scale)
+                _accumulate_tiles(grad_k, grad_scores, queries[blocks], first_key, band, alpha=scale)
         (q_shape, k_shape), (q_dtype, k_dtype) = ctx.shapes, ctx.dtypes
         return (
             _sum_heads(grad_q, plan.heads, q_shape, plan, front=0).to(q_dtype),
@@ -214,30 +225,59 @@ def _blocks(rows, band, plan):
 
 def _spans(rows, band, plan):
     """The keys each query block sees, (blocks, span, dim): overlapping views of a buffer with front rows."""
-    start = plan.front + band.first_row * plan.n_padded - band.reach
-    dim = rows.shape[-1]
-    count = band.rows * plan.n_padded // band.block
-    return rows.as_strided((count, band.span, dim), (band.block * dim, dim, 1), rows.storage_offset() + start * dim)
+    dim, count = rows.shape[-1], band.rows * plan.n_padded // band.block
+    start = rows.storage_offset() + _first_key_row(band, plan) * dim
+    return rows.as_strided((count, band.span, dim), (band.block * dim, dim, 1), start)
 
 
-def _accumulate_tiles(grad_rows, weights, block_values, band, plan, alpha):
+def _band_views(queries, keys, values, per_query):
+    return (_blocks, queries), (_spans, keys), (_spans, values), (_blocks, per_query)
+
+
+def _first_key_row(band, plan):
+    """The row of the first key of the band's first span, in a buffer with front rows."""
+    return plan.front + band.first_row * plan.n_padded - band.reach
+
+
+class _Chunk(NamedTuple):
+    blocks: slice  # of the band's blocks
+    rows: int  # whole rows, or 1 for a piece of a row
+    first_in_row: int  # the index of the chunk's first block within its row
+
+
+CHUNK_BYTES = 4 * 2**20
+
+
+def _chunks(band, plan):
+    """The band's blocks in chunks of about CHUNK_BYTES of scores: whole rows, or pieces of one row."""
+    per_row = plan.n_padded // band.block
+    target = max(1, CHUNK_BYTES // (band.block * band.span * 4))
+    if per_row <= target:
+        rows = target // per_row
+        return [_Chunk(slice(r * per_row, min(band.rows, r + rows) * per_row), min(rows, band.rows - r), 0)
+                for r in range(0, band.rows, rows)]
+    size = math.ceil(per_row / math.ceil(per_row / target))
+    return [_Chunk(slice(r * per_row + a, r * per_row + min(per_row, a + size)), 1, a)
+            for r in range(band.rows) for a in range(0, per_row, size)]
+
+
+def _accumulate_tiles(grad_rows, weights, block_values, first_key, band, alpha):
     """grad_rows[keys of each span] += alpha * weights^T @ block_values, one span tile at a time:
     tile t of every block is B consecutive keys, so each tile's sum is one in-place baddbmm."""
-    start = plan.front + band.first_row * plan.n_padded - band.reach
-    count, dim = band.rows * plan.n_padded, grad_rows.shape[-1]
+    count, dim = weights.shape[0] * band.block, grad_rows.shape[-1]
     for tile in range(0, band.span, band.block):
-        target = grad_rows[start + tile : start + tile + count].view(-1, band.block, dim)
+        target = grad_rows[first_key + tile : first_key + tile + count].view(-1, band.block, dim)
         target.baddbmm_(weights[:, :, tile : tile + band.block].mT, block_values, alpha=alpha)
 
 
-def _mask_before_row_start(scores, band, plan):
+def _mask_before_row_start(scores, band, chunk):
     """The first blocks of a row see keys before position 0 (another row's, or the zero front)."""
-    blocks_per_row = plan.n_padded // band.block
-    early = min(band.reach // band.block, blocks_per_row)
-    if early:
-        scores.view(band.rows, blocks_per_row, band.block, band.span)[:, :early].masked_fill_(
-            _before_start_mask(band.block, band.reach, early, scores.device), float("-inf")
-        )
+    per_row = scores.shape[0] // chunk.rows
+    early = min(band.reach // band.block - chunk.first_in_row, per_row)
+    if early > 0:
+        mask = _before_start_mask(band.block, band.reach, band.reach // band.block, scores.device)
+        first = chunk.first_in_row
+        scores.view(chunk.rows, per_row, band.block, band.span)[:, :early].masked_fill_(mask[first : first + early], float("-inf"))
 
 
 @lru_cache(maxsize=128)
@@ -252,6 +292,6 @@ def _band_mask(window, block, dtype, device):
 
 @lru_cache(maxsize=128)
 def _before_start_mask(block, reach, early, device):
-    """(early, 1, span) bool: span key c of a row's block j lies before position 0 (c < reach - j*block)."""
+    """(early, 1, span) bool: span key c of a row's block j < early lies before position 0."""
     key = torch.arange(reach + block, device=device)
     return (key < reach - block * torch.arange(early, device=device)[:, None])[:, None, :]
