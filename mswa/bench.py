@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import ctypes
 import json
+import math
 import os
 import platform
 import statistics
@@ -54,6 +55,10 @@ def _add_attention_command(commands):
         "--row-budget-s", type=float, default=60.0, help="slow cases get fewer runs (at least 3) to fit this"
     )
     bench.add_argument(
+        "--min-time-s", type=float, default=2.0,
+        help="fast cases get more runs (up to 100) to fill this, so that short-N medians are stable",
+    )
+    bench.add_argument(
         "--backends",
         nargs="+",
         choices=("blocked", "dense", "causal", "flex"),
@@ -77,7 +82,7 @@ def _add_allocator_flag(bench):
 
 def run_attention_bench(args):
     if args.tiny:
-        args.lengths, args.window, args.head_dim, args.repeats = [64, 96], 16, 16, 2
+        args.lengths, args.window, args.head_dim, args.repeats, args.min_time_s = [64, 96], 16, 16, 2, 0.0
     if min(args.lengths) < 1 or args.repeats < 1 or args.head_dim < 1:
         raise SystemExit("--lengths, --repeats and --head-dim must all be >= 1.")
     if args.threads:
@@ -116,6 +121,7 @@ def run_attention_bench(args):
             "head_dim": args.head_dim,
             "window": args.window,
             "repeats": args.repeats,
+            "min_time_s": args.min_time_s,
             "dtype": "float32",
             "batch": 1,
             "layers": {k: list(v) for k, v in layers.items()},
@@ -177,7 +183,7 @@ def _timed_rows(cases, inputs, args, matmul_gflops):
     for kernel in (True, False):
         chosen = [i for i, (row, _) in enumerate(runnable) if (row["backend"] == "blocked") == kernel]
         timings = interleaved_medians([runnable[i][1] for i in chosen], inputs[0].device, args.repeats,
-                                      args.row_budget_s, [warmups[i] for i in chosen])
+                                      args.row_budget_s, [warmups[i] for i in chosen], args.min_time_s)
         for i, (seconds, runs) in zip(chosen, timings):
             runnable[i][0]["time_s"], runnable[i][0]["runs"] = seconds, runs
     for row, (layer, windows, backend) in zip(rows, cases):
@@ -208,13 +214,15 @@ def _median_seconds(step, device, repeats, budget_s=float("inf")):
     return interleaved_medians([step], device, repeats, budget_s)[0]
 
 
-def interleaved_medians(steps, device, repeats, budget_s=float("inf"), warmups=None):
+def interleaved_medians(steps, device, repeats, budget_s=float("inf"), warmups=None, min_time_s=0.0):
     """(median seconds, runs) of each step. After one warm-up each (compilation, cached masks,
     allocator), the timed runs go round-robin over the steps, so drift in the machine's speed (a
     shared VM's neighbours) hits every step alike and their ratios stay fair. Slow steps get fewer
-    runs, at least 3, so that each fits in about `budget_s`. `warmups`: seconds of warm-ups already run."""
+    runs, at least 3, so that each fits in about `budget_s`; fast ones more, up to 100, to fill
+    `min_time_s`. `warmups`: seconds of warm-ups already run."""
     warmups = warmups or [_seconds(step, device) for step in steps]
     runs = [repeats if w * repeats <= budget_s else min(repeats, max(3, int(budget_s / w))) for w in warmups]
+    runs = [max(r, min(100, math.ceil(min_time_s / w))) for r, w in zip(runs, warmups)]
     times = [[] for _ in steps]
     for round_ in range(max(runs, default=0)):
         for step, wanted, timed in zip(steps, runs, times):
