@@ -218,11 +218,12 @@ def interleaved_medians(steps, device, repeats, budget_s=float("inf"), warmups=N
     """(median seconds, runs) of each step. After one warm-up each (compilation, cached masks,
     allocator), the timed runs go round-robin over the steps, so drift in the machine's speed (a
     shared VM's neighbours) hits every step alike and their ratios stay fair. Slow steps get fewer
-    runs, at least 3, so that each fits in about `budget_s`; fast ones more, up to 100, to fill
-    `min_time_s`. `warmups`: seconds of warm-ups already run."""
+    runs, at least 3, so that each fits in about `budget_s`; when a round of all steps is fast, every
+    step gets more runs, up to 100 rounds, to fill `min_time_s`. `warmups`: seconds of warm-ups already run."""
     warmups = warmups or [_seconds(step, device) for step in steps]
     runs = [repeats if w * repeats <= budget_s else min(repeats, max(3, int(budget_s / w))) for w in warmups]
-    runs = [max(r, min(100, math.ceil(min_time_s / w))) for r, w in zip(runs, warmups)]
+    rounds = min(100, math.ceil(min_time_s / sum(warmups))) if steps else 0  # the same for all: fair rounds
+    runs = [max(r, rounds) for r in runs]
     times = [[] for _ in steps]
     for round_ in range(max(runs, default=0)):
         for step, wanted, timed in zip(steps, runs, times):

@@ -4,9 +4,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
+
+from mswa.bench import interleaved_medians
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,3 +64,22 @@ def test_tiny_bench_runs_flex_forward_only_on_cpu(tmp_path):
     result, _ = run_bench(tmp_path, "--backends", "flex")
     assert {r["mode"] for r in result["rows"]} == {"fwd only"}
     assert all(r["time_s"] > 0 for r in result["rows"])
+
+
+def test_interleaved_medians_give_every_step_the_same_rounds():
+    """Fast steps repeat to fill min_time_s, all alike (fair round-robin); slow ones are cut to the budget."""
+    calls = {"fast": 0, "slow": 0}
+
+    def step(name, seconds):
+        def run():
+            calls[name] += 1
+            time.sleep(seconds)
+        return run
+
+    cpu = torch.device("cpu")
+    results = interleaved_medians([step("fast", 0.001), step("slow", 0.004)], cpu, 3, min_time_s=0.1, warmups=[0.001, 0.004])
+    assert [runs for _, runs in results] == [20, 20] == [calls["fast"], calls["slow"]]
+    assert results[0][0] < results[1][0]
+    calls.update(fast=0, slow=0)
+    results = interleaved_medians([step("fast", 0.001), step("slow", 0.004)], cpu, 5, budget_s=0.012, warmups=[0.001, 0.004])
+    assert [runs for _, runs in results] == [5, 3]
