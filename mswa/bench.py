@@ -218,18 +218,25 @@ def interleaved_medians(steps, device, repeats, budget_s=float("inf"), warmups=N
     """(median seconds, runs) of each step. After one warm-up each (compilation, cached masks,
     allocator), the timed runs go round-robin over the steps, so drift in the machine's speed (a
     shared VM's neighbours) hits every step alike and their ratios stay fair. Slow steps get fewer
-    runs, at least 3, so that each fits in about `budget_s`; when a round of all steps is fast, every
-    step gets more runs, up to 100 rounds, to fill `min_time_s`. `warmups`: seconds of warm-ups already run."""
+    runs, at least 3, so that each fits in about `budget_s`. When a round of all steps turns out
+    fast, every step gets more rounds, up to 100 in all, to fill `min_time_s` (judged from the timed
+    runs: a first warm-up can be slow). `warmups`: seconds of warm-ups already run."""
     warmups = warmups or [_seconds(step, device) for step in steps]
     runs = [repeats if w * repeats <= budget_s else min(repeats, max(3, int(budget_s / w))) for w in warmups]
-    rounds = min(100, math.ceil(min_time_s / sum(warmups))) if steps else 0  # the same for all: fair rounds
-    runs = [max(r, rounds) for r in runs]
     times = [[] for _ in steps]
+    _run_rounds(steps, device, runs, times)
+    if steps and min_time_s:
+        rounds = min(100, math.ceil(min_time_s / sum(statistics.median(timed) for timed in times)))
+        _run_rounds(steps, device, [rounds - len(timed) for timed in times], times)
+    return [(statistics.median(timed), len(timed)) for timed in times]
+
+
+def _run_rounds(steps, device, runs, times):
+    """runs[i] more timed runs of step i, appended to times[i], round-robin over the steps."""
     for round_ in range(max(runs, default=0)):
         for step, wanted, timed in zip(steps, runs, times):
             if round_ < wanted:
                 timed.append(_seconds(step, device))
-    return [(statistics.median(timed), len(timed)) for timed in times]
 
 
 def _seconds(step, device):
