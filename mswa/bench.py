@@ -4,7 +4,8 @@
 `mswa` head scales and `uniform` SWA at the same base window w) plus the full causal baseline, and
 prints a table and writes JSON. Useful GFLOP/s count only query-key pairs inside the windows
 (4 * head_dim FLOPs per pair forward, x3 for forward+backward), compared with this machine's fp32
-matmul rate measured by the command itself.
+matmul rate measured by the command itself: a 2048 x 2048 product timed round-robin with each
+length's windowed kernels, because a shared VM's speed drifts by 10-20% within minutes.
 """
 
 import argparse
@@ -98,7 +99,7 @@ def run_attention_bench(args):
     matmul_gflops = measure_matmul_gflops(device)
     print(f"matmul rate (fp32, measured): {matmul_gflops:.1f} GFLOP/s; timing...", flush=True)
     cases = _cases(layers, args)
-    rows = [row for n in args.lengths for row in _timed_rows(cases, _inputs(args, n, device), args, matmul_gflops)]
+    rows = [row for n in args.lengths for row in _timed_rows(cases, _inputs(args, n, device), args)]
     # Memory last, so that the allocator settings it needs never touch the timings.
     for n in args.lengths:
         inputs = _inputs(args, n, device)
@@ -137,11 +138,21 @@ def run_attention_bench(args):
     print(f"\nwritten: {args.output}")
 
 
-def measure_matmul_gflops(device, size=2048, repeats=5):
-    """This machine's fp32 matrix-multiply rate: median time of a (size x size) @ (size x size)."""
-    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
-    seconds, _ = _median_seconds(lambda: a @ b, device, repeats)
-    return 2 * size**3 / seconds / 1e9
+MATMUL_SIZE = 2048
+
+
+def measure_matmul_gflops(device, repeats=5):
+    """This machine's fp32 matrix-multiply rate: median time of a (2048 x 2048) @ (2048 x 2048)."""
+    return _matmul_flops() / _median_seconds(_matmul_step(device), device, repeats)[0] / 1e9
+
+
+def _matmul_step(device):
+    a, b = (torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=device) for _ in range(2))
+    return lambda: a @ b
+
+
+def _matmul_flops():
+    return 2 * MATMUL_SIZE**3
 
 
 def _inputs(args, n, device):
@@ -155,7 +166,7 @@ def _cases(layers, args):
     return cases + ([("full", (None,) * args.heads, "causal")] if "causal" in args.backends else [])
 
 
-def _timed_rows(cases, inputs, args, matmul_gflops):
+def _timed_rows(cases, inputs, args):
     """Rows of one length; the cases' timed runs are interleaved (see `interleaved_medians`)."""
     n = inputs[0].shape[2]
     rows, steps = [], []
@@ -178,15 +189,24 @@ def _timed_rows(cases, inputs, args, matmul_gflops):
             if row["backend"] != "flex":
                 raise
             row["note"] = f"skipped: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
-    # The windowed kernels are interleaved with each other, the references (dense, flex, causal)
-    # among themselves: a dense step moves gigabytes, which would slow the blocked step after it.
+    # The windowed kernels are interleaved with each other and with the matmul that rates this
+    # length's %matmul (the VM's speed drifts, the rate with it); the references (dense, flex,
+    # causal) among themselves: a dense step moves gigabytes, which would slow the step after it.
+    device = inputs[0].device
     for kernel in (True, False):
         chosen = [i for i, (row, _) in enumerate(runnable) if (row["backend"] == "blocked") == kernel]
-        timings = interleaved_medians([runnable[i][1] for i in chosen], inputs[0].device, args.repeats,
-                                      args.row_budget_s, [warmups[i] for i in chosen], args.min_time_s)
+        chosen_steps, chosen_warmups = [runnable[i][1] for i in chosen], [warmups[i] for i in chosen]
+        if kernel:
+            chosen_steps.append(_matmul_step(device))
+            chosen_warmups.append(_seconds(chosen_steps[-1], device))
+        timings = interleaved_medians(chosen_steps, device, args.repeats, args.row_budget_s, chosen_warmups,
+                                      args.min_time_s)
+        if kernel:
+            matmul_gflops = _matmul_flops() / timings.pop()[0] / 1e9
         for i, (seconds, runs) in zip(chosen, timings):
             runnable[i][0]["time_s"], runnable[i][0]["runs"] = seconds, runs
     for row, (layer, windows, backend) in zip(rows, cases):
+        row["matmul_gflops"] = matmul_gflops
         if row["time_s"] is not None:
             pairs = sum(attended_pairs(w, n) for w in windows)
             row["useful_gflops"] = pairs * 4 * args.head_dim * (3 if row["mode"] == "fwd+bwd" else 1) / row["time_s"] / 1e9
@@ -333,6 +353,7 @@ def compare_rows(rows):
                     "time_vs_smallest_n": blocked["time_s"] / first["time_s"],
                     "peak_mb_per_1k_tokens": blocked["peak_mb"] / n * 1024,
                     "pct_matmul": blocked["pct_matmul"],
+                    "matmul_gflops": blocked["matmul_gflops"],
                 }
             )
     return comparisons
@@ -357,7 +378,8 @@ def _report(result):
 
     load = result["machine"]["load_average_1min"]
     machine = (
-        f"\nmatmul rate (fp32, measured): {result['matmul_gflops']:.1f} GFLOP/s; "
+        f"\nmatmul rate (fp32, measured at the start): {result['matmul_gflops']:.1f} GFLOP/s; %matmul uses the rate "
+        f"timed among each length's windowed kernels; "
         f"{result['machine']['threads']} threads; load average {load['start']:.1f} -> {load['end']:.1f} "
         f"(other work on the machine slows timings)"
     )
@@ -365,13 +387,13 @@ def _report(result):
     lines += [_format_row(row) for row in result["rows"]]
     lines.append(
         f"\nblocked: {'layer':<8} {'N':>6} {'ms':>9} {'x dense':>8} {'x causal':>8} {'/uniform':>8} "
-        f"{'/first N':>8} {'MB/1k tok':>9} {'%matmul':>7}"
+        f"{'/first N':>8} {'MB/1k tok':>9} {'%matmul':>7} {'of GFLOP/s':>10}"
     )
     for c in result["comparisons"]:
         lines.append(
             f"         {c['layer']:<8} {c['n']:>6} {c['blocked_ms']:>9.1f} {number(c['speedup_vs_dense'], '8.1f'):>8} "
             f"{number(c['speedup_vs_causal'], '8.1f'):>8} {number(c['time_vs_uniform'], '8.2f'):>8} "
-            f"{c['time_vs_smallest_n']:>8.1f} {c['peak_mb_per_1k_tokens']:>9.2f} {c['pct_matmul']:>7.1f}"
+            f"{c['time_vs_smallest_n']:>8.1f} {c['peak_mb_per_1k_tokens']:>9.2f} {c['pct_matmul']:>7.1f} {c['matmul_gflops']:>10.1f}"
         )
     return "\n".join(lines)
 
