@@ -203,8 +203,8 @@ def _timed_rows(cases, inputs, args):
                                       args.min_time_s)
         if kernel:
             matmul_gflops = _matmul_flops() / timings.pop()[0] / 1e9
-        for i, (seconds, runs) in zip(chosen, timings):
-            runnable[i][0]["time_s"], runnable[i][0]["runs"] = seconds, runs
+        for i, (seconds, samples) in zip(chosen, timings):
+            runnable[i][0].update(time_s=seconds, runs=len(samples), samples_s=samples)
     for row, (layer, windows, backend) in zip(rows, cases):
         row["matmul_gflops"] = matmul_gflops
         if row["time_s"] is not None:
@@ -235,7 +235,7 @@ def _median_seconds(step, device, repeats, budget_s=float("inf")):
 
 
 def interleaved_medians(steps, device, repeats, budget_s=float("inf"), warmups=None, min_time_s=0.0):
-    """(median seconds, runs) of each step. After one warm-up each (compilation, cached masks,
+    """(median seconds, [seconds of each run]) of each step. After one warm-up each (compilation, cached masks,
     allocator), the timed runs go round-robin over the steps, so drift in the machine's speed (a
     shared VM's neighbours) hits every step alike and their ratios stay fair. Slow steps get fewer
     runs, at least 3, so that each fits in about `budget_s`. When a round of all steps turns out
@@ -248,7 +248,7 @@ def interleaved_medians(steps, device, repeats, budget_s=float("inf"), warmups=N
     if steps and min_time_s:
         rounds = min(100, math.ceil(min_time_s / sum(statistics.median(timed) for timed in times)))
         _run_rounds(steps, device, [rounds - len(timed) for timed in times], times)
-    return [(statistics.median(timed), len(timed)) for timed in times]
+    return [(statistics.median(timed), timed) for timed in times]
 
 
 def _run_rounds(steps, device, runs, times):
@@ -331,7 +331,8 @@ def _freed_memory_unmapped():
 
 
 def compare_rows(rows):
-    """Per layer and N: blocked speedups over dense and full causal, mswa/uniform time, growth from the smallest N."""
+    """Per layer and N: blocked speedups over dense and full causal, mswa/uniform time (paired by
+    round), growth from the smallest N."""
     times = {(r["layer"], r["backend"], r["n"]): r for r in rows if r["time_s"] is not None}
     lengths = sorted({r["n"] for r in rows})
     comparisons = []
@@ -349,7 +350,7 @@ def compare_rows(rows):
                     "blocked_ms": 1e3 * blocked["time_s"],
                     "speedup_vs_dense": _time_ratio(times.get((layer, "dense", n)), blocked),
                     "speedup_vs_causal": _time_ratio(times.get(("full", "causal", n)), blocked),
-                    "time_vs_uniform": _time_ratio(blocked, uniform),
+                    "time_vs_uniform": _paired_time_ratio(blocked, uniform),
                     "time_vs_smallest_n": blocked["time_s"] / first["time_s"],
                     "peak_mb_per_1k_tokens": blocked["peak_mb"] / n * 1024,
                     "pct_matmul": blocked["pct_matmul"],
@@ -357,6 +358,19 @@ def compare_rows(rows):
                 }
             )
     return comparisons
+
+
+def _paired_time_ratio(numerator, denominator):
+    """Median over rounds of the two rows' time ratio: their runs alternate round by round, so each
+    ratio compares two runs a few ms apart, which cancels the machine's drift better than a ratio of
+    medians (that one is the fallback when the rows were not timed in the same rounds)."""
+    if not (numerator and denominator):
+        return None
+    pairs = zip(numerator.get("samples_s", ()), denominator.get("samples_s", ()), strict=False)
+    ratios = [a / b for a, b in pairs]
+    if ratios and len(ratios) == numerator["runs"] == denominator["runs"]:
+        return statistics.median(ratios)
+    return _time_ratio(numerator, denominator)
 
 
 def _time_ratio(numerator, denominator):
@@ -439,8 +453,8 @@ def run_model_bench(args):
     for n in args.lengths:
         steps = {name: _training_step(name, n, args) for name in args.models}
         timings = interleaved_medians(list(steps.values()), device, args.repeats)
-        for (name, step), (seconds, runs) in zip(steps.items(), timings):
-            rows.append({"model": name, "n": n, "tokens_per_s": n / seconds, "step_s": seconds, "runs": runs,
+        for (name, step), (seconds, samples) in zip(steps.items(), timings):
+            rows.append({"model": name, "n": n, "tokens_per_s": n / seconds, "step_s": seconds, "runs": len(samples),
                          "peak_mb": _peak_memory_mb(step, device)})
             print(f"{name:<22} N={n:>6} {n / seconds:>10.0f} tok/s {rows[-1]['peak_mb']:>9.1f} MB", flush=True)
     rows.sort(key=lambda row: args.models.index(row["model"]))  # stable: by model, then length

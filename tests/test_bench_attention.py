@@ -2,6 +2,7 @@
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -48,6 +49,10 @@ def test_tiny_bench_writes_consistent_json_and_table(tmp_path):
         assert f"{row['layer']:<8} {row['n']:>6} {row['backend']:<8}" in table
     comparison = {(c["layer"], c["n"]): c for c in result["comparisons"]}
     assert comparison[("uniform", 96)]["time_vs_uniform"] == 1.0
+    mswa, uniform = (next(r for r in result["rows"] if r["layer"] == layer and r["backend"] == "blocked" and r["n"] == 96)
+                     for layer in ("mswa", "uniform"))
+    paired = [a / b for a, b in zip(mswa["samples_s"], uniform["samples_s"], strict=True)]  # same rounds
+    assert comparison[("mswa", 96)]["time_vs_uniform"] == pytest.approx(statistics.median(paired))
     assert len({r["matmul_gflops"] for r in result["rows"] if r["n"] == 96}) == 1
     assert comparison[("mswa", 64)]["speedup_vs_dense"] > 0 and comparison[("mswa", 96)]["speedup_vs_causal"] > 0
     assert "x dense" in table and "GFLOP/s" in table
@@ -80,10 +85,10 @@ def test_interleaved_medians_give_every_step_the_same_rounds():
 
     cpu = torch.device("cpu")
     results = interleaved_medians([step("fast", 0.001), step("slow", 0.004)], cpu, 3, min_time_s=0.1, warmups=[0.001, 0.004])
-    runs = [runs for _, runs in results]
+    runs = [len(samples) for _, samples in results]
     assert runs == [calls["fast"], calls["slow"]] and runs[0] == runs[1]
     assert 12 <= runs[0] <= 20  # rounds of ~5 ms (sleep overshoots) to fill 0.1 s
     assert results[0][0] < results[1][0]
     calls.update(fast=0, slow=0)
     results = interleaved_medians([step("fast", 0.001), step("slow", 0.004)], cpu, 5, budget_s=0.012, warmups=[0.001, 0.004])
-    assert [runs for _, runs in results] == [5, 3]
+    assert [len(samples) for _, samples in results] == [5, 3]
