@@ -56,7 +56,7 @@ def _add_attention_command(commands):
         "--row-budget-s", type=float, default=60.0, help="slow cases get fewer runs (at least 3) to fit this"
     )
     bench.add_argument(
-        "--min-time-s", type=float, default=2.0,
+        "--min-time-s", type=float, default=5.0,
         help="fast cases get more runs (up to 100) to fill this, so that short-N medians are stable",
     )
     bench.add_argument(
