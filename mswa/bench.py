@@ -252,11 +252,14 @@ def interleaved_medians(steps, device, repeats, budget_s=float("inf"), warmups=N
 
 
 def _run_rounds(steps, device, runs, times):
-    """runs[i] more timed runs of step i, appended to times[i], round-robin over the steps."""
+    """runs[i] more timed runs of step i, appended to times[i], round-robin over the steps. Each
+    round starts one step later, so no step always follows the same one (a step that sweeps the
+    caches, like the matmul, would otherwise always slow the same successor)."""
     for round_ in range(max(runs, default=0)):
-        for step, wanted, timed in zip(steps, runs, times):
-            if round_ < wanted:
-                timed.append(_seconds(step, device))
+        for i in range(len(steps)):
+            i = (i + round_) % len(steps)
+            if round_ < runs[i]:
+                times[i].append(_seconds(steps[i], device))
 
 
 def _seconds(step, device):
