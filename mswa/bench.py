@@ -168,10 +168,10 @@ def _cases(layers, args):
 
 def _timed_rows(cases, inputs, args):
     """Rows of one length; the cases' timed runs are interleaved (see `interleaved_medians`)."""
-    n = inputs[0].shape[2]
+    n, device = inputs[0].shape[2], inputs[0].device
     rows, steps = [], []
     for layer, windows, backend in cases:
-        backward = not (backend == "flex" and inputs[0].device.type == "cpu")  # torch has no CPU flex backward
+        backward = not (backend == "flex" and device.type == "cpu")  # torch has no CPU flex backward
         row = {"layer": layer, "n": n, "backend": backend, "mode": "fwd+bwd" if backward else "fwd only", "time_s": None,
                "runs": 0, "peak_mb": None, "useful_gflops": None, "pct_matmul": None, "note": ""}
         dense_gb = (args.heads * 5 + 5) * n * n / 1e9  # bool mask, its float copy, int32 lags
@@ -180,31 +180,28 @@ def _timed_rows(cases, inputs, args):
         else:
             steps.append((row, _attention_step(windows, backend, inputs, backward)))
         rows.append(row)
-    runnable, warmups = [], []
+    runnable = []  # (row, step, warm-up seconds)
     for row, step in steps:
         try:  # the warm-up; flex is optional (it needs torch.compile): record why it did not run
-            warmups.append(_seconds(step, inputs[0].device))
-            runnable.append((row, step))
+            runnable.append((row, step, _seconds(step, device)))
         except Exception as error:
             if row["backend"] != "flex":
                 raise
             row["note"] = f"skipped: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
     # The windowed kernels are interleaved with each other and with the matmul that rates this
-    # length's %matmul (the VM's speed drifts, the rate with it); the references (dense, flex,
-    # causal) among themselves: a dense step moves gigabytes, which would slow the step after it.
-    device = inputs[0].device
-    for kernel in (True, False):
-        chosen = [i for i, (row, _) in enumerate(runnable) if (row["backend"] == "blocked") == kernel]
-        chosen_steps, chosen_warmups = [runnable[i][1] for i in chosen], [warmups[i] for i in chosen]
-        if kernel:
-            chosen_steps.append(_matmul_step(device))
-            chosen_warmups.append(_seconds(chosen_steps[-1], device))
-        timings = interleaved_medians(chosen_steps, device, args.repeats, args.row_budget_s, chosen_warmups,
-                                      args.min_time_s)
-        if kernel:
-            matmul_gflops = _matmul_flops() / timings.pop()[0] / 1e9
-        for i, (seconds, samples) in zip(chosen, timings):
-            runnable[i][0].update(time_s=seconds, runs=len(samples), samples_s=samples)
+    # length's %matmul (row None: the VM's speed drifts, the rate with it); the references (dense,
+    # flex, causal) among themselves: a dense step moves gigabytes, which would slow the step after it.
+    matmul = _matmul_step(device)
+    kernels = [case for case in runnable if case[0]["backend"] == "blocked"] + [(None, matmul, _seconds(matmul, device))]
+    references = [case for case in runnable if case[0]["backend"] != "blocked"]
+    for group in (kernels, references):
+        timings = interleaved_medians([step for _, step, _ in group], device, args.repeats, args.row_budget_s,
+                                      [warmup for *_, warmup in group], args.min_time_s)
+        for (row, _, _), (seconds, samples) in zip(group, timings):
+            if row is None:
+                matmul_gflops = _matmul_flops() / seconds / 1e9
+            else:
+                row.update(time_s=seconds, runs=len(samples), samples_s=samples)
     for row, (layer, windows, backend) in zip(rows, cases):
         row["matmul_gflops"] = matmul_gflops
         if row["time_s"] is not None:
@@ -367,12 +364,9 @@ def _paired_time_ratio(numerator, denominator):
     """Median over rounds of the two rows' time ratio: their runs alternate round by round, so each
     ratio compares two runs a few ms apart, which cancels the machine's drift better than a ratio of
     medians (that one is the fallback when the rows were not timed in the same rounds)."""
-    if not (numerator and denominator):
-        return None
-    pairs = zip(numerator.get("samples_s", ()), denominator.get("samples_s", ()), strict=False)
-    ratios = [a / b for a, b in pairs]
-    if ratios and len(ratios) == numerator["runs"] == denominator["runs"]:
-        return statistics.median(ratios)
+    a, b = (row and row.get("samples_s") for row in (numerator, denominator))
+    if a and b and len(a) == len(b):
+        return statistics.median(x / y for x, y in zip(a, b))
     return _time_ratio(numerator, denominator)
 
 

@@ -110,8 +110,8 @@ def test_blocked_matches_dense_on_random_shapes():
 def test_blocked_matches_dense_whatever_the_chunking(monkeypatch, chunk_blocks):
     """Chunks of a band split rows into pieces (masking a row's first blocks from inside a piece) or
     group several rows; every chunking gives the dense result."""
-    monkeypatch.setattr(blocked, "CHUNK_BYTES", chunk_blocks * 32 * 128 * 4)  # blocks of 32 queries x 128 keys
     q, k, v = make_inputs(2, 4, 2, 200, 8)
+    monkeypatch.setattr(blocked, "CHUNK_BYTES", chunk_blocks * 32 * 128 * q.element_size())  # 32 queries x 128 keys
     windows = [70, 70, 9, 33]  # block 32: spans of 128 keys (W 70, 3 early blocks) and 64; 7 blocks per row
     assert_matches_dense(lambda *x: blocked_window_attention(*x, windows), q, k, v, windows)
 

@@ -136,19 +136,20 @@ class _BandAttention(torch.autograd.Function):
         k_rows, v_rows = (_to_rows(x, plan.kv_heads, plan, dtype, plan.front) for x in (k, v))
         out_rows = torch.empty_like(q_rows)
         scale = q.shape[-1] ** -0.5
-        probs = []
-        for band in plan.bands:
-            queries, keys, values, out = (view(x, band, plan) for view, x in _band_views(q_rows, k_rows, v_rows, out_rows))
+        probs, chunks = [], [_chunks(band, plan, q_rows.element_size()) for band in plan.bands]
+        for band, band_chunks in zip(plan.bands, chunks):
+            queries, keys, values, out = _band_views(band, plan, q_rows, k_rows, v_rows, out_rows)
             prob = queries.new_empty(queries.shape[0], band.block, band.span)
             mask = _band_mask(band.window, band.block, dtype, q.device)
-            for chunk in _chunks(band, plan):  # a chunk's scores stay in cache from product to softmax to product
+            for chunk in band_chunks:  # a chunk's scores stay in cache from product to softmax to product
                 torch.baddbmm(mask, queries[chunk.blocks], keys[chunk.blocks].mT, alpha=scale, out=prob[chunk.blocks])
                 _mask_before_row_start(prob[chunk.blocks], band, chunk)
                 torch.ops.aten._softmax.out(prob[chunk.blocks], -1, False, out=prob[chunk.blocks])
                 torch.bmm(prob[chunk.blocks], values[chunk.blocks], out=out[chunk.blocks])
             probs.append(prob)
         ctx.save_for_backward(q_rows, k_rows, v_rows, *probs)
-        ctx.plan, ctx.scale, ctx.dtypes, ctx.shapes = plan, scale, (q.dtype, k.dtype), (q.shape, k.shape)
+        ctx.plan, ctx.chunks, ctx.scale = plan, chunks, scale
+        ctx.dtypes, ctx.shapes = (q.dtype, k.dtype), (q.shape, k.shape)
         return _from_rows(out_rows, plan, front=0).to(q.dtype)
 
     @staticmethod
@@ -157,10 +158,10 @@ class _BandAttention(torch.autograd.Function):
         plan, scale = ctx.plan, ctx.scale
         grad_out_rows = _to_rows(grad_out, range(len(plan.heads)), plan, q_rows.dtype, front=0)
         grad_q, grad_k, grad_v = torch.empty_like(q_rows), torch.zeros_like(k_rows), torch.zeros_like(v_rows)
-        for band, prob in zip(plan.bands, probs):
-            queries, keys, values, grad_blocks = (view(x, band, plan) for view, x in _band_views(q_rows, k_rows, v_rows, grad_out_rows))
+        for band, band_chunks, prob in zip(plan.bands, ctx.chunks, probs):
+            queries, keys, values, grad_blocks = _band_views(band, plan, q_rows, k_rows, v_rows, grad_out_rows)
             grad_queries = _blocks(grad_q, band, plan)
-            for chunk in _chunks(band, plan):
+            for chunk in band_chunks:
                 blocks, first_key = chunk.blocks, _first_key_row(band, plan) + chunk.blocks.start * band.block
                 _accumulate_tiles(grad_v, prob[blocks], grad_blocks[blocks], first_key, band, alpha=1.0)
                 grad_scores = torch.bmm(grad_blocks[blocks], values[blocks].mT)
@@ -230,8 +231,10 @@ def _spans(rows, band, plan):
     return rows.as_strided((count, band.span, dim), (band.block * dim, dim, 1), start)
 
 
-def _band_views(queries, keys, values, per_query):
-    return (_blocks, queries), (_spans, keys), (_spans, values), (_blocks, per_query)
+def _band_views(band, plan, queries, keys, values, per_query):
+    """The band's query blocks, key spans, value spans and blocks of a per-query buffer."""
+    return (_blocks(queries, band, plan), _spans(keys, band, plan), _spans(values, band, plan),
+            _blocks(per_query, band, plan))
 
 
 def _first_key_row(band, plan):
@@ -248,10 +251,10 @@ class _Chunk(NamedTuple):
 CHUNK_BYTES = 4 * 2**20
 
 
-def _chunks(band, plan):
+def _chunks(band, plan, element_size):
     """The band's blocks in chunks of about CHUNK_BYTES of scores: whole rows, or pieces of one row."""
     per_row = plan.n_padded // band.block
-    target = max(1, CHUNK_BYTES // (band.block * band.span * 4))
+    target = max(1, CHUNK_BYTES // (band.block * band.span * element_size))
     if per_row <= target:
         rows = target // per_row
         return [_Chunk(slice(r * per_row, min(band.rows, r + rows) * per_row), min(rows, band.rows - r), 0)
