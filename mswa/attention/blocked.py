@@ -136,7 +136,7 @@ class _BandAttention(torch.autograd.Function):
         k_rows, v_rows = (_to_rows(x, plan.kv_heads, plan, dtype, plan.front) for x in (k, v))
         out_rows = torch.empty_like(q_rows)
         scale = q.shape[-1] ** -0.5
-        probs, views = [], []
+        probs = []
         for band in plan.bands:
             queries, keys, values = _band_views(band, plan, q_rows, k_rows, v_rows)
             chunks = _chunks(band, plan, CHUNK_BYTES // q_rows.element_size())
@@ -149,9 +149,8 @@ class _BandAttention(torch.autograd.Function):
                 torch.ops.aten._softmax.out(prob[chunk.blocks], -1, False, out=prob[chunk.blocks])
                 torch.bmm(prob[chunk.blocks], values[chunk.blocks], out=out[chunk.blocks])
             probs.append(prob)
-            views.append((queries, keys, values, chunks))
-        ctx.save_for_backward(q_rows, k_rows, v_rows, *probs)
-        ctx.plan, ctx.views, ctx.scale = plan, views, scale  # per band: views of the saved rows, chunks
+        ctx.save_for_backward(q_rows, k_rows, v_rows, *probs)  # tensors only here: saved-tensor hooks see them all
+        ctx.plan, ctx.scale = plan, scale
         ctx.dtypes, ctx.shapes = (q.dtype, k.dtype), (q.shape, k.shape)
         return _from_rows(out_rows, plan, front=0).to(q.dtype)
 
@@ -161,9 +160,10 @@ class _BandAttention(torch.autograd.Function):
         plan, scale = ctx.plan, ctx.scale
         grad_out_rows = _to_rows(grad_out, range(len(plan.heads)), plan, q_rows.dtype, front=0)
         grad_q, grad_k, grad_v = torch.empty_like(q_rows), torch.zeros_like(k_rows), torch.zeros_like(v_rows)
-        for band, (queries, keys, values, chunks), prob in zip(plan.bands, ctx.views, probs):
+        for band, prob in zip(plan.bands, probs):
+            queries, keys, values = _band_views(band, plan, q_rows, k_rows, v_rows)
             grad_blocks, grad_queries = _blocks(grad_out_rows, band, plan), _blocks(grad_q, band, plan)
-            for chunk in chunks:
+            for chunk in _chunks(band, plan, CHUNK_BYTES // q_rows.element_size()):
                 blocks, first_key = chunk.blocks, _first_key_row(band, plan) + chunk.blocks.start * band.block
                 _accumulate_tiles(grad_v, prob[blocks], grad_blocks[blocks], first_key, band, alpha=1.0)
                 grad_scores = torch.bmm(grad_blocks[blocks], values[blocks].mT)
