@@ -137,6 +137,21 @@ def test_blocked_trains_in_float32_under_autograd():
 # ----------------------------------------------------------------------------- flex
 
 
+def test_blocked_keeps_its_backward_state_in_saved_tensors():
+    """Saved-tensor hooks (offloading, checkpointing) must see all that the backward reads: with
+    hooks that keep copies, overwriting the inputs after the forward must not change the gradients."""
+    q, k, v = make_inputs(1, 4, 4, 64, 8)  # one sequence of whole blocks, heads in order: q's rows are q
+    windows = [3, 3, 40, 40]
+    want = output_and_grads(lambda *x: dense_window_attention(*x, windows), q, k, v)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+        out = blocked_window_attention(q, k, v, windows)
+    for x in (q, k, v):
+        x.data.zero_()  # behind autograd's back
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+    for got, expected in zip(torch.autograd.grad(out, (q, k, v), grad_out), want[1:], strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-10, rtol=0)
+
+
 def test_flex_tiles_match_brute_force():
     n, windows = 3 * BLOCK + 40, (1, BLOCK, BLOCK + 1, 2 * BLOCK + 5, None)
     partial, full = _tile_visibility(n, torch.tensor([n if w is None else w for w in windows]))
