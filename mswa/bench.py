@@ -139,20 +139,17 @@ def run_attention_bench(args):
 
 
 MATMUL_SIZE = 2048
+MATMUL_FLOPS = 2 * MATMUL_SIZE**3
 
 
 def measure_matmul_gflops(device, repeats=5):
     """This machine's fp32 matrix-multiply rate: median time of a (2048 x 2048) @ (2048 x 2048)."""
-    return _matmul_flops() / _median_seconds(_matmul_step(device), device, repeats)[0] / 1e9
+    return MATMUL_FLOPS / _median_seconds(_matmul_step(device), device, repeats)[0] / 1e9
 
 
 def _matmul_step(device):
     a, b = (torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=device) for _ in range(2))
     return lambda: a @ b
-
-
-def _matmul_flops():
-    return 2 * MATMUL_SIZE**3
 
 
 def _inputs(args, n, device):
@@ -199,7 +196,7 @@ def _timed_rows(cases, inputs, args):
                                       [warmup for *_, warmup in group], args.min_time_s)
         for (row, _, _), (seconds, samples) in zip(group, timings):
             if row is None:
-                matmul_gflops = _matmul_flops() / seconds / 1e9
+                matmul_gflops = MATMUL_FLOPS / seconds / 1e9
             else:
                 row.update(time_s=seconds, runs=len(samples), samples_s=samples)
     for row, (layer, windows, backend) in zip(rows, cases):

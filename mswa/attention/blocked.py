@@ -139,11 +139,11 @@ class _BandAttention(torch.autograd.Function):
         probs = []
         for band in plan.bands:
             queries, keys, values = _band_views(band, plan, q_rows, k_rows, v_rows)
-            chunks = _chunks(band, plan, CHUNK_BYTES // q_rows.element_size())
             out = _blocks(out_rows, band, plan)
             prob = queries.new_empty(queries.shape[0], band.block, band.span)
             mask = _band_mask(band.window, band.block, dtype, q.device)
-            for chunk in chunks:  # a chunk's scores stay in cache from product to softmax to product
+            # a chunk's scores stay in cache from product to softmax to product
+            for chunk in _chunks(band, plan, CHUNK_BYTES // q_rows.element_size()):
                 torch.baddbmm(mask, queries[chunk.blocks], keys[chunk.blocks].mT, alpha=scale, out=prob[chunk.blocks])
                 _mask_before_row_start(prob[chunk.blocks], band, chunk)
                 torch.ops.aten._softmax.out(prob[chunk.blocks], -1, False, out=prob[chunk.blocks])
