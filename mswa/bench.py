@@ -1,8 +1,9 @@
 """Benchmarks, one subcommand each: `python -m mswa.bench attention [--tiny] ...`.
 
-`attention` times the attention backends over sequence lengths for two layers of windows (the
-`mswa` head scales and `uniform` SWA at the same base window w) plus the full causal baseline, and
-prints a table and writes JSON. Useful GFLOP/s count only query-key pairs inside the windows
+`attention` times the attention backends over sequence lengths for three cases at one base window
+w, each reported per layer: `mswa` (the `mswa` schedule's four layer groups, one layer each, timed
+as one step: mean window 0.88 w), `mswa_h` (one layer of the head scales alone: 0.94 w) and
+`uniform` (one SWA layer: 1.0 w), plus the full causal baseline; it prints a table and writes JSON. Useful GFLOP/s count only query-key pairs inside the windows
 (4 * head_dim FLOPs per pair forward, x3 for forward+backward), compared with this machine's fp32
 matmul rate measured by the command itself: a 2048 x 2048 product timed round-robin with each
 length's windowed kernels, because a shared VM's speed drifts by 10-20% within minutes.
@@ -50,7 +51,7 @@ def _add_attention_command(commands):
     bench.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     bench.add_argument("--heads", type=int, default=8, help="heads (a multiple of 4: the mswa layer has 4 head groups)")
     bench.add_argument("--head-dim", type=int, default=64)
-    bench.add_argument("--window", type=int, default=128, help="base window w of both layers")
+    bench.add_argument("--window", type=int, default=128, help="base window w of every case")
     bench.add_argument("--repeats", type=int, default=5, help="timed runs after one warm-up; the median is reported")
     bench.add_argument(
         "--row-budget-s", type=float, default=60.0, help="slow cases get fewer runs (at least 3) to fit this"
@@ -89,10 +90,7 @@ def run_attention_bench(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    layers = {
-        name: make_schedule(schedule, w=args.window, n_layer=1, n_head=args.heads).windows[0]
-        for name, schedule in (("mswa", "mswa_h"), ("uniform", "uniform"))
-    }
+    layers = {name: make_schedule(name, w=args.window, n_layer=count, n_head=args.heads) for name, count in LAYERS}
     load_before = os.getloadavg()[0]  # other work on the machine makes timings noisy: record it
     if not args.glibc_default:
         reuse_freed_memory()
@@ -103,9 +101,9 @@ def run_attention_bench(args):
     # Memory last, so that the allocator settings it needs never touch the timings.
     for n in args.lengths:
         inputs = _inputs(args, n, device)
-        for (_, windows, backend), row in zip(cases, (row for row in rows if row["n"] == n)):
-            if row["time_s"] is not None:
-                row["peak_mb"] = _peak_memory_mb(_attention_step(windows, backend, inputs, row["mode"] == "fwd+bwd"), device)
+        for (_, stack, backend), row in zip(cases, (row for row in rows if row["n"] == n)):
+            if row["time_s"] is not None:  # of the stack's largest layer: one layer's graph lives at a time
+                row["peak_mb"] = _peak_memory_mb(_attention_step(stack, backend, inputs, row["mode"] == "fwd+bwd"), device)
     result = {
         "machine": {
             "platform": platform.platform(),
@@ -125,7 +123,8 @@ def run_attention_bench(args):
             "min_time_s": args.min_time_s,
             "dtype": "float32",
             "batch": 1,
-            "layers": {k: list(v) for k, v in layers.items()},
+            "layers": {name: schedule.as_lists() for name, schedule in layers.items()},
+            "mean_window_over_w": {name: schedule.mean_window_over_w() for name, schedule in layers.items()},
         },
         "matmul_gflops": matmul_gflops,
         "memory_method": MEMORY_METHOD[device.type],
@@ -138,6 +137,9 @@ def run_attention_bench(args):
     print(f"\nwritten: {args.output}")
 
 
+# (schedule, layers): timed as one step of those layers, reported per layer. `mswa` needs one layer
+# per layer group for its mean window (0.88 w): no single layer of it has that budget.
+LAYERS = (("mswa", 4), ("mswa_h", 1), ("uniform", 1))
 MATMUL_SIZE = 2048
 MATMUL_FLOPS = 2 * MATMUL_SIZE**3
 
@@ -157,25 +159,25 @@ def _inputs(args, n, device):
 
 
 def _cases(layers, args):
-    """(layer, windows, backend) timed at every length."""
-    cases = [(name, windows, backend) for name, windows in layers.items()
+    """(name, per-layer windows, backend) timed at every length."""
+    cases = [(name, schedule.windows, backend) for name, schedule in layers.items()
              for backend in ("blocked", "dense", "flex") if backend in args.backends]
-    return cases + ([("full", (None,) * args.heads, "causal")] if "causal" in args.backends else [])
+    return cases + ([("full", ((None,) * args.heads,), "causal")] if "causal" in args.backends else [])
 
 
 def _timed_rows(cases, inputs, args):
     """Rows of one length; the cases' timed runs are interleaved (see `interleaved_medians`)."""
     n, device = inputs[0].shape[2], inputs[0].device
     rows, steps = [], []
-    for layer, windows, backend in cases:
+    for layer, stack, backend in cases:
         backward = not (backend == "flex" and device.type == "cpu")  # torch has no CPU flex backward
         row = {"layer": layer, "n": n, "backend": backend, "mode": "fwd+bwd" if backward else "fwd only", "time_s": None,
-               "runs": 0, "peak_mb": None, "useful_gflops": None, "pct_matmul": None, "note": ""}
+               "layers": len(stack), "runs": 0, "peak_mb": None, "useful_gflops": None, "pct_matmul": None, "note": ""}
         dense_gb = (args.heads * 5 + 5) * n * n / 1e9  # bool mask, its float copy, int32 lags
         if backend == "dense" and dense_gb > args.dense_max_gb:
             row["note"] = f"skipped: (N, N) masks need ~{dense_gb:.1f} GB > --dense-max-gb {args.dense_max_gb}"
         else:
-            steps.append((row, _attention_step(windows, backend, inputs, backward)))
+            steps.append((row, _attention_step(stack, backend, inputs, backward)))
         rows.append(row)
     runnable = []  # (row, step, warm-up seconds)
     for row, step in steps:
@@ -197,12 +199,12 @@ def _timed_rows(cases, inputs, args):
         for (row, _, _), (seconds, samples) in zip(group, timings):
             if row is None:
                 matmul_gflops = MATMUL_FLOPS / seconds / 1e9
-            else:
-                row.update(time_s=seconds, runs=len(samples), samples_s=samples)
-    for row, (layer, windows, backend) in zip(rows, cases):
+            else:  # per layer
+                row.update(time_s=seconds / row["layers"], runs=len(samples), samples_s=[s / row["layers"] for s in samples])
+    for row, (layer, stack, backend) in zip(rows, cases):
         row["matmul_gflops"] = matmul_gflops
         if row["time_s"] is not None:
-            pairs = sum(attended_pairs(w, n) for w in windows)
+            pairs = sum(attended_pairs(w, n) for windows in stack for w in windows) / len(stack)
             row["useful_gflops"] = pairs * 4 * args.head_dim * (3 if row["mode"] == "fwd+bwd" else 1) / row["time_s"] / 1e9
             row["pct_matmul"] = 100 * row["useful_gflops"] / matmul_gflops
         shown = f"{1e3 * row['time_s']:.1f} ms" if row["time_s"] is not None else row["note"]
@@ -210,15 +212,17 @@ def _timed_rows(cases, inputs, args):
     return rows
 
 
-def _attention_step(windows, backend, inputs, backward):
+def _attention_step(stack, backend, inputs, backward):
+    """Forward (and backward) of each layer of `stack` (per-layer windows) in turn, on the same inputs."""
     grad_out = torch.randn_like(inputs[0])
     backend = "auto" if backend == "causal" else backend  # all-None windows run fused causal SDPA
 
     def step():
         with torch.set_grad_enabled(backward):
-            out = window_attention(*inputs, windows, backend=backend)
-            if backward:
-                torch.autograd.grad(out, inputs, grad_out)
+            for windows in stack:
+                out = window_attention(*inputs, windows, backend=backend)
+                if backward:
+                    torch.autograd.grad(out, inputs, grad_out)
 
     return step
 
@@ -333,7 +337,7 @@ def compare_rows(rows):
     times = {(r["layer"], r["backend"], r["n"]): r for r in rows if r["time_s"] is not None}
     lengths = sorted({r["n"] for r in rows})
     comparisons = []
-    for layer in ("mswa", "uniform"):
+    for layer in dict.fromkeys(r["layer"] for r in rows if r["layer"] != "full"):
         first = times.get((layer, "blocked", lengths[0]))
         for n in lengths:
             blocked = times.get((layer, "blocked", n))
@@ -391,7 +395,11 @@ def _report(result):
         f"{result['machine']['threads']} threads; load average {load['start']:.1f} -> {load['end']:.1f} "
         f"(other work on the machine slows timings)"
     )
-    lines = [machine, f"memory: {result['memory_method']}", HEADER]
+    config = result["config"]
+    cases = "; ".join(f"{name}: {len(stack)} layer{'s' * (len(stack) > 1)}, mean window {config['mean_window_over_w'][name]:.2f} w"
+                      for name, stack in config["layers"].items())
+    lines = [machine, f"memory: {result['memory_method']}",
+             f"per layer (time and GFLOP/s averaged over a case's layers, memory of its largest) - {cases}", HEADER]
     lines += [_format_row(row) for row in result["rows"]]
     lines.append(
         f"\nblocked: {'layer':<8} {'N':>6} {'ms':>9} {'x dense':>8} {'x causal':>8} {'/uniform':>8} "

@@ -32,27 +32,35 @@ def useful_pairs(windows, n):
 def test_tiny_bench_writes_consistent_json_and_table(tmp_path):
     result, table = run_bench(tmp_path, "--backends", "blocked", "dense", "causal")
     config = result["config"]
-    assert config["lengths"] == [64, 96] and config["layers"]["uniform"] == [16] * 8
-    assert config["layers"]["mswa"] == [4, 4, 8, 8, 16, 16, 32, 32]
+    assert config["lengths"] == [64, 96] and config["layers"]["uniform"] == [[16] * 8]
+    assert config["layers"]["mswa_h"] == [[4, 4, 8, 8, 16, 16, 32, 32]]
+    # the mswa schedule's four layer groups: its mean window 0.88 w needs them all
+    assert config["layers"]["mswa"] == [[w * s for w in (1, 1, 2, 2, 4, 4, 8, 8)] for s in (1, 2, 4, 8)]
+    assert config["mean_window_over_w"] == pytest.approx({"mswa": (15 / 16) ** 2, "mswa_h": 15 / 16, "uniform": 1.0})
     assert result["matmul_gflops"] > 0
     cases = {(r["layer"], r["backend"], r["n"]) for r in result["rows"]}
     assert cases == {
-        (layer, backend, n) for n in (64, 96) for layer in ("mswa", "uniform") for backend in ("blocked", "dense")
+        (layer, backend, n) for n in (64, 96) for layer in ("mswa", "mswa_h", "uniform") for backend in ("blocked", "dense")
     } | {("full", "causal", 64), ("full", "causal", 96)}
-    windows = {**config["layers"], "full": [None] * 8}
+    stacks = {**config["layers"], "full": [[None] * 8]}
     for row in result["rows"]:
         assert row["mode"] == "fwd+bwd" and row["time_s"] > 0 and row["runs"] == 2 and row["peak_mb"] >= 0
-        flops = useful_pairs(windows[row["layer"]], row["n"]) * 4 * config["head_dim"] * 3
+        stack = stacks[row["layer"]]
+        assert row["layers"] == len(stack)
+        # per layer: time and useful work are the stack's means
+        assert row["time_s"] == pytest.approx(statistics.median(row["samples_s"]))
+        flops = sum(useful_pairs(windows, row["n"]) for windows in stack) / len(stack) * 4 * config["head_dim"] * 3
         assert row["useful_gflops"] == pytest.approx(flops / row["time_s"] / 1e9)
         # %matmul is against the matmul rate timed among this length's windowed kernels
         assert row["matmul_gflops"] > 0 and row["pct_matmul"] == pytest.approx(100 * row["useful_gflops"] / row["matmul_gflops"])
         assert f"{row['layer']:<8} {row['n']:>6} {row['backend']:<8}" in table
     comparison = {(c["layer"], c["n"]): c for c in result["comparisons"]}
     assert comparison[("uniform", 96)]["time_vs_uniform"] == 1.0
-    mswa, uniform = (next(r for r in result["rows"] if r["layer"] == layer and r["backend"] == "blocked" and r["n"] == 96)
-                     for layer in ("mswa", "uniform"))
-    paired = [a / b for a, b in zip(mswa["samples_s"], uniform["samples_s"], strict=True)]  # same rounds
-    assert comparison[("mswa", 96)]["time_vs_uniform"] == pytest.approx(statistics.median(paired))
+    uniform = next(r for r in result["rows"] if r["layer"] == "uniform" and r["backend"] == "blocked" and r["n"] == 96)
+    for layer in ("mswa", "mswa_h"):
+        row = next(r for r in result["rows"] if r["layer"] == layer and r["backend"] == "blocked" and r["n"] == 96)
+        paired = [a / b for a, b in zip(row["samples_s"], uniform["samples_s"], strict=True)]  # same rounds
+        assert comparison[(layer, 96)]["time_vs_uniform"] == pytest.approx(statistics.median(paired))
     assert len({r["matmul_gflops"] for r in result["rows"] if r["n"] == 96}) == 1
     assert comparison[("mswa", 64)]["speedup_vs_dense"] > 0 and comparison[("mswa", 96)]["speedup_vs_causal"] > 0
     assert "x dense" in table and "GFLOP/s" in table
