@@ -145,10 +145,11 @@ class _BandAttention(torch.autograd.Function):
             mask = _band_mask(band.window, band.block, dtype, q.device)
             # a chunk's scores stay in cache from product to softmax to product
             for chunk in _chunks(band, plan, CHUNK_BYTES // q_rows.element_size()):
-                torch.baddbmm(mask, queries[chunk.blocks], keys[chunk.blocks].mT, alpha=scale, out=prob[chunk.blocks])
-                _mask_before_row_start(prob[chunk.blocks], band, chunk)
-                torch.ops.aten._softmax.out(prob[chunk.blocks], -1, False, out=prob[chunk.blocks])
-                torch.bmm(prob[chunk.blocks], values[chunk.blocks], out=out[chunk.blocks])
+                scores = prob[chunk.blocks]
+                torch.baddbmm(mask, queries[chunk.blocks], keys[chunk.blocks].mT, alpha=scale, out=scores)
+                _mask_before_row_start(scores, band, chunk)
+                torch.ops.aten._softmax.out(scores, -1, False, out=scores)
+                torch.bmm(scores, values[chunk.blocks], out=out[chunk.blocks])
             probs.append(prob)
         ctx.save_for_backward(q_rows, k_rows, v_rows, *probs)  # tensors only here: saved-tensor hooks see them all
         ctx.plan, ctx.scale = plan, scale
@@ -195,8 +196,11 @@ def _to_rows(x, heads, plan, dtype, front):
     rows[:front].zero_()
     rows[front:].view(len(heads), plan.batch, plan.n_padded, dim)[:, :, plan.n :].zero_()
     positions = _positions(rows, plan, front)
-    for i, head in enumerate(heads):
-        positions[i].copy_(x[:, head])
+    if heads == list(range(x.shape[1])):
+        positions.copy_(x.transpose(0, 1))  # one copy, not one per head
+    else:  # heads in band order, or k/v heads repeated per query head
+        for i, head in enumerate(heads):
+            positions[i].copy_(x[:, head])
     return rows
 
 
@@ -269,11 +273,15 @@ def _chunks(band, plan, scores_per_chunk):
 
 def _accumulate_tiles(grad_rows, weights, block_values, first_key, band, alpha):
     """grad_rows[keys of each span] += alpha * weights^T @ block_values, one span tile at a time:
-    tile t of every block is B consecutive keys, so each tile's sum is one in-place baddbmm."""
-    count, dim = weights.shape[0] * band.block, grad_rows.shape[-1]
-    for tile in range(0, band.span, band.block):
-        target = grad_rows[first_key + tile : first_key + tile + count].view(-1, band.block, dim)
-        target.baddbmm_(weights[:, :, tile : tile + band.block].mT, block_values, alpha=alpha)
+    tile t of every block is B consecutive keys, so each tile's sum is one in-place baddbmm (one
+    per tile, not one for all: tile t of block j and tile t+1 of block j-1 are the same keys)."""
+    blocks, block, dim = weights.shape[0], band.block, grad_rows.shape[-1]
+    tiles = band.span // block
+    start = grad_rows.storage_offset() + first_key * dim
+    targets = grad_rows.as_strided((tiles, blocks, block, dim), (block * dim, block * dim, dim, 1), start)
+    weight_tiles = weights.view(blocks, block, tiles, block).permute(2, 0, 3, 1)  # (tile, block, key, query)
+    for target, weight in zip(targets, weight_tiles):
+        target.baddbmm_(weight, block_values, alpha=alpha)
 
 
 def _mask_before_row_start(scores, band, chunk):
