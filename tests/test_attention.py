@@ -27,7 +27,7 @@ def make_inputs(batch, heads, kv_heads, n, dim, dtype=torch.float64, seed=0):
 def output_and_grads(fn, q, k, v):
     """fn's output and the gradients of q, k, v for a fixed random output gradient."""
     out = fn(q, k, v)
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype).to(out.device)
     return (out, *torch.autograd.grad(out, (q, k, v), grad_out))
 
 

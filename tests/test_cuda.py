@@ -1,0 +1,81 @@
+"""The GPU paths, against the dense reference: flex forward+backward, blocked, `auto` -> flex, bf16.
+
+Skipped without CUDA; on a GPU machine `python -m pytest tests/test_cuda.py` is the whole check.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mswa.attention import resolve_backend, window_attention
+from mswa.attention.dense import dense_window_attention
+from test_attention import CASES, TOLERANCE, make_inputs, output_and_grads
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+ROOT = Path(__file__).resolve().parents[1]
+BF16_RELATIVE_ERROR = 1e-2  # bf16 keeps 8 bits of mantissa: 4e-3 relative per rounding
+
+
+@pytest.fixture(autouse=True)
+def exact_fp32_matmuls():
+    """TF32 would round fp32 products to 10 bits and miss the 1e-5 tolerance by design, not by bug."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+def cuda_inputs(batch, heads, kv_heads, n, dim, dtype):
+    return [x.detach().cuda().requires_grad_() for x in make_inputs(batch, heads, kv_heads, n, dim, dtype)]
+
+
+def assert_close_to_dense(backend, inputs, windows, tolerance):
+    """Output and q/k/v gradients of `backend` against dense on the same inputs."""
+    got = output_and_grads(lambda *x: window_attention(*x, windows, backend=backend), *inputs)
+    want = output_and_grads(lambda *x: dense_window_attention(*x, windows), *inputs)
+    for name, a, b in zip(("out", "grad q", "grad k", "grad v"), got, want, strict=True):
+        assert a.dtype == inputs[0].dtype and a.device.type == "cuda"
+        torch.testing.assert_close(a, b, atol=tolerance, rtol=0, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("backend", ["flex", "blocked", "auto"])
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_cuda_backend_matches_dense(case, backend, dtype):
+    batch, heads, kv_heads, n, windows = case
+    assert_close_to_dense(backend, cuda_inputs(batch, heads, kv_heads, n, 16, dtype), windows, TOLERANCE[dtype])
+
+
+def test_auto_is_flex_on_cuda():
+    assert resolve_backend("auto", torch.device("cuda")) == "flex"
+
+
+@pytest.mark.parametrize("backend", ["flex", "blocked"])
+def test_bf16_trains_close_to_fp32_dense(backend):
+    """bf16 inputs: bf16 outputs and gradients within bf16 rounding of fp32 dense on the same values."""
+    inputs = cuda_inputs(2, 8, 2, 700, 64, torch.bfloat16)
+    windows = [16, 16, 64, 64, 200, 200, None, 5]
+    grad_out = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(1)).cuda().bfloat16()
+    out = window_attention(*inputs, windows, backend=backend)
+    got = (out, *torch.autograd.grad(out, inputs, grad_out))
+    reference_inputs = [x.detach().float().requires_grad_() for x in inputs]
+    reference = dense_window_attention(*reference_inputs, windows)
+    want = (reference, *torch.autograd.grad(reference, reference_inputs, grad_out.float()))
+    for name, a, b in zip(("out", "grad q", "grad k", "grad v"), got, want, strict=True):
+        assert a.dtype == torch.bfloat16
+        error = (a.float() - b).norm() / b.norm()
+        assert error < BF16_RELATIVE_ERROR, f"{name}: relative error {error:.2e}"
+
+
+def test_attention_bench_runs_on_cuda(tmp_path):
+    output = tmp_path / "attention.json"
+    command = [sys.executable, "-m", "mswa.bench", "attention", "--tiny", "--device", "cuda", "--output", str(output)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(output.read_text())["rows"]
+    assert {r["backend"] for r in rows if r["time_s"]} == {"blocked", "dense", "flex", "causal"}
+    assert all(r["mode"] == "fwd+bwd" for r in rows)  # flex trains on CUDA
