@@ -3,7 +3,8 @@
 `attention` times the attention backends over sequence lengths for three cases at one base window
 w, each reported per layer: `mswa` (the `mswa` schedule's four layer groups, one layer each, timed
 as one step: mean window 0.88 w), `mswa_h` (one layer of the head scales alone: 0.94 w) and
-`uniform` (one SWA layer: 1.0 w), plus the full causal baseline; it prints a table and writes JSON. Useful GFLOP/s count only query-key pairs inside the windows
+`uniform` (one SWA layer: 1.0 w), plus the full causal baseline; it prints a table and writes JSON.
+Useful GFLOP/s count only query-key pairs inside the windows
 (4 * head_dim FLOPs per pair forward, x3 for forward+backward), compared with this machine's fp32
 matmul rate measured by the command itself: a 2048 x 2048 product timed round-robin with each
 length's windowed kernels, because a shared VM's speed drifts by 10-20% within minutes.

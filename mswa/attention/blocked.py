@@ -35,7 +35,7 @@ def block_size_for(window):
     """Query block size for a window. A block computes B + reach keys per query to use W, so small
     blocks waste less work, but tiny ones make inefficient matmuls. Tuned on a 2-core CPU (fp32,
     forward+backward, head_dim 64, 8 heads, N 1k-16k, timings interleaved): at W 4-16, 16 beats 32
-    by 15-20% (half the span) and ties with 8; at W 32 16 and 32 tie; at W 32-64, 32 beats 64 by
+    by 15-20% (half the span) and ties with 8; at W 32, 16 ties with 32; at W 32-64, 32 beats 64 by
     10-35%; at W 128 they tie within 5% (32 ahead from 8k); at W 256 they tie; at W 512, 64 beats 32
     by 15%; from W 1024, 128 beats 64 by ~5%."""
     return 16 if window <= 16 else 32 if window < 256 else 64 if window < 1024 else 128
