@@ -27,15 +27,21 @@ def make_inputs(batch, heads, kv_heads, n, dim, dtype=torch.float64, seed=0):
 def output_and_grads(fn, q, k, v):
     """fn's output and the gradients of q, k, v for a fixed random output gradient."""
     out = fn(q, k, v)
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype).to(out.device)
-    return (out, *torch.autograd.grad(out, (q, k, v), grad_out))
+    return (out, *torch.autograd.grad(out, (q, k, v), fixed_grad_out(out)))
+
+
+def fixed_grad_out(out):
+    """The same random output gradient for every call with this output's shape, dtype and device."""
+    return torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype).to(out.device)
 
 
 def assert_matches_dense(fn, q, k, v, windows):
+    """Output and q/k/v gradients of fn against dense: same dtype and device as q, within TOLERANCE."""
     tolerance = TOLERANCE[q.dtype]
     got = output_and_grads(fn, q, k, v)
     want = output_and_grads(lambda *x: dense_window_attention(*x, windows), q, k, v)
     for name, a, b in zip(("out", "grad q", "grad k", "grad v"), got, want, strict=True):
+        assert a.dtype == q.dtype and a.device == q.device, f"{name}: {a.dtype} on {a.device}"
         torch.testing.assert_close(a, b, atol=tolerance, rtol=0, msg=lambda m, name=name: f"{name}: {m}")
 
 
@@ -147,8 +153,7 @@ def test_blocked_keeps_its_backward_state_in_saved_tensors():
         out = blocked_window_attention(q, k, v, windows)
     for x in (q, k, v):
         x.data.zero_()  # behind autograd's back
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
-    for got, expected in zip(torch.autograd.grad(out, (q, k, v), grad_out), want[1:], strict=True):
+    for got, expected in zip(torch.autograd.grad(out, (q, k, v), fixed_grad_out(out)), want[1:], strict=True):
         torch.testing.assert_close(got, expected, atol=1e-10, rtol=0)
 
 

@@ -13,7 +13,7 @@ import torch
 
 from mswa.attention import resolve_backend, window_attention
 from mswa.attention.dense import dense_window_attention
-from test_attention import CASES, TOLERANCE, make_inputs, output_and_grads
+from test_attention import CASES, assert_matches_dense, fixed_grad_out, make_inputs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,21 +33,13 @@ def cuda_inputs(batch, heads, kv_heads, n, dim, dtype):
     return [x.detach().cuda().requires_grad_() for x in make_inputs(batch, heads, kv_heads, n, dim, dtype)]
 
 
-def assert_close_to_dense(backend, inputs, windows, tolerance):
-    """Output and q/k/v gradients of `backend` against dense on the same inputs."""
-    got = output_and_grads(lambda *x: window_attention(*x, windows, backend=backend), *inputs)
-    want = output_and_grads(lambda *x: dense_window_attention(*x, windows), *inputs)
-    for name, a, b in zip(("out", "grad q", "grad k", "grad v"), got, want, strict=True):
-        assert a.dtype == inputs[0].dtype and a.device.type == "cuda"
-        torch.testing.assert_close(a, b, atol=tolerance, rtol=0, msg=lambda m, name=name: f"{name}: {m}")
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("backend", ["flex", "blocked", "auto"])
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_cuda_backend_matches_dense(case, backend, dtype):
     batch, heads, kv_heads, n, windows = case
-    assert_close_to_dense(backend, cuda_inputs(batch, heads, kv_heads, n, 16, dtype), windows, TOLERANCE[dtype])
+    q, k, v = cuda_inputs(batch, heads, kv_heads, n, 16, dtype)
+    assert_matches_dense(lambda *x: window_attention(*x, windows, backend=backend), q, k, v, windows)
 
 
 def test_auto_is_flex_on_cuda():
@@ -59,8 +51,8 @@ def test_bf16_trains_close_to_fp32_dense(backend):
     """bf16 inputs: bf16 outputs and gradients within bf16 rounding of fp32 dense on the same values."""
     inputs = cuda_inputs(2, 8, 2, 700, 64, torch.bfloat16)
     windows = [16, 16, 64, 64, 200, 200, None, 5]
-    grad_out = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(1)).cuda().bfloat16()
     out = window_attention(*inputs, windows, backend=backend)
+    grad_out = fixed_grad_out(out)
     got = (out, *torch.autograd.grad(out, inputs, grad_out))
     reference_inputs = [x.detach().float().requires_grad_() for x in inputs]
     reference = dense_window_attention(*reference_inputs, windows)

@@ -144,7 +144,7 @@ class _BandAttention(torch.autograd.Function):
             prob = queries.new_empty(queries.shape[0], band.block, band.span)
             mask = _band_mask(band.window, band.block, dtype, q.device)
             # a chunk's scores stay in cache from product to softmax to product
-            for chunk in _chunks(band, plan, CHUNK_BYTES // q_rows.element_size()):
+            for chunk in _chunks(band, plan, _scores_per_chunk(q_rows)):
                 scores = prob[chunk.blocks]
                 torch.baddbmm(mask, queries[chunk.blocks], keys[chunk.blocks].mT, alpha=scale, out=scores)
                 _mask_before_row_start(scores, band, chunk)
@@ -165,7 +165,7 @@ class _BandAttention(torch.autograd.Function):
         for band, prob in zip(plan.bands, probs):
             queries, keys, values = _band_views(band, plan, q_rows, k_rows, v_rows)
             grad_blocks, grad_queries = _blocks(grad_out_rows, band, plan), _blocks(grad_q, band, plan)
-            for chunk in _chunks(band, plan, CHUNK_BYTES // q_rows.element_size()):
+            for chunk in _chunks(band, plan, _scores_per_chunk(q_rows)):
                 blocks, first_key = chunk.blocks, _first_key_row(band, plan) + chunk.blocks.start * band.block
                 _accumulate_tiles(grad_v, prob[blocks], grad_blocks[blocks], first_key, band, alpha=1.0)
                 grad_scores = torch.bmm(grad_blocks[blocks], values[blocks].mT)
@@ -255,6 +255,11 @@ class _Chunk(NamedTuple):
 
 
 CHUNK_BYTES = 4 * 2**20
+
+
+def _scores_per_chunk(rows):
+    """CHUNK_BYTES in scores of the rows' dtype (read at each call: tests change CHUNK_BYTES)."""
+    return CHUNK_BYTES // rows.element_size()
 
 
 @lru_cache(maxsize=256)
