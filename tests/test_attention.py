@@ -6,14 +6,12 @@ import warnings
 
 import pytest
 import torch
-from torch.nn.attention.flex_attention import flex_attention
 
 from mswa import attention
-from mswa.attention import BACKENDS, resolve_backend, validate_windows, window_attention
-from mswa.attention import blocked
+from mswa.attention import BACKENDS, blocked, flex, resolve_backend, validate_windows, window_attention
 from mswa.attention.blocked import block_size_for, blocked_window_attention
 from mswa.attention.dense import dense_window_attention, window_mask
-from mswa.attention.flex import BLOCK, _tile_visibility, window_block_mask
+from mswa.attention.flex import BLOCK, _tile_visibility
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
 
@@ -171,13 +169,19 @@ def test_flex_tiles_match_brute_force():
                 assert partial[h, a, b] == (bool(tile.any()) and not full[h, a, b])
 
 
-def test_flex_block_mask_and_mask_mod_match_dense_uncompiled():
-    q, k, v = (x.detach() for x in make_inputs(1, 6, 3, 300, 16))
-    windows = (1, 200, None, 64, 130, 5)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch warns that uncompiled flex is unfused
-        got = flex_attention(q, k, v, block_mask=window_block_mask(300, windows, q.device), enable_gqa=True)
-        torch.testing.assert_close(got, dense_window_attention(q, k, v, windows), atol=1e-10, rtol=0)
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_flex_float64_is_exact_through_the_unfused_kernel(case, monkeypatch):
+    """float64 runs FlexAttention unfused (its fused kernels compute in float32): the BlockMask and
+    mask_mod must then give dense's outputs to 1e-10, with one warning about the N x N memory."""
+    batch, heads, kv_heads, n, windows = case
+    q, k, v = (x.detach() for x in make_inputs(batch, heads, kv_heads, n, 16))
+    monkeypatch.setattr(flex, "_warn_unfused_once", functools.cache(flex._warn_unfused_once.__wrapped__))
+    with pytest.warns(UserWarning, match="unfused") as caught:
+        for _ in range(2):
+            got = window_attention(q, k, v, windows, backend="flex")
+    assert len(caught) == 1, [str(w.message) for w in caught]
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, dense_window_attention(q, k, v, windows), atol=1e-10, rtol=0)
 
 
 def test_flex_refuses_gradients_on_cpu():
@@ -198,8 +202,9 @@ def test_flex_compiled_forward_matches_dense_on_cpu():
 # ----------------------------------------------------------------------------- backend choice and bad inputs
 
 
-def test_auto_is_blocked_on_cpu():
+def test_auto_is_blocked_on_cpu_and_in_float64():
     assert resolve_backend("auto", torch.device("cpu")) == "blocked"
+    assert resolve_backend("auto", torch.device("cuda"), torch.float64) == "blocked"  # flex is unfused there
 
 
 def test_auto_on_cuda_without_compile_warns_once_and_uses_blocked(monkeypatch):

@@ -5,7 +5,7 @@ Window convention (the project's only one): a window W means query i sees keys j
 This equals HF `sliding_window=W` and flash-attn `window_size=(W - 1, 0)`.
 
 Backends: `dense` (O(N^2) reference), `blocked` (O(N*W), trains on CPU and GPU), `flex`
-(FlexAttention; CPU forward only), `auto` (blocked on CPU, flex on CUDA). Whatever is asked,
+(FlexAttention; CPU forward only; float64 unfused, for checks), `auto` (flex on CUDA, else blocked). Whatever is asked,
 a layer whose windows are all None (or >= N) runs fused full causal SDPA.
 """
 
@@ -36,7 +36,7 @@ def window_attention(q, k, v, windows, backend="auto"):
     q, k, v = _in_autocast_dtype(q, k, v)
     _check_tensors(q, k, v)
     windows = validate_windows(windows, q.shape[1])
-    backend = resolve_backend(backend, q.device)
+    backend = resolve_backend(backend, q.device, q.dtype)
     if all(w is None or w >= q.shape[2] for w in windows):
         return causal_attention(q, k, v)
     return _KERNELS[backend](q, k, v, windows)
@@ -51,14 +51,15 @@ def validate_windows(windows, n_head):
     return tuple(_check_window(i, w) for i, w in enumerate(windows))
 
 
-def resolve_backend(backend, device):
-    """The concrete backend for `backend` on `device` ('auto': blocked on CPU, flex on CUDA)."""
+def resolve_backend(backend, device, dtype=torch.float32):
+    """The concrete backend for `backend` on `device` ('auto': flex on CUDA; blocked on CPU, and in
+    float64, where flex would run unfused in O(N^2) memory)."""
     global _warned_flex_fallback
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is unknown: choose one of {', '.join(BACKENDS)}.")
     if backend != "auto":
         return backend
-    if device.type != "cuda":
+    if device.type != "cuda" or dtype == torch.float64:
         return "blocked"
     if flex_available(device):
         return "flex"

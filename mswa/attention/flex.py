@@ -2,9 +2,14 @@
 
 On CUDA it trains (forward and backward). On CPU PyTorch compiles only its forward, so asking for
 gradients there is refused with a pointer to the `blocked` backend.
+
+float64 runs FlexAttention's unfused implementation, which computes in float64 but holds the N x N
+scores: the fused kernels accumulate in float32 on CUDA (Triton) and refuse float64 on CPU, so they
+cannot give float64 results. float64 is for checking against the reference, not for training.
 """
 
-from functools import lru_cache
+import warnings
+from functools import cache, lru_cache
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -30,12 +35,14 @@ def flex_window_attention(q, k, v, windows):
                 "use backend='blocked' to train on CPU, or call it under torch.no_grad()."
             )
         q, k, v = q.detach(), k.detach(), v.detach()  # torch refuses requires_grad inputs on CPU even under no_grad
-    if not flex_available(q.device):
+    unfused = q.dtype == torch.float64
+    if not unfused and not flex_available(q.device):
         raise ValueError(
             f"backend='flex' needs torch.compile support on {q.device.type} (Triton for CUDA); use backend='blocked'."
         )
     block_mask = window_block_mask(q.shape[2], tuple(windows), q.device)
-    return _compile_once()(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+    kernel = _unfused_flex if unfused else _compile_once()
+    return kernel(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def _compile_once():
@@ -43,6 +50,22 @@ def _compile_once():
     if _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
     return _compiled_flex
+
+
+def _unfused_flex(q, k, v, **options):
+    _warn_unfused_once()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")  # said once above
+        return flex_attention(q, k, v, **options)
+
+
+@cache
+def _warn_unfused_once():
+    warnings.warn(
+        "backend='flex' in float64 runs FlexAttention's unfused implementation (N x N scores in memory): "
+        "its fused kernels compute in float32. Use float32 for speed, or backend='blocked' for O(N*W) float64.",
+        stacklevel=4,
+    )
 
 
 @lru_cache(maxsize=16)
