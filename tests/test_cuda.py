@@ -1,4 +1,6 @@
 """The GPU paths, against the dense reference: flex forward+backward, blocked, `auto` -> flex, bf16.
+In float64, flex runs FlexAttention's unfused implementation (its Triton kernels accumulate in
+float32) and `auto` picks blocked.
 
 Skipped without CUDA; on a GPU machine `python -m pytest tests/test_cuda.py` is the whole check.
 """
