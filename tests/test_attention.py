@@ -16,10 +16,10 @@ from mswa.attention.flex import BLOCK, _tile_visibility
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
 
 
-def make_inputs(batch, heads, kv_heads, n, dim, dtype=torch.float64, seed=0):
+def make_inputs(batch, heads, kv_heads, n, dim, dtype=torch.float64, seed=0, device="cpu"):
     generator = torch.Generator().manual_seed(seed)
     shapes = [(batch, heads, n, dim), (batch, kv_heads, n, dim), (batch, kv_heads, n, dim)]
-    return [torch.randn(s, generator=generator, dtype=dtype).requires_grad_() for s in shapes]
+    return [torch.randn(s, generator=generator, dtype=dtype).to(device).requires_grad_() for s in shapes]
 
 
 def output_and_grads(fn, q, k, v):
@@ -92,8 +92,13 @@ CASES = {
 @pytest.mark.parametrize("backend", ["blocked", "auto"])
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_backend_matches_dense(case, backend, dtype):
+    assert_case_matches_dense(case, backend, dtype)
+
+
+def assert_case_matches_dense(case, backend, dtype, device="cpu"):
+    """One of CASES through `window_attention` against dense (also used by the CUDA tests)."""
     batch, heads, kv_heads, n, windows = case
-    q, k, v = make_inputs(batch, heads, kv_heads, n, 16, dtype)
+    q, k, v = make_inputs(batch, heads, kv_heads, n, 16, dtype, device=device)
     assert_matches_dense(lambda *x: window_attention(*x, windows, backend=backend), q, k, v, windows)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_attention import CASES, assert_matches_dense, fixed_grad_out, make_inputs
+from test_attention import CASES, assert_case_matches_dense, fixed_grad_out, make_inputs
 
 from mswa.attention import resolve_backend, window_attention
 from mswa.attention.dense import dense_window_attention
@@ -31,17 +31,11 @@ def exact_fp32_matmuls():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
-def cuda_inputs(batch, heads, kv_heads, n, dim, dtype):
-    return [x.detach().cuda().requires_grad_() for x in make_inputs(batch, heads, kv_heads, n, dim, dtype)]
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("backend", ["flex", "blocked", "auto"])
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_cuda_backend_matches_dense(case, backend, dtype):
-    batch, heads, kv_heads, n, windows = case
-    q, k, v = cuda_inputs(batch, heads, kv_heads, n, 16, dtype)
-    assert_matches_dense(lambda *x: window_attention(*x, windows, backend=backend), q, k, v, windows)
+    assert_case_matches_dense(case, backend, dtype, device="cuda")
 
 
 def test_auto_is_flex_on_cuda():
@@ -51,7 +45,7 @@ def test_auto_is_flex_on_cuda():
 @pytest.mark.parametrize("backend", ["flex", "blocked"])
 def test_bf16_trains_close_to_fp32_dense(backend):
     """bf16 inputs: bf16 outputs and gradients within bf16 rounding of fp32 dense on the same values."""
-    inputs = cuda_inputs(2, 8, 2, 700, 64, torch.bfloat16)
+    inputs = make_inputs(2, 8, 2, 700, 64, torch.bfloat16, device="cuda")
     windows = [16, 16, 64, 64, 200, 200, None, 5]
     out = window_attention(*inputs, windows, backend=backend)
     grad_out = fixed_grad_out(out)
