@@ -212,3 +212,21 @@ def test_an_interrupted_synthetic_build_is_rebuilt(tmp_path):
     again = load_synthetic(str(tmp_path), **SMALL_CORPUS)
     np.testing.assert_array_equal(again.splits["valid"], first.splits["valid"])
     np.testing.assert_array_equal(again.kinds["test"], first.kinds["test"])
+
+
+@pytest.mark.slow
+def test_ddp_cpu_sliding_evaluation_gives_the_single_process_numbers(tmp_path):
+    from conftest import TINY_DATA, run_train
+    from test_train import results_under
+
+    common = ["debug=smoke", *TINY_DATA, "optim.lr=0", "trainer.max_steps=2", "trainer.val_check_interval=2", "logger=none",
+              "eval.stride=16", "eval.seq_len=96"]
+    run_train([*common, "task_name=single"], tmp_path)
+    run_train([*common, "task_name=ddp", "hardware=ddp_cpu"], tmp_path)
+    single, ddp = (results_under(tmp_path / "outputs" / name)[0] for name in ("single", "ddp"))
+    assert ddp["metrics"]["test/loss"] == pytest.approx(single["metrics"]["test/loss"], abs=1e-6)
+    for split in ("val", "test"):
+        one, two = single["evaluation"][split], ddp["evaluation"][split]
+        assert one["targets"] == two["targets"]
+        assert [row["targets"] for row in one["by_distance"]] == [row["targets"] for row in two["by_distance"]]
+        assert [row["bytes"] for row in one["by_kind"]] == [row["bytes"] for row in two["by_kind"]]
