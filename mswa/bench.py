@@ -40,6 +40,7 @@ def main(argv=None):
     commands = parser.add_subparsers(dest="command", required=True)
     _add_attention_command(commands)
     _add_model_command(commands)
+    _add_eval_command(commands)
     args = parser.parse_args(argv)
     args.run(args)
 
@@ -499,6 +500,85 @@ def _add_model_ratios(rows):
         for key, reference in (("x_full", "full"), ("vs_swa", "swa")):
             other = by_key.get((reference, row["n"]))
             row[key] = row["tokens_per_s"] / other["tokens_per_s"] if other else None
+
+
+# ----------------------------------------------------------------------------- eval
+
+EVAL_MODELS = ("full", "swa", "mswa")
+
+
+def _add_eval_command(commands):
+    bench = commands.add_parser("eval", help="evaluation targets/s at stride = seq_len / 4 vs stride = seq_len")
+    bench.add_argument("--seq-len", type=int, default=512)
+    bench.add_argument("--targets", type=int, default=16384, help="length of the (random) split evaluated")
+    bench.add_argument("--models", nargs="+", choices=EVAL_MODELS, default=list(EVAL_MODELS))
+    bench.add_argument("--layers", type=int, default=4, help="a multiple of 4: mswa has 4 layer groups")
+    bench.add_argument("--d-model", type=int, default=256)
+    bench.add_argument("--heads", type=int, default=8)
+    bench.add_argument("--window", type=int, default=128)
+    bench.add_argument("--batch-size", type=int, default=8)
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--threads", type=int, default=0)
+    bench.add_argument("--output", type=Path, default=Path("bench_results/eval.json"))
+    bench.add_argument("--tiny", action="store_true", help="smoke run: seq_len 64, 1024 targets, d_model 32, window 16")
+    bench.set_defaults(run=run_eval_bench)
+
+
+def run_eval_bench(args):
+    """Full evaluation passes (the project's EvalChunks and token_nll, no gradients) over one random split;
+    per model the two strides are timed interleaved, so their ratio is fair on a drifting machine."""
+    if args.tiny:
+        args.seq_len, args.targets, args.d_model, args.heads, args.window, args.repeats = 64, 1024, 32, 4, 16, 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, rows = torch.device("cuda" if torch.cuda.is_available() else "cpu"), []
+    tokens = torch.randint(0, 256, (args.targets + 1,)).numpy()
+    strides = (args.seq_len, max(1, args.seq_len // 4))
+    for name in args.models:
+        model = _eval_model(name, args).to(device)
+        passes = [_eval_pass(model, tokens, args.seq_len, stride, args.batch_size, device) for stride in strides]
+        timings = interleaved_medians([step for step, _ in passes], device, args.repeats)
+        for stride, (_, chunks), (seconds, samples) in zip(strides, passes, timings):
+            rows.append({"model": name, "seq_len": args.seq_len, "stride": stride, "targets_per_s": chunks.n_targets / seconds,
+                         "forward_tokens_per_target": chunks.forward_tokens_per_target, "pass_s": seconds, "runs": len(samples)})
+        rows[-1]["slowdown"] = rows[-2]["targets_per_s"] / rows[-1]["targets_per_s"]
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in vars(args).items() if k not in ("run", "output")} | {"device": str(device)}
+    args.output.write_text(json.dumps({"rows": rows, "settings": settings}, indent=2, default=str))
+    print(f"{'model':<6} {'seq_len':>7} {'stride':>6} {'targets/s':>10} {'fwd tok/target':>14} {'slowdown':>8}")
+    for row in rows:
+        slowdown = f"{row['slowdown']:.2f}x" if "slowdown" in row else ""
+        print(f"{row['model']:<6} {row['seq_len']:>7} {row['stride']:>6} {row['targets_per_s']:>10.0f} "
+              f"{row['forward_tokens_per_target']:>14.2f} {slowdown:>8}")
+    print(f"slowdown: targets/s at stride = seq_len over stride = seq_len / 4 (4x the forward work; goal <= 4.5x)\nwrote {args.output}")
+
+
+def _eval_model(name, args):
+    from mswa.model import LanguageModel, ModelConfig
+
+    schedule = make_schedule(MODEL_VARIANTS[name][0], w=args.window, n_layer=args.layers, n_head=args.heads)
+    config = ModelConfig(n_layer=args.layers, n_head=args.heads, d_model=args.d_model, max_seq_len=args.seq_len,
+                         windows=None if schedule.is_full else schedule.as_lists())
+    return LanguageModel(config).eval()
+
+
+def _eval_pass(model, tokens, seq_len, stride, batch_size, device):
+    """(one whole evaluation pass as a step, its chunks)."""
+    from torch.utils.data import DataLoader
+
+    from mswa.data.loading import IGNORE, EvalChunks
+
+    chunks = EvalChunks(tokens, seq_len, stride=stride)
+    batches = [(x.to(device), y.to(device)) for x, y in DataLoader(chunks, batch_size=batch_size)]
+
+    def step():
+        with torch.inference_mode():
+            total = torch.zeros((), dtype=torch.float64, device=device)
+            for x, y in batches:
+                total += model.token_nll(x, y).double()[y != IGNORE].sum()
+        return total
+
+    return step, chunks
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from mswa.data.corpus import Corpus
 from mswa.data.loading import IGNORE, EvalChunks, RandomCrops
-from mswa.metrics import SummedNLL, metrics_from_sums
+from mswa.metrics import SummedNLL, by_distance, by_kind, metrics_from_sums
 from mswa.model import LanguageModel, ModelConfig
 
 
@@ -48,6 +48,7 @@ class LanguageModelTask(L.LightningModule):
         self.token_nll = torch.compile(self.model.token_nll) if compile else self.model.token_nll
         self.eval_nll = SummedNLL()
         self.eval_results: dict[str, float] = {}  # full-precision copy of the last val/test metrics
+        self.eval_details: dict[str, dict] = {}  # "val" / "test" -> cost, loss by distance, bpc by kind
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -61,16 +62,21 @@ class LanguageModelTask(L.LightningModule):
         return loss
 
     def _eval_step(self, batch) -> None:
-        x, y = batch
-        self.eval_nll.update(self.token_nll(x, y), y != IGNORE)
+        x, y, *kinds = batch
+        self.eval_nll.update(self.token_nll(x, y), y != IGNORE, *kinds)
 
     def _eval_epoch_end(self, stage: str) -> None:
-        nll_sum, count = self.eval_nll.compute()
+        sums = {name: value.cpu() for name, value in self.eval_nll.compute().items()}
         self.eval_nll.reset()
-        for name, value in metrics_from_sums(nll_sum.item(), count.item(), self.unit).items():
+        scalars = metrics_from_sums(sums["nll_sum"].item(), sums["count"].item(), self.unit)
+        data = self.trainer.datamodule if self.trainer is not None else None
+        if isinstance(data, CorpusDataModule):
+            self.eval_details[stage] = data.breakdown(stage, sums)
+            scalars |= {f"bpc_{row['kind']}": row["bpc"] for row in self.eval_details[stage].get("by_kind", [])}
+        for name, value in scalars.items():
             self.eval_results[f"{stage}/{name}"] = value
             # already summed across ranks by the metric, so no sync_dist
-            self.log(f"{stage}/{name}", value, prog_bar=name != "loss")
+            self.log(f"{stage}/{name}", value, prog_bar=name in ("bpc", "ppl"))
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch)
@@ -106,13 +112,20 @@ class LanguageModelTask(L.LightningModule):
 
 
 class CorpusDataModule(L.LightningDataModule):
-    """Random crops for training (batch index = global step, so resuming continues the data order)."""
+    """Random crops for training (batch index = global step, so resuming continues the data order);
+    evaluation chunks of ``eval_seq_len`` advancing by ``eval_stride`` (defaults: ``seq_len``, then
+    ``eval_seq_len``), with the kind of every target when the corpus labels them."""
+
+    STAGE_SPLITS = {"val": "valid", "test": "test"}
 
     def __init__(self, corpus: Corpus, seq_len: int, batch_size: int, eval_batch_size: int, seed: int,
-                 val_max_tokens: int | None = None, aligned_chunks: bool = False):
+                 val_max_tokens: int | None = None, aligned_chunks: bool = False,
+                 eval_seq_len: int | None = None, eval_stride: int | None = None):
         super().__init__()
         self.corpus, self.seq_len, self.seed, self.aligned_chunks = corpus, seq_len, seed, aligned_chunks
         self.batch_size, self.eval_batch_size, self.val_max_tokens = batch_size, eval_batch_size, val_max_tokens
+        self.eval_seq_len = eval_seq_len or seq_len
+        self.eval_stride = eval_stride or self.eval_seq_len
 
     def _rank_world(self) -> tuple[int, int]:
         trainer = self.trainer
@@ -124,9 +137,12 @@ class CorpusDataModule(L.LightningDataModule):
         crops = RandomCrops(self.corpus.splits["train"], self.seq_len, self.batch_size, self.seed, rank, start, self.aligned_chunks)
         return DataLoader(crops, batch_size=None)
 
+    def eval_chunks(self, split: str, max_tokens: int | None = None, rank: int = 0, world_size: int = 1) -> EvalChunks:
+        kinds = (self.corpus.kinds or {}).get(split)
+        return EvalChunks(self.corpus.splits[split], self.eval_seq_len, rank, world_size, max_tokens, self.eval_stride, kinds)
+
     def _eval_loader(self, split: str, max_tokens: int | None) -> DataLoader:
-        rank, world = self._rank_world()
-        chunks = EvalChunks(self.corpus.splits[split], self.seq_len, rank, world, max_tokens)
+        chunks = self.eval_chunks(split, max_tokens, *self._rank_world())
         return DataLoader(chunks, batch_size=self.eval_batch_size, shuffle=False)
 
     def val_dataloader(self):
@@ -134,6 +150,27 @@ class CorpusDataModule(L.LightningDataModule):
 
     def test_dataloader(self):
         return self._eval_loader("test", None)
+
+    @property
+    def eval_settings(self) -> dict:
+        return {"seq_len": self.eval_seq_len, "stride": self.eval_stride}
+
+    def breakdown(self, stage: str, sums: dict) -> dict:
+        """What a finished evaluation pass of ``stage`` adds to its metrics: its cost (forward tokens
+        per scored target), loss by distance and, for corpora that label kinds, bpc per kind."""
+        split = self.STAGE_SPLITS[stage]
+        max_tokens = self.val_max_tokens if stage == "val" else None
+        details = {
+            "targets": int(sums["count"]),
+            "forward_tokens_per_target": self.eval_chunks(split, max_tokens).forward_tokens_per_target,
+            "by_distance": by_distance(sums, self.corpus.unit, self.eval_seq_len),
+        }
+        if self.corpus.kinds and split in self.corpus.kinds:
+            whole = max_tokens is None or max_tokens + 1 >= len(self.corpus.splits[split])  # floors are the whole split's
+            floors = self.corpus.kind_floor_bpb[split] if whole else [None] * len(self.corpus.kind_names)
+            details["by_kind"] = by_kind(sums, self.corpus.kind_names, floors)
+            details["floor_bpc"] = self.corpus.split_floor_bpb[split] if whole else None
+        return details
 
 
 class Throughput(L.Callback):

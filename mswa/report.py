@@ -48,6 +48,7 @@ SEED_KEYS = ("seed", "+seed", "++seed")
 RESULT_KEYS = (
     "run_name", "variant", "seed", "status", "error", "dataset", "unit", "metric", "model", "schedule", "window",
     "windows", "n_params", "entropy_floor_bpb", "tokens_per_s", "steps", "wall_time_s", "git_commit", "overrides",
+    "evaluation",
 )
 BUDGET_KEYS = ("seq_len", "mean_window_over_w", "attended_pairs", "pairs_vs_swa", "pairs_vs_full")
 RUN_COLUMNS = ("path", *RESULT_KEYS, *BUDGET_KEYS, "val", "test", "history")
@@ -406,28 +407,36 @@ def _metrics(runs: pd.DataFrame) -> list[str]:
 
 
 def plot_curves(runs: pd.DataFrame) -> Figure:
-    """Validation metric (and train loss) against step: mean over the finished seeds of each variant, band ± std."""
+    """Validation (solid) and training (dashed) metric against step, both in the metric's unit (train/loss
+    converted: bpc = loss / ln 2, ppl = exp(loss)): mean over the finished seeds of each variant, band ± std."""
     finished = runs[runs.status == "finished"]
-    columns = [f"val/{metric}" for metric in _metrics(finished)] + ["train/loss"]
-    fig, axes = _new_figure(len(columns), (6.0, 4.2))
-    for ax, column in zip(axes, columns):
-        for variant, group in finished.groupby("variant", sort=False):
-            curves = [h[["step", column]].dropna() for h in group.history if h is not None and column in h]
-            if curves:
-                stats = pd.concat(curves).groupby("step")[column].agg(["mean", "std"])
-                (line,) = ax.plot(stats.index, stats["mean"], label=f"{variant} (n={len(curves)})")
-                ax.fill_between(
-                    stats.index,
-                    stats["mean"] - stats["std"],
-                    stats["mean"] + stats["std"],
-                    color=line.get_color(),
-                    alpha=0.2,
-                )
-        if column == "val/bpc":
+    metrics = _metrics(finished) or ["bpc"]
+    fig, axes = _new_figure(len(metrics), (6.0, 4.2))
+    for ax, metric in zip(axes, metrics):
+        for variant, group in finished[finished.metric == metric].groupby("variant", sort=False):
+            color = None
+            for column, style in ((f"val/{metric}", "-"), ("train/loss", "--")):
+                curves = [_in_unit(h[["step", column]].dropna(), column, metric) for h in group.history
+                          if h is not None and column in h]
+                if curves:
+                    stats = pd.concat(curves).groupby("step")["value"].agg(["mean", "std"])
+                    label = f"{variant} {column.split('/')[0]} (n={len(curves)})"
+                    (line,) = ax.plot(stats.index, stats["mean"], style, color=color, label=label)
+                    color = line.get_color()
+                    ax.fill_between(stats.index, stats["mean"] - stats["std"], stats["mean"] + stats["std"], color=color, alpha=0.2)
+        if metric == "bpc":
             for floor in finished.entropy_floor_bpb.dropna().unique():
-                ax.axhline(floor, color="black", linestyle="--", linewidth=1, label=f"entropy floor {floor:.3f}")
-        _finish_axes(ax, column, "step", column)
+                ax.axhline(floor, color="black", linestyle=":", linewidth=1, label=f"entropy floor {floor:.3f}")
+        _finish_axes(ax, f"{metric}: val (solid), train (dashed)", "step", metric)
     return fig
+
+
+def _in_unit(curve: pd.DataFrame, column: str, metric: str) -> pd.DataFrame:
+    """A logged curve as column ``value`` in the metric's unit (train/loss is in nats per token)."""
+    values = curve[column]
+    if column == "train/loss":
+        values = values / np.log(2) if metric == "bpc" else np.exp(values)
+    return pd.DataFrame({"step": curve["step"], "value": values})
 
 
 def _finish_axes(ax, title: str, xlabel: str, ylabel: str) -> None:
@@ -540,6 +549,136 @@ def _equal_blocks(windows: tuple[tuple, ...]) -> list[tuple[tuple[int, int, int,
             left = right + 1
         top = bottom + 1
     return blocks
+
+
+# ---------------------------------------------------------------- loss by distance, bpc by kind, evaluation settings
+
+EVALUATION_FILES = "evaluation_*.json"  # written beside results.json by `python -m mswa.evaluate`
+DISTANCE_NOTE = (
+    "Context offered = tokens before the target inside its evaluation chunk (log-spaced buckets), whatever "
+    "the windows: how much of the offered context a model uses. Means over the finished seeds of each variant."
+)
+KIND_NOTE = (
+    "Synthetic corpus: bits per byte by what the byte is (word bytes; copies at each scale, named by their "
+    "distance back, marker included) beside the entropy floor of that kind on the same split."
+)
+
+
+def _evaluation_rows(runs: pd.DataFrame, split: str, part: str) -> list[dict]:
+    """The ``part`` rows (by_distance, by_kind) of ``split`` in each finished run's results, with its variant."""
+    rows = []
+    for run in runs[runs.status == "finished"].itertuples():
+        for row in ((run.evaluation or {}).get(split) or {}).get(part, []):
+            rows.append({"variant": run.variant, "metric": run.metric, **row})
+    return rows
+
+
+def distance_table(runs: pd.DataFrame, split: str = "test") -> pd.DataFrame:
+    """One row per (variant, context bucket): ``context_lo``/``context_hi``, the metric (bpc or ppl) in the
+    bucket, mean over the variant's finished seeds, and ``n_seeds``."""
+    columns = ["variant", "metric", "context_lo", "context_hi", "value", "n_seeds"]
+    rows = [
+        {"variant": r["variant"], "metric": r["metric"], "context_lo": r["context"][0], "context_hi": r["context"][1],
+         "value": r[r["metric"]]}
+        for r in _evaluation_rows(runs, split, "by_distance")
+    ]
+    if not rows:
+        return pd.DataFrame(columns=columns)
+    grouped = pd.DataFrame(rows).groupby(["variant", "metric", "context_lo", "context_hi"], sort=False).value
+    return grouped.agg(value="mean", n_seeds="count").reset_index()[columns]
+
+
+def kind_table(runs: pd.DataFrame, split: str = "test") -> pd.DataFrame:
+    """One row per (variant, byte kind) of synthetic-corpus runs: ``bpc`` (mean over seeds) and ``floor_bpc``."""
+    columns = ["variant", "kind", "bpc", "floor_bpc", "n_seeds"]
+    rows = _evaluation_rows(runs, split, "by_kind")
+    if not rows:
+        return pd.DataFrame(columns=columns)
+    grouped = pd.DataFrame(rows).groupby(["variant", "kind"], sort=False)
+    return grouped.agg(bpc=("bpc", "mean"), floor_bpc=("floor_bpc", "mean"), n_seeds=("bpc", "count")).reset_index()[columns]
+
+
+def load_evaluations(runs: pd.DataFrame) -> pd.DataFrame:
+    """Every ``evaluation_*.json`` beside a finished run's results.json: one row per variant and setting
+    (seq_len, stride, checkpoint) with the val and test metric, mean over seeds."""
+    columns = ["variant", "metric", "train_seq_len", "seq_len", "stride", "checkpoint", "val", "test", "n_seeds"]
+    rows = []
+    for run in runs[runs.status == "finished"].itertuples():
+        for path in sorted(Path(str(run.path)).glob(EVALUATION_FILES)):
+            record = json.loads(path.read_text())
+            metric, evaluation = record["metric"], record["evaluation"]
+            rows.append({"variant": run.variant, "metric": metric, "train_seq_len": record["train_seq_len"],
+                         "seq_len": evaluation["seq_len"], "stride": evaluation["stride"], "checkpoint": record["checkpoint"],
+                         "val": record["metrics"][f"val/{metric}"], "test": record["metrics"][f"test/{metric}"]})
+    if not rows:
+        return pd.DataFrame(columns=columns)
+    rows.sort(key=lambda row: (natural_key(str(row["variant"])), row["seq_len"], row["stride"]))
+    grouped = pd.DataFrame(rows).groupby(columns[:6], sort=False)
+    return grouped.agg(val=("val", "mean"), test=("test", "mean"), n_seeds=("val", "count")).reset_index()[columns]
+
+
+def plot_distance(runs: pd.DataFrame, split: str = "test") -> Figure:
+    """The metric by context offered (log axis), one curve per variant and one panel per metric."""
+    table = distance_table(runs, split)
+    metrics = _metrics(table) or ["bpc"]
+    fig, axes = _new_figure(len(metrics), (6.0, 4.2))
+    for ax, metric in zip(axes, metrics):
+        for variant, group in table[table.metric == metric].groupby("variant", sort=False):
+            centre = np.sqrt(group.context_lo.astype(float) * group.context_hi.astype(float))
+            ax.plot(centre, group.value, "o-", label=f"{variant} (n={group.n_seeds.max()})")
+        ax.set_xscale("log", base=2)
+        _finish_axes(ax, f"{split} {metric} by context offered", "tokens before the target in its chunk", metric)
+    return fig
+
+
+def plot_kinds(runs: pd.DataFrame, split: str = "test") -> Figure:
+    """Grouped bars: one group per byte kind, one bar per variant; the kind's entropy floor marked in black."""
+    table = kind_table(runs, split)
+    kinds, variants = list(dict.fromkeys(table.kind)), list(dict.fromkeys(table.variant))
+    fig, (ax,) = _new_figure(1, (max(6.0, 0.3 * len(kinds) * max(1, len(variants)) + 2.0), 4.5))
+    width = 0.8 / max(1, len(variants))
+    for i, variant in enumerate(variants):
+        rows = table[table.variant == variant].set_index("kind").reindex(kinds)
+        x = np.arange(len(kinds)) + (i - (len(variants) - 1) / 2) * width
+        ax.bar(x, rows.bpc, width, label=variant)
+        ax.scatter(x, rows.floor_bpc, marker="_", s=400 * width, color="black", zorder=3,
+                   label="entropy floor" if i == 0 else None)
+    ax.set_xticks(np.arange(len(kinds)), kinds)
+    _finish_axes(ax, f"{split} bits per byte by byte kind", "byte kind", "bpc")
+    return fig
+
+
+def evaluation_markdown(runs: pd.DataFrame, split: str = "test") -> str:
+    """The report's sections on loss by distance, bpc by kind and evaluation settings (empty when no run has them)."""
+    parts = []
+    distance = distance_table(runs, split)
+    if len(distance):
+        distance["context"] = [f"{lo}" if lo == hi else f"{lo}-{hi}" for lo, hi in zip(distance.context_lo, distance.context_hi)]
+        shown = distance.pivot_table(index=["variant", "metric"], columns="context", values="value", sort=False)
+        parts += [f"## {split} metric by context offered", DISTANCE_NOTE, markdown_table(_formatted(shown))]
+    kinds = kind_table(runs, split)
+    if len(kinds):
+        shown = kinds.pivot_table(index="variant", columns="kind", values="bpc", sort=False)
+        floors = kinds.groupby("kind", sort=False).floor_bpc.mean().to_frame("entropy floor").T
+        parts += [f"## {split} bpc by byte kind", KIND_NOTE, markdown_table(_formatted(pd.concat([shown, floors])))]
+    settings = load_evaluations(runs)
+    if len(settings):
+        shown = settings.assign(val=[_fmt(v, ".4f") for v in settings.val], test=[_fmt(v, ".4f") for v in settings.test])
+        parts += ["## Evaluation settings (`python -m mswa.evaluate`)", markdown_table(shown.astype(str))]
+    return "\n\n".join(parts)
+
+
+def _formatted(table: pd.DataFrame) -> pd.DataFrame:
+    """A pivoted table with its index as leading columns and values to 4 decimals."""
+    cells = table.apply(lambda column: [_fmt(v, ".4f") for v in column])
+    return cells.reset_index().rename(columns={"index": "variant"}).astype(str)
+
+
+def write_evaluation_plots(runs: pd.DataFrame, out: Path) -> dict[str, Path]:
+    paths = {"distance.png": out / "distance.png", "kinds.png": out / "kinds.png"}
+    plot_distance(runs).savefig(paths["distance.png"], dpi=100)
+    plot_kinds(runs).savefig(paths["kinds.png"], dpi=100)
+    return paths
 
 
 # ---------------------------------------------------------------- common-sense evaluations (lm_eval.json)
@@ -739,6 +878,7 @@ def _write_runs(runs: pd.DataFrame, out: Path, title: str) -> tuple[dict[str, Pa
     paths = {name: out / name for name in ("summary.csv", "curves.png", "budget.png", "windows.png")}
     for name, plot in (("curves.png", plot_curves), ("budget.png", plot_budget), ("windows.png", plot_windows)):
         plot(runs).savefig(paths[name], dpi=100)
+    paths |= write_evaluation_plots(runs, out)
     table, failed = summary_table(runs), failed_runs(runs)
     csv = pd.concat([table.assign(status="finished"), failed.rename(columns={"seed": "seeds"})], ignore_index=True)
     csv.to_csv(paths["summary.csv"], index=False)
@@ -770,8 +910,11 @@ def summary_markdown(runs: pd.DataFrame, table: pd.DataFrame, failed: pd.DataFra
         parts.append(f"Note: {no_curve} finished run(s) have no metrics.csv, so they are missing from curves.png.")
     parts.append("## Failed or unfinished runs")
     parts.append(markdown_table(failed.astype("string").fillna("")) if len(failed) else "None.")
+    if section := evaluation_markdown(runs):
+        parts.append(section)
     parts.append(
         "## Plots\n\n![validation curves](curves.png)\n\n![metric vs budget](budget.png)\n\n![windows](windows.png)"
+        "\n\n![metric by context offered](distance.png)\n\n![bpc by byte kind](kinds.png)"
     )
     return "\n\n".join(parts) + "\n"
 

@@ -26,6 +26,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from mswa.data.corpus import Corpus
+from mswa.data.loading import eval_context
 from mswa.lit import GracefulInterrupt, CorpusDataModule, LanguageModelTask, Throughput
 from mswa.windows import WindowSchedule, make_schedule
 
@@ -258,6 +259,7 @@ def train(cfg: dict, run: RunInfo) -> dict:
         if is_pretrained(cfg):
             read_pretrained_shape(cfg)
         check_config(cfg)
+        eval_seq_len, eval_stride = eval_context(cfg)
         schedule = build_schedule(cfg)
         resume = folder.resolve_resume(cfg["ckpt_path"], cfg["overwrite"])
         earlier_metrics = folder.set_aside_metrics() if resume else None
@@ -271,11 +273,11 @@ def train(cfg: dict, run: RunInfo) -> dict:
             unit=corpus.unit, metric=corpus.metric, window=schedule.w, windows=schedule.as_lists(),
             budget=schedule.budget(cfg["seq_len"]), n_params=task.model.n_params(),
             n_trainable=sum(p.numel() for p in task.parameters() if p.requires_grad),
-            entropy_floor_bpb=corpus.entropy_floor_bpb,
+            entropy_floor_bpb=corpus.entropy_floor_bpb, evaluation={"seq_len": eval_seq_len, "stride": eval_stride},
         )
         folder.write(results)
         data = CorpusDataModule(corpus, cfg["seq_len"], cfg["data"]["batch_size"], cfg["data"]["eval_batch_size"],
-                                cfg["seed"], cfg["data"]["val_max_tokens"], cfg["data"]["aligned_chunks"])
+                                cfg["seed"], cfg["data"]["val_max_tokens"], cfg["data"]["aligned_chunks"], eval_seq_len, eval_stride)
         loggers = build_loggers(cfg, folder, run, results["schedule"])
         interrupt = GracefulInterrupt(str(folder.last))
         throughput = Throughput(cfg["data"]["batch_size"] * cfg["seq_len"])
@@ -300,6 +302,7 @@ def train(cfg: dict, run: RunInfo) -> dict:
         results.update(
             status="finished", metrics=dict(task.eval_results), steps=trainer.global_step,
             tokens_per_s=throughput.mean_tokens_per_s, evaluated_checkpoint=evaluated,
+            evaluation={**data.eval_settings, **task.eval_details},
         )
         if is_pretrained(cfg) and rank_zero_only.rank == 0:
             record = {"schedule": results["schedule"], "pretrained": cfg["model"]["pretrained"], "checkpoint": evaluated}

@@ -65,5 +65,6 @@ def test_summed_nll_skips_padding_and_sums_in_float64():
     metric = SummedNLL()
     metric.update(torch.tensor([[1.0, 2.0, 99.0]]), torch.tensor([[True, True, False]]))
     metric.update(torch.tensor([[0.5]]), torch.tensor([[True]]))
-    nll, count = metric.compute()
+    sums = metric.compute()
+    nll, count = sums["nll_sum"], sums["count"]
     assert nll.dtype == torch.float64 and nll.item() == 3.5 and count.item() == 3

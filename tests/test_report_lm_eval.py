@@ -23,7 +23,7 @@ pytest.importorskip("transformers")  # mswa.hf.evaluate imports mswa.hf.patch, w
 from mswa.hf.evaluate import summarize
 
 SECTION = "## Common-sense reasoning (lm_eval)"
-RUN_FILES = {"summary.md", "summary.csv", "curves.png", "budget.png", "windows.png"}
+RUN_FILES = {"summary.md", "summary.csv", "curves.png", "budget.png", "windows.png", "distance.png", "kinds.png"}
 # stderrs shared by every evaluation: (piqa acc_norm, hellaswag acc_norm, winogrande acc)
 STDERRS = (0.011, 0.004, 0.014)
 # (variant overrides, seed) of a training run -> (piqa acc_norm, hellaswag acc_norm, winogrande acc)

@@ -126,7 +126,7 @@ def test_a_damaged_cache_is_reported(tmp_path):
     load(str(tmp_path), **AMBIGUOUS)
     (folder,) = os.listdir(tmp_path)
     np.save(tmp_path / folder / "valid.npy", np.zeros(3, dtype=np.uint8))
-    with pytest.raises(ValueError, match="delete .* to regenerate"):
+    with pytest.raises(ValueError, match="valid.npy has .* bytes, not .*; delete .* and rerun"):
         load(str(tmp_path), **AMBIGUOUS)
 
 

@@ -23,6 +23,11 @@ class Corpus:
     unit: str  # "byte" -> bits per byte/character (bpc); "word" or "token" (subwords) -> perplexity (ppl)
     entropy_floor_bpb: float | None = None  # known per-byte entropy of generated data, else None
     vocab: list[str] | None = field(default=None, repr=False)  # word-level corpora: id -> word
+    # generated corpora that know what each token is (the synthetic corpus: word byte, copy at a scale):
+    kind_names: list[str] | None = None  # kind id -> name
+    kinds: dict[str, np.ndarray] | None = field(default=None, repr=False)  # "valid" / "test" -> kind id of every token
+    kind_floor_bpb: dict[str, list[float | None]] | None = None  # "valid" / "test" -> entropy floor of each kind
+    split_floor_bpb: dict[str, float] | None = None  # split -> entropy floor of its bytes
 
     def __post_init__(self) -> None:
         if self.unit not in ("byte", "word", "token"):
@@ -30,6 +35,9 @@ class Corpus:
         missing = [s for s in SPLITS if s not in self.splits]
         if missing:
             raise ValueError(f"corpus {self.name!r} lacks splits {missing}; a loader must return {list(SPLITS)}")
+        for split, labels in (self.kinds or {}).items():
+            if len(labels) != len(self.splits[split]):
+                raise ValueError(f"corpus {self.name!r}: {split} has {len(self.splits[split])} tokens but {len(labels)} kind labels")
 
     @property
     def metric(self) -> str:

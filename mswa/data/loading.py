@@ -1,10 +1,12 @@
 """Batches from token arrays: seeded random crops for training, an in-order walk for evaluation.
 
 Training batch b is a pure function of (seed, rank, b), so a resumed run that starts at batch b
-sees exactly the batches an uninterrupted run would have seen. Evaluation splits the whole split
-into consecutive non-overlapping chunks of ``seq_len`` targets; each target is predicted once, with
-the tokens of its own chunk before it as context (the first token of a chunk has none). The last
-chunk is padded and its padding ignored, so every target of the split is counted exactly once.
+sees exactly the batches an uninterrupted run would have seen. Evaluation walks the whole split in
+chunks of ``eval.seq_len`` inputs that advance by ``eval.stride``: the first chunk scores all its
+targets, later ones their last ``stride``, so every target is predicted exactly once, with at least
+``eval.seq_len - stride`` tokens before it after the first chunk (``stride = seq_len``: consecutive
+non-overlapping chunks, where a chunk's first target sees one token). The last chunk is padded and
+its padding ignored.
 """
 
 from __future__ import annotations
@@ -51,28 +53,79 @@ class RandomCrops(IterableDataset):
 
 
 class EvalChunks(Dataset):
-    """Non-overlapping chunks of a split in order; this rank's share when ``world_size`` > 1."""
+    """Chunks of ``seq_len`` inputs advancing by ``stride`` (default ``seq_len``); this rank's share
+    when ``world_size`` > 1 (ranks take interleaved chunks).
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, rank: int = 0, world_size: int = 1, max_tokens: int | None = None):
+    The first chunk scores all its targets, every later one only its last ``stride``, so each target
+    of the split is scored exactly once; the others carry ``IGNORE``, as does the padding of the last
+    chunk. An item is ``(inputs, targets)``, plus the targets' kind ids when ``kinds`` (one label per
+    token of ``tokens``) is given."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, rank: int = 0, world_size: int = 1, max_tokens: int | None = None,
+                 stride: int | None = None, kinds: np.ndarray | None = None):
         if max_tokens is not None:
             tokens = tokens[: max_tokens + 1]
+            kinds = None if kinds is None else kinds[: max_tokens + 1]
         if len(tokens) < 2:
             raise ValueError("evaluation split has fewer than 2 tokens; nothing to predict")
-        self.tokens, self.seq_len = tokens, seq_len
-        n_chunks = math.ceil((len(tokens) - 1) / seq_len)
-        self.chunk_ids = list(range(rank, n_chunks, world_size))
+        self.tokens, self.kinds, self.seq_len = tokens, kinds, seq_len
+        self.stride = seq_len if stride is None else stride
+        self.n_chunks = 1 + math.ceil(max(0, self.n_targets - seq_len) / self.stride)
+        self.chunk_ids = list(range(rank, self.n_chunks, world_size))
 
     @property
     def n_targets(self) -> int:
         return len(self.tokens) - 1
 
+    @property
+    def forward_tokens_per_target(self) -> float:
+        """The evaluation's cost: input tokens the model runs (all ranks, padding included) per scored target."""
+        return self.n_chunks * self.seq_len / self.n_targets
+
+    def start(self, i: int) -> int:
+        """Index in ``tokens`` of item ``i``'s first input; its position p predicts ``tokens[start + p + 1]``."""
+        return self.chunk_ids[i] * self.stride
+
     def __len__(self) -> int:
         return len(self.chunk_ids)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        start = self.chunk_ids[i] * self.seq_len
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
+        start = self.start(i)
         piece = np.asarray(self.tokens[start : start + self.seq_len + 1], dtype=np.int64)
+        n = len(piece) - 1
         x = np.zeros(self.seq_len, dtype=np.int64)
         y = np.full(self.seq_len, IGNORE, dtype=np.int64)
-        x[: len(piece) - 1], y[: len(piece) - 1] = piece[:-1], piece[1:]
-        return torch.from_numpy(x), torch.from_numpy(y)
+        x[:n], y[:n] = piece[:-1], piece[1:]
+        if self.chunk_ids[i] > 0:  # the previous chunk scored all but this one's last `stride` targets
+            y[: self.seq_len - self.stride] = IGNORE
+        if self.kinds is None:
+            return torch.from_numpy(x), torch.from_numpy(y)
+        kind = np.zeros(self.seq_len, dtype=np.int64)
+        kind[:n] = self.kinds[start + 1 : start + n + 1]
+        return torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(kind)
+
+
+def eval_context(cfg: dict) -> tuple[int, int]:
+    """(eval.seq_len, eval.stride) of a run config, defaults filled in (the training ``seq_len``, then
+    ``eval.seq_len``); a ValueError in one sentence when they cannot work. Learned positions stop at
+    the training length; rotary models (and pretrained ones) may be evaluated beyond it."""
+    settings = cfg.get("eval") or {}
+    seq_len = cfg["seq_len"] if settings.get("seq_len") is None else settings["seq_len"]
+    if not _positive_int(seq_len):
+        raise ValueError(f"eval.seq_len={seq_len!r} must be a positive integer (null: the training seq_len)")
+    stride = seq_len if settings.get("stride") is None else settings["stride"]
+    if not _positive_int(stride) or stride > seq_len:
+        raise ValueError(
+            f"eval.stride={stride!r} must be an integer from 1 to eval.seq_len={seq_len} "
+            "(each chunk scores its last `stride` targets; null: eval.seq_len)"
+        )
+    if seq_len > cfg["seq_len"] and cfg["model"].get("positions") == "learned":
+        raise ValueError(
+            f"eval.seq_len={seq_len} is longer than the training seq_len={cfg['seq_len']}, which learned positions "
+            f"(model.positions=learned) cannot go beyond; set eval.seq_len<={cfg['seq_len']} or train with model.positions=rope"
+        )
+    return seq_len, stride
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1

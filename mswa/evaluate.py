@@ -1,0 +1,219 @@
+"""Evaluate a trained run's checkpoint on valid and test with chosen evaluation settings, without training.
+
+    python -m mswa.evaluate run_dir=RUN [ckpt=best|last|PATH] [eval.seq_len=N] [eval.stride=S]
+    python -m mswa.evaluate -m run_dir=RUN eval.seq_len=512,1024,2048,4096
+
+The model and data come from the run's saved config (``results.json``, else ``.hydra/config.yaml``);
+the command line sets only what ``conf/evaluate.yaml`` holds (``eval.*``, the checkpoint, batch size,
+threads, hardware); a key that would change the model or data is refused before any work. Defaults
+are those of training: ``eval.seq_len`` null = the run's training ``seq_len``, ``eval.stride`` null =
+``eval.seq_len``. Each setting writes ``RUN/evaluation_L<seq_len>_stride<stride>_<ckpt>.json``
+(atomically; ``results.json`` is never touched) and, when the run logged to W&B (``RUN/wandb_id``),
+the same numbers into that W&B run's summary under ``evaluate/<setting>``.
+
+``load_run(run_dir, checkpoint)`` is the one way to get a run folder's config, trained model and
+corpus back; ``mswa.sample`` uses it too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from mswa.data.corpus import Corpus
+from mswa.data.loading import eval_context
+from mswa.lit import CorpusDataModule, LanguageModelTask
+from mswa.run import build_schedule, git_commit, is_pretrained, load_corpus, model_kwargs, read_pretrained_shape
+
+# command-line keys of conf/evaluate.yaml; any other key (model.*, dataset.*, seq_len, ...) is refused
+EVALUATE_KEYS = ("run_dir", "ckpt", "eval.seq_len", "eval.stride", "batch_size", "torch_threads", "hardware")
+NAMED_CHECKPOINTS = {"best": "checkpoints/best.ckpt", "last": "checkpoints/last.ckpt"}
+
+
+def load_run(run_dir: str | os.PathLike, checkpoint: str = "best") -> tuple[dict, LanguageModelTask, Corpus]:
+    """A trained run folder's ``(cfg, task, corpus)``.
+
+    ``run_dir``: a folder written by train.py. ``checkpoint``: ``"best"`` (``checkpoints/best.ckpt``),
+    ``"last"`` (``checkpoints/last.ckpt``) or the path of a ``.ckpt`` (relative paths are tried from the
+    current directory, then from the run folder). Returns the run's resolved config (a plain dict),
+    its ``LanguageModelTask`` on the CPU in eval mode with the checkpoint's weights (``task.model`` is
+    the language model: ``token_nll``, ``forward``), and its corpus (data paths as the run stored them).
+    A missing folder, config or checkpoint, or weights of another model shape, raise a one-sentence
+    ValueError before anything is built.
+    """
+    cfg = run_config(run_dir)
+    path = checkpoint_file(run_dir, checkpoint)
+    state = _checkpoint_state(path, checkpoint)
+    corpus = load_corpus(cfg)
+    task = LanguageModelTask(model_kwargs(cfg, corpus, build_schedule(cfg)), cfg["optim"], corpus.unit)
+    try:
+        task.load_state_dict(state, strict=task.strict_loading)
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()[-1].strip()
+        raise ValueError(f"ckpt={checkpoint} does not fit the model of {run_dir}'s config ({first}); "
+                         "pass a checkpoint written by this run") from None
+    return cfg, task.eval(), corpus
+
+
+def run_config(run_dir: str | os.PathLike) -> dict:
+    """The resolved config a run trained with: results.json's ``config``, else ``.hydra/config.yaml``."""
+    folder = Path(run_dir)
+    if not folder.is_dir():
+        raise ValueError(f"run_dir={run_dir} is not a folder; pass the folder of a trained run (the one holding results.json)")
+    results = folder / "results.json"
+    try:
+        cfg = json.loads(results.read_text()).get("config") if results.is_file() else None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"run_dir={run_dir}: results.json is not valid JSON ({error}); restore it or point run_dir elsewhere") from None
+    if cfg is None and (folder / ".hydra" / "config.yaml").is_file():
+        cfg = OmegaConf.to_container(OmegaConf.load(folder / ".hydra" / "config.yaml"), resolve=True)
+        if is_pretrained(cfg):
+            read_pretrained_shape(cfg)
+    if cfg is None:
+        raise ValueError(f"run_dir={run_dir} holds neither results.json with a config nor .hydra/config.yaml; "
+                         "pass the folder train.py wrote for the run")
+    return cfg
+
+
+def checkpoint_file(run_dir: str | os.PathLike, checkpoint: str) -> Path:
+    """The file ``checkpoint`` (best, last or a path) names for a run folder; a ValueError when absent."""
+    if checkpoint in NAMED_CHECKPOINTS:
+        path = Path(run_dir) / NAMED_CHECKPOINTS[checkpoint]
+        if not path.is_file():
+            other = "last" if checkpoint == "best" else "best"
+            raise ValueError(f"ckpt={checkpoint} but {path} does not exist; pass ckpt={other} or ckpt=<path of a .ckpt>")
+        return path
+    for path in (Path(checkpoint), Path(run_dir) / checkpoint):
+        if path.is_file():
+            return path
+    raise ValueError(f"ckpt={checkpoint} is not a file (from here or from {run_dir}); pass ckpt=best, ckpt=last or a .ckpt path")
+
+
+def _checkpoint_state(path: Path, checkpoint: str) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    except Exception as error:  # noqa: BLE001 - unpickling fails in many ways; all mean "not a checkpoint"
+        raise ValueError(f"ckpt={checkpoint} ({path}) is not a Lightning checkpoint ({type(error).__name__}); "
+                         "pass ckpt=best, ckpt=last or a .ckpt written by train.py") from None
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """Refuse, in one sentence, command-line keys that are not evaluation settings, and a missing run folder."""
+    keys = {}
+    for override in overrides:
+        key, _, value = override.partition("=")
+        keys[key.lstrip("+~")] = value
+    for key in keys:
+        if key.startswith("hydra") or key in EVALUATE_KEYS or key.startswith("hardware."):
+            continue
+        raise ValueError(
+            f"{key} is not an evaluation setting: the model and data come from the run's saved config (train a new run "
+            f"to change them); evaluate takes {', '.join(EVALUATE_KEYS)}"
+        )
+    if "run_dir" not in keys:
+        raise ValueError("run_dir is not given; pass run_dir=<folder of a trained run> (the one holding results.json)")
+    value = keys["run_dir"]
+    if len(value) > 1 and value[0] in "'\"" and value[-1] == value[0]:
+        value = value[1:-1]
+    for folder in [value] if Path(value).is_dir() else value.split(","):  # a multirun may list several
+        if not Path(folder).is_dir():
+            raise ValueError(f"run_dir={folder} is not a folder; pass the folder of a trained run (the one holding results.json)")
+
+
+def evaluate(options: dict) -> dict:
+    """Evaluate per ``options`` (conf/evaluate.yaml, resolved); write and return the record."""
+    started = time.time()
+    run_dir, checkpoint = Path(options["run_dir"]), str(options["ckpt"])
+    cfg = run_config(run_dir)
+    checkpoint_file(run_dir, checkpoint)
+    cfg["eval"] = {"seq_len": options["eval"]["seq_len"], "stride": options["eval"]["stride"]}
+    seq_len, stride = eval_context(cfg)
+    batch_size = options.get("batch_size") or cfg["data"]["eval_batch_size"]
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be a positive integer (null: the run's data.eval_batch_size)")
+    if options.get("torch_threads"):
+        torch.set_num_threads(options["torch_threads"])
+    cfg, task, corpus = load_run(run_dir, checkpoint)
+    data = CorpusDataModule(corpus, cfg["seq_len"], cfg["data"]["batch_size"], batch_size, cfg["seed"],
+                            eval_seq_len=seq_len, eval_stride=stride)
+    trainer = L.Trainer(**(options.get("hardware") or cfg["hardware"]), logger=False, enable_checkpointing=False,
+                        enable_model_summary=False, use_distributed_sampler=False)
+    trainer.validate(task, datamodule=data, verbose=False)
+    trainer.test(task, datamodule=data, verbose=False)
+    name = f"L{seq_len}_stride{stride}_{Path(checkpoint).stem}"
+    record = {
+        "schema": 1, "setting": name, "checkpoint": checkpoint, "unit": corpus.unit, "metric": corpus.metric,
+        "metrics": dict(task.eval_results), "evaluation": {**data.eval_settings, **task.eval_details},
+        "train_seq_len": cfg["seq_len"], "batch_size": batch_size, "wall_time_s": time.time() - started,
+        "git_commit": git_commit(),
+    }
+    if trainer.global_rank == 0:
+        _write_json(run_dir / f"evaluation_{name}.json", record)
+        _mirror_to_wandb(cfg, run_dir, name, record)
+        print(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in record["metrics"].items() if k.endswith(corpus.metric)))
+    return record
+
+
+def _write_json(path: Path, record: dict) -> None:
+    temp = path.with_name(f"{path.name}.part-{os.getpid()}")
+    temp.write_text(json.dumps(record, indent=2, default=str))
+    temp.replace(path)
+
+
+def _mirror_to_wandb(cfg: dict, run_dir: Path, name: str, record: dict) -> None:
+    """The record into the summary of the run's own W&B run (offline unless the run was online)."""
+    id_file, logger = run_dir / "wandb_id", cfg.get("logger") or {}
+    if logger.get("name") != "wandb" or not id_file.is_file():
+        return
+    import wandb
+
+    run = wandb.init(project=logger["project"], entity=logger.get("entity"), id=id_file.read_text().strip(),
+                     resume="allow", mode=os.environ.get("WANDB_MODE", logger["mode"]), dir=str(run_dir))
+    run.summary[f"evaluate/{name}"] = {key: record[key] for key in ("metrics", "evaluation", "checkpoint")}
+    run.finish()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+def _hydra_entry(cfg: DictConfig) -> None:
+    try:
+        evaluate(OmegaConf.to_container(cfg, resolve=True))
+    except ValueError as error:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:  # the sweep records the job as failed and goes on
+            raise
+        sys.exit(f"error: {error}")
+
+
+def quote_run_dir(args: list[str]) -> list[str]:
+    """Run folders are named by their overrides (``model=mswa,seed=0``), which Hydra's override grammar
+    would parse: an existing folder is passed quoted, so it can be pasted as it is."""
+    def quoted(arg: str) -> str:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+") != "run_dir" or value[:1] in ("'", '"') or not Path(value).is_dir():
+            return arg
+        return f"{key}='" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+    return [quoted(arg) for arg in args]
+
+
+def main() -> None:
+    args = quote_run_dir(sys.argv[1:])
+    try:
+        check_overrides([arg for arg in args if not arg.startswith("-")])
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+    sys.argv[1:] = args
+    _hydra_entry()
+
+
+if __name__ == "__main__":
+    main()
