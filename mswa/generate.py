@@ -66,7 +66,8 @@ class KVStore:
         run = min(keep, self.keys.shape[2] - slot)  # up to the end of the buffer; a ring wraps the rest to its start
         for held, new in ((self.keys, k), (self.values, v)):
             held[:, :, slot : slot + run] = new[:, :, n - keep : n - keep + run]
-            held[:, :, : keep - run] = new[:, :, n - keep + run :]
+            if keep > run:
+                held[:, :, : keep - run] = new[:, :, n - keep + run :]
         self.count += n
 
     def apply(self, function) -> None:
