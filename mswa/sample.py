@@ -110,7 +110,10 @@ def main(argv=None) -> None:
     parser.add_argument("--top-p", dest="top_p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint", default="best", choices=("best", "last"))
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads; decoding one sequence is a string of small operations that more threads mostly slow")
     args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, args.threads))
     try:
         text = sample(args.run_dir, args.prompt, args.max_new_tokens, checkpoint=args.checkpoint,
                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
