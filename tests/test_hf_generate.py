@@ -18,23 +18,26 @@ HEAD_DIM = 64 // 4  # tiny_config: hidden 64, 4 query heads, 2 k/v heads
 WINDOWS = {
     "windowed": [[2, 3, 1, 4], [5, 2, 3, 6]],
     "with_full_head": [[3, None, 1, 2], [6, 6, 2, 4]],
+    "beyond_the_length": [[1, 60, 2, 3], [4, 4, 60, 1]],  # a ring of 59 that never fills beside wrapping ones
 }
 
 
 def expected_ring_bytes(windows, seen, batch=1, element_size=4):
-    """Per layer, per windowed k/v head: (largest window of its two query heads - 1) keys and values
-    (fewer while the sequence is shorter); a k/v head serving a full-causal head has no ring."""
+    """Per layer, per k/v head whose ring has filled: (largest window of its two query heads - 1) keys and
+    values. K/v heads serving a full-causal head, or a window longer than the sequence, have none."""
     total = 0
     for layer in windows:
         for kv_head in range(2):
             served = layer[2 * kv_head : 2 * kv_head + 2]
-            if None not in served:
-                total += batch * min(seen, max(served) - 1) * 2 * HEAD_DIM * element_size
+            if None not in served and max(served) - 1 <= seen:
+                total += batch * (max(served) - 1) * 2 * HEAD_DIM * element_size
     return total
 
 
-def held_bytes(cache, windowed):
-    return sum(store.nbytes() for layer in cache.layers for _, store in layer.groups if (store.limit is not None) == windowed)
+def held_bytes(cache, full_rings):
+    """Bytes of the rings that have filled (full_rings), or of the stores still growing (the others)."""
+    return sum(store.nbytes() for layer in cache.layers for _, store in layer.groups
+               if (store.limit is not None and store.count >= store.limit) == full_rings)
 
 
 @pytest.fixture(autouse=True)
@@ -54,11 +57,11 @@ def test_generate_with_the_per_head_cache_equals_one_forward_pass_past_every_wra
     expected = reference_logits(model, windows, sequence)[:, prompt.shape[1] - 1 : -1]
     torch.testing.assert_close(step_logits, expected, rtol=0, atol=1e-5)
     seen = sequence.shape[1] - 1  # the last token is sampled, never fed back
-    assert held_bytes(cache, windowed=True) == expected_ring_bytes(windows, seen)
-    full_kv_heads = sum(None in layer[i : i + 2] for layer in windows for i in (0, 2))
+    assert held_bytes(cache, full_rings=True) == expected_ring_bytes(windows, seen)
+    growing = sum(None in layer[i : i + 2] or max(layer[i : i + 2]) - 1 > seen for layer in windows for i in (0, 2))
     one_token = 2 * HEAD_DIM * 4
-    full_bytes = held_bytes(cache, windowed=False)  # a growing store, doubled when full
-    assert seen * one_token * full_kv_heads <= full_bytes <= max(0, 2 * (seen - 1)) * one_token * full_kv_heads
+    growing_bytes = held_bytes(cache, full_rings=False)  # doubled whenever full
+    assert seen * one_token * growing <= growing_bytes <= 2 * (seen - 1) * one_token * growing
     assert sum(layer.nbytes() for layer in cache.layers) == held_bytes(cache, True) + held_bytes(cache, False)
 
 
