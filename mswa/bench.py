@@ -41,6 +41,7 @@ def main(argv=None):
     _add_attention_command(commands)
     _add_model_command(commands)
     _add_eval_command(commands)
+    _add_generate_command(commands)
     args = parser.parse_args(argv)
     args.run(args)
 
@@ -472,8 +473,8 @@ def run_model_bench(args):
     print(f"wrote {args.output}")
 
 
-def _training_step(name, n, args):
-    """One training step (forward, backward, AdamW) of model `name` on one sequence of n tokens."""
+def _variant_model(name, n, args):
+    """The randomly initialised model `name` of MODEL_VARIANTS at the benchmark's shape, for n tokens."""
     from mswa.model import LanguageModel, ModelConfig
 
     schedule_name, mixer = MODEL_VARIANTS[name]
@@ -481,7 +482,12 @@ def _training_step(name, n, args):
     windows = None if schedule.is_full else schedule.as_lists()
     config = ModelConfig(n_layer=args.layers, n_head=args.heads, d_model=args.d_model, max_seq_len=n,
                          windows=windows, attn_backend="blocked", **mixer)
-    model = LanguageModel(config)
+    return LanguageModel(config)
+
+
+def _training_step(name, n, args):
+    """One training step (forward, backward, AdamW) of model `name` on one sequence of n tokens."""
+    model = _variant_model(name, n, args)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     tokens = torch.randint(0, 256, (1, n))
 
@@ -535,7 +541,7 @@ def run_eval_bench(args):
     tokens = torch.randint(0, 256, (args.targets + 1,)).numpy()
     strides = (args.seq_len, max(1, args.seq_len // 4))
     for name in args.models:
-        model = _eval_model(name, args).to(device)
+        model = _variant_model(name, args.seq_len, args).eval().to(device)
         passes = [_eval_pass(model, tokens, args.seq_len, stride, args.batch_size, device) for stride in strides]
         timings = interleaved_medians([step for step, _ in passes], device, args.repeats)
         for stride, (_, chunks), (seconds, samples) in zip(strides, passes, timings):
@@ -551,15 +557,6 @@ def run_eval_bench(args):
         print(f"{row['model']:<6} {row['seq_len']:>7} {row['stride']:>6} {row['targets_per_s']:>10.0f} "
               f"{row['forward_tokens_per_target']:>14.2f} {slowdown:>8}")
     print(f"slowdown: targets/s at stride = seq_len over stride = seq_len / 4 (4x the forward work; goal <= 4.5x)\nwrote {args.output}")
-
-
-def _eval_model(name, args):
-    from mswa.model import LanguageModel, ModelConfig
-
-    schedule = make_schedule(MODEL_VARIANTS[name][0], w=args.window, n_layer=args.layers, n_head=args.heads)
-    config = ModelConfig(n_layer=args.layers, n_head=args.heads, d_model=args.d_model, max_seq_len=args.seq_len,
-                         windows=None if schedule.is_full else schedule.as_lists())
-    return LanguageModel(config).eval()
 
 
 def _eval_pass(model, tokens, seq_len, stride, batch_size, device):
@@ -579,6 +576,128 @@ def _eval_pass(model, tokens, seq_len, stride, batch_size, device):
         return total
 
     return step, chunks
+
+
+# ----------------------------------------------------------------------------- generate
+
+
+def _add_generate_command(commands):
+    bench = commands.add_parser("generate", help="decoding: cache bytes, per-token latency and memory vs context length")
+    bench.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 32768])
+    bench.add_argument("--models", nargs="+", choices=tuple(MODEL_VARIANTS), default=["full", "swa", "mswa", "mswa_linear"])
+    bench.add_argument("--layers", type=int, default=8, help="a multiple of 4: mswa has 4 layer groups")
+    bench.add_argument("--d-model", type=int, default=256)
+    bench.add_argument("--heads", type=int, default=8)
+    bench.add_argument("--window", type=int, default=128)
+    bench.add_argument("--steps", type=int, default=20, help="timed decoding steps per context; the median is reported")
+    bench.add_argument("--prefill-chunk", type=int, default=2048,
+                       help="models with full-attention heads prefill in chunks of this many tokens (others in one call)")
+    bench.add_argument("--prefill-cap-s", type=float, default=120.0,
+                       help="stop a chunked prefill after the chunk that passes this many seconds; decoding then runs at the context reached")
+    bench.add_argument("--threads", type=int, default=0)
+    bench.add_argument("--output", type=Path, default=Path("bench_results/generate.json"))
+    _add_allocator_flag(bench)
+    bench.add_argument("--tiny", action="store_true", help="smoke run: contexts 64 256, 4 layers, d_model 32, window 8")
+    bench.set_defaults(run=run_generate_bench)
+
+
+def run_generate_bench(args):
+    """Prefill every (model, context) into its own cache, then time single-token steps round-robin over all of
+    them, so that the machine's drift hits every row alike and latency ratios stay fair."""
+    from mswa.generate import DecodingCache, cache_bytes
+
+    if args.tiny:
+        args.contexts, args.layers, args.d_model, args.heads, args.window, args.steps = [64, 256], 4, 32, 4, 8, 5
+        args.prefill_chunk = 96
+    if min(args.contexts) < 1 or args.steps < 1 or args.prefill_chunk < 1:
+        raise SystemExit("--contexts, --steps and --prefill-chunk must all be >= 1.")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not args.glibc_default:
+        reuse_freed_memory()
+    device, rows, steps = torch.device("cpu"), [], []
+    torch.manual_seed(0)
+    for name in args.models:
+        model = _variant_model(name, max(args.contexts) + args.steps + 1, args).eval()
+        for n in args.contexts:
+            cache = DecodingCache(model, reserve=n + args.steps + 2)  # warm-up, timed steps, memory step
+            rows.append({"model": name, **_prefill(model, cache, n, args)})
+            steps.append((model, cache))
+            print(f"{name:<12} prefilled {cache.seen:>6} tokens in {rows[-1]['prefill_s']:.1f} s", flush=True)
+    with torch.no_grad():
+        timings = interleaved_medians([_decode_step(*step) for step in steps], device, args.steps)  # one warm-up each
+        for row, (model, cache), (seconds, samples) in zip(rows, steps, timings):
+            row.update(latency_s=seconds, tokens_per_s=1 / seconds, runs=len(samples),
+                       step_peak_mb=_peak_memory_mb(_decode_step(model, cache), device))
+            row.update(cache_bytes=cache.nbytes(), cache_bytes_closed_form=cache_bytes(model.cfg, cache.seen), seen=cache.seen)
+            row["peak_mb"] = row["cache_bytes"]["total"] / 2**20 + row["step_peak_mb"]
+    _add_generate_ratios(rows)
+    schedule = make_schedule("mswa", w=args.window, n_layer=args.layers, n_head=args.heads)
+    result = {
+        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "load_average_1min": os.getloadavg()[0]},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("run", "output")},
+        "mswa_budget": schedule.mean_window_over_w(),
+        "memory_method": "peak MB = the cache's tensors + the peak resident memory (VmHWM) one decoding step adds "
+                         "above the resident memory before it, with glibc's mmap threshold pinned to 64 KiB",
+        "rows": rows,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2, default=str))
+    print(_generate_report(result))
+    print(f"wrote {args.output}")
+
+
+def _prefill(model, cache, n, args):
+    """Feed n random tokens into `cache`: in one call through the training kernel (O(n * W) for windowed
+    heads), or, for a model with full-attention heads, in chunks of --prefill-chunk that stop after the chunk
+    passing --prefill-cap-s. Returns where it stopped and how long it took."""
+    tokens = torch.randint(0, model.cfg.vocab_size, (1, n))
+    has_full_heads = model.cfg.windows is None or any(None in layer for layer in model.cfg.windows)
+    chunk = args.prefill_chunk if has_full_heads else n
+    start = time.perf_counter()
+    with torch.no_grad():
+        while cache.seen < n and time.perf_counter() - start < args.prefill_cap_s:
+            model(tokens[:, cache.seen : cache.seen + chunk], cache)
+    seconds = time.perf_counter() - start
+    note = "" if cache.seen == n else (f"prefill capped: stopped at {cache.seen} of {n} tokens after {seconds:.0f} s "
+                                       "(cache allocated for all)")
+    return {"context": n, "reached": cache.seen, "prefill_s": seconds, "note": note}
+
+
+def _decode_step(model, cache):
+    """One new token through the model against `cache` (which keeps it)."""
+    token = torch.zeros(1, 1, dtype=torch.long)
+    return lambda: model(token, cache)
+
+
+def _add_generate_ratios(rows):
+    """Latency relative to the model's smallest context, cache bytes relative to swa at the same context."""
+    first = {}
+    by_key = {(row["model"], row["context"]): row for row in rows}
+    for row in rows:
+        first.setdefault(row["model"], row)
+        row["latency_vs_first"] = row["latency_s"] / first[row["model"]]["latency_s"]
+        swa = by_key.get(("swa", row["context"]))
+        row["cache_vs_swa"] = row["cache_bytes"]["kv"] / swa["cache_bytes"]["kv"] if swa and swa["cache_bytes"]["kv"] else None
+
+
+def _generate_report(result):
+    lines = [f"\nmemory: {result['memory_method']}",
+             f"{'model':<12} {'context':>7} {'reached':>7} {'prefill s':>9} {'cache MB':>9} {'closed MB':>9} "
+             f"{'ms/token':>9} {'tok/s':>7} {'/first':>6} {'peak MB':>8} {'kv/swa':>6}"]
+    for row in result["rows"]:
+        measured, closed = row["cache_bytes"]["total"], row["cache_bytes_closed_form"]["total"]
+        lines.append(
+            f"{row['model']:<12} {row['context']:>7} {row['reached']:>7} {row['prefill_s']:>9.1f} {measured / 2**20:>9.3f} "
+            f"{closed / 2**20:>9.3f} {1e3 * row['latency_s']:>9.2f} {row['tokens_per_s']:>7.1f} {row['latency_vs_first']:>6.2f} "
+            f"{row['peak_mb']:>8.1f} {'-' if row['cache_vs_swa'] is None else format(row['cache_vs_swa'], '6.3f'):>6} {row['note']}"
+        )
+    ratios = sorted({round(row["cache_vs_swa"], 4) for row in result["rows"] if row["model"] == "mswa" and row["cache_vs_swa"]})
+    if ratios:
+        lines.append(f"mswa / swa cache bytes: {', '.join(f'{r:.3f}' for r in ratios)} "
+                     f"(sum of W - 1 over heads) beside the schedule's budget {result['mswa_budget']:.3f} (sum of W)")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

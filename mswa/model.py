@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mswa.attention import window_attention
-from mswa.attention.linear import LinearAttention, causal_linear_attention
+from mswa.attention.linear import LinearAttention, cached_linear_attention
 
 Window = int | None
 
@@ -74,7 +74,8 @@ class ModelConfig:
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding over the head dim; cos/sin tables cached per length and device."""
+    """Rotary position embedding over the head dim; cos/sin tables cached per device, grown by doubling
+    (decoding asks for one more position at every step)."""
 
     def __init__(self, head_dim: int, base: float = 10000.0):
         super().__init__()
@@ -83,17 +84,24 @@ class Rotary(nn.Module):
 
     def tables(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._cache is None or self._cache[0] < seq_len or self._cache[1] != device:
-            angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), self.inv_freq.to(device))
-            self._cache = (seq_len, device, angles.cos(), angles.sin())
+            length = max(seq_len, 2 * self._cache[0]) if self._cache is not None else seq_len
+            angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), self.inv_freq.to(device))
+            self._cache = (length, device, angles.cos(), angles.sin())
         return self._cache[2][:seq_len], self._cache[3][:seq_len]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, H, N, D)
-        cos, sin = self.tables(x.shape[-2], x.device)
+    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:  # x: (B, H, N, D) at positions start...
+        cos, sin = (t[start:] for t in self.tables(start + x.shape[-2], x.device))
         x1, x2 = x.float().chunk(2, dim=-1)
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
 
 
 class WindowedSelfAttention(nn.Module):
+    """Multi-head attention in which head h sees its last `windows[h]` keys (None = all).
+
+    With a decoding cache (`mswa.generate.LayerCache`) the same forward serves generation: a prompt
+    (start = 0) runs the training kernel and leaves each window group its last W - 1 keys and values;
+    later tokens (start > 0) attend to those through the cache."""
+
     def __init__(self, cfg: ModelConfig, windows: list[Window]):
         super().__init__()
         self.n_head, self.windows, self.backend = cfg.n_head, windows, cfg.attn_backend
@@ -101,20 +109,24 @@ class WindowedSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.rotary = Rotary(cfg.d_model // cfg.n_head) if cfg.positions == "rope" else None
 
-    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-head attention outputs (B, H, N, D) and the values v they mixed."""
+    def heads(self, x: torch.Tensor, cache=None, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head attention outputs (B, H, N, D) and the values v they mixed; x holds positions start..."""
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.n_head, d // self.n_head).permute(2, 0, 3, 1, 4)
         if self.rotary is not None:
-            q, k = self.rotary(q), self.rotary(k)
+            q, k = self.rotary(q, start), self.rotary(k, start)
+        if cache is not None and start > 0:  # decoding: the new tokens against the cached keys
+            return cache.attend(q, k, v), v
+        if cache is not None:  # a prompt: keep what later tokens will see
+            cache.store(k, v)
         return window_attention(q, k, v, self.windows, backend=self.backend), v
 
     def merge(self, heads: torch.Tensor) -> torch.Tensor:
         b, h, n, d = heads.shape
         return self.proj(heads.transpose(1, 2).reshape(b, n, h * d))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.merge(self.heads(x)[0])
+    def forward(self, x: torch.Tensor, cache=None, start: int = 0) -> torch.Tensor:
+        return self.merge(self.heads(x, cache, start)[0])
 
 
 class ParallelHybridAttention(WindowedSelfAttention):
@@ -129,11 +141,11 @@ class ParallelHybridAttention(WindowedSelfAttention):
         self.linear_qk = nn.Linear(cfg.d_model, 2 * cfg.n_head * cfg.linear_feature_dim, bias=False)
         self.gate = nn.Parameter(torch.zeros(cfg.n_head))  # sigmoid(0) = an even mix at the start
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        window_out, v = self.heads(x)
+    def forward(self, x: torch.Tensor, cache=None, start: int = 0) -> torch.Tensor:
+        window_out, v = self.heads(x, cache, start)
         b, n, _ = x.shape
         q, k = self.linear_qk(x).view(b, n, 2, self.n_head, self.feature_dim).permute(2, 0, 3, 1, 4)
-        linear_out = causal_linear_attention(q, k, v, feature_map=self.feature_map)
+        linear_out = cached_linear_attention(q, k, v, cache, feature_map=self.feature_map)
         gate = torch.sigmoid(self.gate).view(1, -1, 1, 1)
         return self.merge(gate * window_out + (1 - gate) * linear_out)
 
@@ -149,7 +161,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + mixer(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + mixer(norm(x)), then x + mlp(norm(x)). `cache` and `start` (the
+    position of x's first token) are for decoding; see `mswa.generate`."""
 
     def __init__(self, cfg: ModelConfig, mixer: nn.Module):
         super().__init__()
@@ -157,8 +170,8 @@ class Block(nn.Module):
         self.norm2, self.mlp = nn.LayerNorm(cfg.d_model), MLP(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.dropout(self.mixer(self.norm1(x)))
+    def forward(self, x: torch.Tensor, cache=None, start: int = 0) -> torch.Tensor:
+        x = x + self.dropout(self.mixer(self.norm1(x), cache, start))
         return x + self.dropout(self.mlp(self.norm2(x)))
 
 
@@ -199,21 +212,25 @@ class LanguageModel(nn.Module):
     def n_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
-        n = idx.shape[1]
-        if self.pos_embed is not None and n > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {n} tokens is longer than model.max_seq_len={self.cfg.max_seq_len}")
+    def hidden(self, idx: torch.Tensor, cache=None) -> torch.Tensor:
+        """Final hidden states (B, N, d_model). With a decoding cache (`mswa.generate.DecodingCache`),
+        idx continues the tokens the cache has seen, and the cache takes them in."""
+        start, n = (0 if cache is None else cache.seen), idx.shape[1]
+        if self.pos_embed is not None and start + n > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {start + n} tokens is longer than model.max_seq_len={self.cfg.max_seq_len}")
         x = self.embed(idx)
         if self.pos_embed is not None:
-            x = x + self.pos_embed(torch.arange(n, device=idx.device))
+            x = x + self.pos_embed(torch.arange(start, start + n, device=idx.device))
         x = self.dropout(x)
-        for block in self.blocks:
-            x = block(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if cache is None else cache.layers[i], start)
+        if cache is not None:
+            cache.seen += n
         return self.norm(x)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, cache=None) -> torch.Tensor:
         """Logits (B, N, vocab); for the adaptive head, log-probabilities."""
-        h = self.hidden(idx)
+        h = self.hidden(idx, cache)
         if self.adaptive is not None:
             return self.adaptive.log_prob(h.flatten(0, 1)).view(*idx.shape, -1)
         return F.linear(h, self.embed.weight)

@@ -12,6 +12,9 @@ Three forms compute exactly the same function:
   across chunks. Time O(N * M * D + N * chunk * (M + D)), memory O(N), where M is the mapped feature size.
 - `linear_attention_step`: the recurrent form for decoding, one token at a time against a `LinearAttentionState`.
 
+`cached_linear_attention` is what the model's mixers call: the chunked form, or, with a decoding cache, the chunked
+form continued from the cache's running sums (a prompt, or a chunk of one) and the recurrent step for single tokens.
+
 All three accumulate in fp32 (fp64 stays fp64) whatever the input dtype, with autocast turned off inside, and
 return the input dtype. The denominator is clamped at `eps`, so a query whose weights all underflow gets a
 zero output rather than inf/NaN; both feature maps are positive, so the clamp never changes a healthy row.
@@ -67,12 +70,19 @@ class LinearAttentionState:
     key_sum: Tensor
 
     @classmethod
-    def from_prefix(cls, k: Tensor, v: Tensor, feature_map: str = "elu") -> "LinearAttentionState":
-        """The state after keys k (B, H, N, F) and values v (B, H, N, D): prefill a prompt, then decode by steps."""
+    def from_prefix(
+        cls, k: Tensor, v: Tensor, feature_map: str = "elu", before: "LinearAttentionState | None" = None
+    ) -> "LinearAttentionState":
+        """The state after keys k (B, H, N, F) and values v (B, H, N, D), which follow the state `before` (None:
+        the start): prefill a prompt, then decode by steps."""
         _check_inputs(k, k, v, feature_map, DEFAULT_EPS)
         with _accumulating(k):
             k_feat = FEATURE_MAPS[feature_map](_accum(k))
-            return cls(kv=k_feat.transpose(-1, -2) @ _accum(v), key_sum=k_feat.sum(-2))
+            kv, key_sum = k_feat.transpose(-1, -2) @ _accum(v), k_feat.sum(-2)
+            if before is not None:
+                _check_state(before, tuple(kv.shape), feature_map)
+                kv, key_sum = before.kv + kv, before.key_sum + key_sum
+            return cls(kv=kv, key_sum=key_sum)
 
 
 def causal_linear_attention(
@@ -82,8 +92,10 @@ def causal_linear_attention(
     feature_map: str = "elu",
     chunk_size: int = 64,
     eps: float = DEFAULT_EPS,
+    state: LinearAttentionState | None = None,
 ) -> Tensor:
-    """Causal linear attention in chunked form. q, k: (B, H, N, F) before the feature map; v: (B, H, N, D).
+    """Causal linear attention in chunked form. q, k: (B, H, N, F) before the feature map; v: (B, H, N, D);
+    `state`: the running sums of the keys before q's first token (None: q starts the sequence).
 
     Returns (B, H, N, D) in v's dtype. No tensor grows faster than N: the largest are the in-chunk weights
     (B, H, N, chunk_size), the mapped features (B, H, N, M) and the per-chunk states (B, H, N / chunk_size, M, D).
@@ -111,6 +123,9 @@ def causal_linear_attention(
         # Across chunks: the running sums of all earlier chunks.
         kv_before = _exclusive_cumsum(k_chunks.transpose(-1, -2) @ v_chunks, dim=2)  # (B, H, chunks, M, D)
         key_sum_before = _exclusive_cumsum(k_chunks.sum(-2), dim=2)  # (B, H, chunks, M)
+        if state is not None:
+            _check_state(state, (*q_feat.shape[:2], q_feat.shape[-1], values.shape[-1]), feature_map)
+            kv_before, key_sum_before = kv_before + state.kv.unsqueeze(2), key_sum_before + state.key_sum.unsqueeze(2)
         numer = numer + q_chunks @ kv_before
         denom = denom + (q_chunks @ key_sum_before.unsqueeze(-1)).squeeze(-1)
 
@@ -144,12 +159,7 @@ def linear_attention_step(
             state = LinearAttentionState(
                 kv=q_feat.new_zeros(*q_feat.shape, value.shape[-1]), key_sum=q_feat.new_zeros(q_feat.shape)
             )
-        expected = (*q_feat.shape, value.shape[-1])
-        if tuple(state.kv.shape) != expected or tuple(state.key_sum.shape) != expected[:-1]:
-            raise ValueError(
-                f"state.kv has shape {tuple(state.kv.shape)} but feature_map={feature_map!r} with these inputs "
-                f"needs {expected}; pass the state made with the same feature map and sizes, or state=None."
-            )
+        _check_state(state, (*q_feat.shape, value.shape[-1]), feature_map)
         state = LinearAttentionState(
             kv=state.kv + k_feat.unsqueeze(-1) * value.unsqueeze(-2), key_sum=state.key_sum + k_feat
         )
@@ -157,6 +167,22 @@ def linear_attention_step(
         denom = (q_feat * state.key_sum).sum(-1)
         out = _normalise(numer, denom, eps)
     return out.to(v_t.dtype), state
+
+
+def cached_linear_attention(
+    q: Tensor, k: Tensor, v: Tensor, cache=None, feature_map: str = "elu", chunk_size: int = 64, eps: float = DEFAULT_EPS
+) -> Tensor:
+    """`causal_linear_attention`, continued across calls through `cache.linear_state` when a decoding cache is given
+    (`mswa.generate.LayerCache`): tokens are chunked from the running sums, a single token takes the recurrent step."""
+    if cache is None:
+        return causal_linear_attention(q, k, v, feature_map, chunk_size, eps)
+    state = cache.linear_state
+    if state is not None and q.shape[-2] == 1:
+        out, cache.linear_state = linear_attention_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], state, feature_map, eps)
+        return out.unsqueeze(-2)
+    out = causal_linear_attention(q, k, v, feature_map, chunk_size, eps, state=state)
+    cache.linear_state = LinearAttentionState.from_prefix(k, v, feature_map, before=state)
+    return out
 
 
 def quadratic_linear_attention(
@@ -204,9 +230,10 @@ class LinearAttention(nn.Module):
         self.qkv_proj = nn.Linear(d_model, 2 * n_head * feature_dim + d_model, bias=bias)
         self.out_proj = nn.Linear(d_model, d_model, bias=bias)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cache=None, start: int = 0) -> Tensor:
+        """`cache`: a decoding cache (see `cached_linear_attention`); `start` is unused (no positions)."""
         q, k, v = self._project(x)
-        y = causal_linear_attention(q, k, v, self.feature_map, self.chunk_size, self.eps)
+        y = cached_linear_attention(q, k, v, cache, self.feature_map, self.chunk_size, self.eps)
         return self.out_proj(y.transpose(1, 2).flatten(2))
 
     def step(self, x_t: Tensor, state: LinearAttentionState | None = None) -> tuple[Tensor, LinearAttentionState]:
@@ -255,6 +282,14 @@ def _check_feature_map(feature_map: str) -> None:
 def _check_eps(eps: float) -> None:
     if not eps > 0:
         raise ValueError(f"eps={eps!r} must be > 0 so the denominator clamp keeps outputs finite; use e.g. 1e-6.")
+
+
+def _check_state(state: LinearAttentionState, expected_kv: tuple, feature_map: str) -> None:
+    if tuple(state.kv.shape) != tuple(expected_kv) or tuple(state.key_sum.shape) != tuple(expected_kv[:-1]):
+        raise ValueError(
+            f"state.kv has shape {tuple(state.kv.shape)} but feature_map={feature_map!r} with these inputs "
+            f"needs {tuple(expected_kv)}; pass the state made with the same feature map and sizes, or state=None."
+        )
 
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, feature_map: str, eps: float) -> None:

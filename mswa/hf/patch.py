@@ -13,13 +13,16 @@ returns only a key-padding mask, never an N x N one, so memory stays O(N * W)).
 Three paths inside the attention function:
 - no cache, no padding (training, scoring, prefill): `window_attention`, O(N * W);
 - with a KV cache (decoding): the queries are the last positions of the keys; each head sees the
-  keys inside its window of its own query position, through one masked SDPA over at most
-  `max window + queries - 1` keys;
+  keys inside its window of its own query position (`mswa.generate.attend_past`: one SDPA, masked
+  unless every key is visible, over at most `max window + queries - 1` keys);
 - padded batches (left padding in batched `generate`): the same masked SDPA, padding keys masked.
   Its mask is queries x keys, so a padded long prefill costs O(N^2) memory; unpadded inputs never do.
 
-`window_cache(model)` is an optional rolling cache: each layer keeps only its largest window - 1
-past keys, so `generate` memory is bounded by the windows, not the sequence.
+`window_cache(model)` is the per-head cache for `generate(..., cache=window_cache(model))`: in every
+layer the k/v heads are grouped by the window they must serve (the largest of their query heads' windows
+under grouped-query attention), and each group keeps only its own W - 1 past keys and values in a ring
+buffer (`mswa.generate.KVStore`); heads with a full-causal query head keep everything. So `generate`
+memory is bounded by the windows, per head, not by the sequence.
 
 While patched, the model's own sliding-window settings (`config.sliding_window`, `layer_types`) are
 cleared, since our windows replace them; `.remove()` restores them, so remove before `save_pretrained`
@@ -34,17 +37,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from transformers import AttentionInterface
-from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, prepare_padding_mask
 
 from mswa.attention import BACKENDS, window_attention
+from mswa.generate import KVStore, attend_past, window_groups
 
 IMPLEMENTATION = "mswa"
 
 __all__ = [
     "IMPLEMENTATION",
+    "PerHeadWindowLayer",
     "WindowAttentionHandle",
     "apply_window_attention",
     "hf_base_model",
@@ -122,17 +126,92 @@ def patched_windows(model) -> tuple[tuple[int | None, ...], ...] | None:
 
 
 def window_cache(model) -> Cache:
-    """A rolling KV cache for `generate(..., cache=window_cache(model))`: a layer whose
-    heads all have windows keeps only its largest window - 1 past keys; a layer with a full-causal
-    head keeps everything."""
+    """The per-head KV cache for `generate(..., cache=window_cache(model))` on a patched model: one
+    `PerHeadWindowLayer` per layer, in which each k/v head keeps the largest window - 1 of the query
+    heads it serves (everything when one of them is full causal)."""
     windows = patched_windows(model)
     if windows is None:
         raise ValueError("window_cache needs a patched model: call apply_window_attention(model, windows) first.")
-    # transformers' sliding layer keeps `sliding_window - 1` keys and cannot keep 0: at least 2.
-    layers = [
-        DynamicLayer() if None in layer else DynamicSlidingWindowLayer(sliding_window=max(2, *layer)) for layer in windows
-    ]
-    return Cache(layers=layers)
+    config = hf_base_model(model).config.get_text_config()
+    return Cache(layers=[PerHeadWindowLayer(kv_head_windows(layer, config.num_key_value_heads)) for layer in windows])
+
+
+def kv_head_windows(windows, n_kv_head: int) -> list[int | None]:
+    """The window each k/v head must serve: the largest of its query heads' (grouped-query attention:
+    query head h uses k/v head h // (heads / kv heads)); None when one of them is full causal."""
+    per_kv = len(windows) // n_kv_head
+    served = [windows[i * per_kv : (i + 1) * per_kv] for i in range(n_kv_head)]
+    return [None if None in group else max(group) for group in served]
+
+
+class PerHeadWindowLayer(CacheLayerMixin):
+    """One layer of `window_cache`: k/v heads that serve the same window share a `KVStore` of W - 1 slots.
+
+    `update` returns the keys and values the new queries may see, in position order and right-aligned:
+    a group with a smaller window fills only the last columns (the others are zeros, which the attention
+    masks out by window). Sizes for the mask are those of the whole sequence (offset 0), as for a dynamic
+    cache, so every layer's padding mask lines up with its keys from the right."""
+
+    is_sliding = False
+    is_croppable = False
+    supports_early_init = False
+
+    def __init__(self, kv_windows: Sequence[int | None]):
+        super().__init__()
+        self.kv_windows = list(kv_windows)
+        self.reset()
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device, self.is_initialized = key_states.device, True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.seen += key_states.shape[-2]
+        parts = [(heads, *store.extend(key_states[:, heads], value_states[:, heads])) for heads, store in self.groups]
+        if len(parts) == 1:
+            return parts[0][1], parts[0][2]
+        length = max(keys.shape[2] for _, keys, _ in parts)
+        shape = (*key_states.shape[:2], length, key_states.shape[3])
+        all_keys, all_values = key_states.new_zeros(shape), value_states.new_zeros(shape)
+        for heads, keys, values in parts:
+            all_keys[:, heads, length - keys.shape[2] :] = keys
+            all_values[:, heads, length - values.shape[2] :] = values
+        return all_keys, all_values
+
+    def nbytes(self) -> int:
+        """Bytes of the keys and values held (measured from the tensors)."""
+        return sum(store.nbytes() for _, store in self.groups)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.groups = [(heads, KVStore(None if w is None else w - 1)) for w, heads in window_groups(self.kv_windows)]
+        self.seen, self.is_initialized = 0, False
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        for _, store in self.groups:
+            store.apply(lambda t: t.index_select(0, indices.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        for _, store in self.groups:
+            store.apply(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise ValueError(
+            "window_cache keeps only each window's last keys, so it cannot be cropped (assisted or speculative "
+            "decoding); use the default cache for those."
+        )
 
 
 def resolve_windows(windows, n_layer: int, n_head: int, *, seq_len: int | None = None):
@@ -263,25 +342,8 @@ def _window_attention_forward(module, query, key, value, attention_mask, scaling
     if attention_mask is None and query.shape[2] == key.shape[2]:
         out = window_attention(query, key, value, windows, backend=module.mswa_backend)
     else:
-        out = _masked_window_attention(query, key, value, windows, attention_mask)
+        out = attend_past(query, key, value, windows, attention_mask)
     return out.transpose(1, 2).contiguous(), None
-
-
-def _masked_window_attention(query, key, value, windows, key_padding):
-    """Queries are the last Nq of the Nk keys; per-head windows and key padding as one boolean mask.
-
-    Only the keys some window can reach are kept (at most max window + Nq - 1). A padding query
-    sees itself, so its (ignored) output row stays finite."""
-    n_query, n_key = query.shape[2], key.shape[2]
-    if None not in windows:
-        n_key = min(n_key, max(windows) + n_query - 1)
-        key, value = key[:, :, -n_key:], value[:, :, -n_key:]
-    lag = torch.arange(n_key - n_query, n_key, device=query.device)[:, None] - torch.arange(n_key, device=query.device)
-    limits = torch.tensor([n_key if w is None else w for w in windows], device=query.device)
-    mask = ((lag >= 0) & (lag < limits[:, None, None])).unsqueeze(0)  # (1, H, Nq, Nk)
-    if key_padding is not None:
-        mask = mask & (key_padding[:, None, None, -n_key:] | (lag == 0))
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, enable_gqa=query.shape[1] != key.shape[1])
 
 
 AttentionInterface.register(IMPLEMENTATION, _window_attention_forward)

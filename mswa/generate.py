@@ -1,0 +1,263 @@
+"""Incremental decoding for `mswa.model.LanguageModel`: per-head bounded KV caches, linear states, sampling.
+
+A head with window W sees itself and the W - 1 keys before it, so that is all it keeps: the heads of a
+layer that share a window share one `KVStore`, a ring buffer of exactly W - 1 keys and values written at
+position % (W - 1); full-attention heads keep a growing store; linear-attention layers carry their
+running sums (`LinearAttentionState`). The cache of a windowed model is therefore
+sum over heads of (W - 1) x 2 x head_dim x element size per layer, whatever the context length
+(`cache_bytes` is that closed form), and a decoding step costs O(sum of windows), not O(context).
+
+Decoding goes through the model's own forward, so the projections, rotary positions and mixing are one
+code path: `model(prompt, cache)` runs the prompt through the training kernel (`window_attention`) and
+leaves each group its last W - 1 keys; `model(tokens, cache)` then continues from `cache.seen`, one token
+(or a chunk) at a time, through `attend_past`. `generate` samples with it: greedy (temperature 0),
+temperature, top-k, top-p and a seed.
+
+The Hugging Face per-head cache (`mswa.hf.patch.window_cache`) keeps its keys in the same `KVStore`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from mswa.attention.linear import mapped_feature_dim
+
+Window = int | None
+
+
+class KVStore:
+    """Keys and values (batch, heads, slots, head_dim) of one head group: every one (limit None) or, as a ring
+    buffer, the last `limit` (a window's W - 1). Slots are allocated on first use: `reserve` of them (at most
+    `limit`), growing by doubling when a sequence outgrows it."""
+
+    def __init__(self, limit: int | None, reserve: int = 0):
+        self.limit, self.reserve, self.count = limit, reserve, 0  # count: tokens seen (stored or not)
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    @property
+    def stored(self) -> int:
+        return self.count if self.limit is None else min(self.count, self.limit)
+
+    def nbytes(self) -> int:
+        """Bytes of the tensors held (measured, not computed from the windows)."""
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values that queries at k's positions may see, in position order (the stored ones, then
+        k, v themselves); then keeps k, v."""
+        if self.limit is None:
+            self.append(k, v)
+            return self.keys[:, :, : self.count], self.values[:, :, : self.count]
+        keys, values = (torch.cat([*self._in_order(held), new], dim=2) for held, new in ((self.keys, k), (self.values, v)))
+        self.append(k, v)
+        return keys, values
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Keep the keys and values (batch, heads, n, head_dim) of the next n positions (a ring: the last `limit`)."""
+        n = k.shape[2]
+        keep = n if self.limit is None else min(n, self.limit)
+        first = self.count + n - keep  # position of the first kept token
+        self._allocate(k, first + keep if self.limit is None else min(first + keep, self.limit))
+        slot = first if self.limit is None else first % max(self.limit, 1)
+        run = min(keep, self.keys.shape[2] - slot)  # up to the end of the buffer; a ring wraps the rest to its start
+        for held, new in ((self.keys, k), (self.values, v)):
+            held[:, :, slot : slot + run] = new[:, :, n - keep : n - keep + run]
+            if keep > run:
+                held[:, :, : keep - run] = new[:, :, n - keep + run :]
+        self.count += n
+
+    def apply(self, function) -> None:
+        """Replace the held tensors by `function(tensor)` (batch selection and reordering in generate)."""
+        if self.keys is not None:
+            self.keys, self.values = function(self.keys), function(self.values)
+
+    def _allocate(self, like: torch.Tensor, slots: int) -> None:
+        size = 0 if self.keys is None else self.keys.shape[2]
+        if self.keys is not None and slots <= size:
+            return
+        capacity = max(slots, self.reserve, 2 * size)
+        capacity = capacity if self.limit is None else min(capacity, self.limit)
+        shape = (like.shape[0], like.shape[1], capacity, like.shape[3])
+        old = (self.keys, self.values)
+        self.keys, self.values = like.new_empty(shape), like.new_empty(shape)
+        if old[0] is not None:  # before a ring fills, slot = position: a plain copy keeps the layout
+            self.keys[:, :, :size], self.values[:, :, :size] = old
+
+    def _in_order(self, held: torch.Tensor | None) -> list[torch.Tensor]:
+        """A ring's stored entries in position order, as one or two slices."""
+        if held is None or self.limit == 0:
+            return []
+        if self.count <= self.limit:
+            return [held[:, :, : self.count]]
+        oldest = self.count % self.limit
+        return [held[:, :, oldest:], held[:, :, :oldest]]
+
+
+def window_groups(windows: Sequence[Window]) -> list[tuple[Window, slice | torch.Tensor]]:
+    """(window, heads) for every distinct window, heads as a slice when contiguous (a view), else an index."""
+    groups: dict[Window, list[int]] = {}
+    for head, window in enumerate(windows):
+        groups.setdefault(window, []).append(head)
+    return [(window, slice(heads[0], heads[-1] + 1) if heads == list(range(heads[0], heads[-1] + 1)) else torch.tensor(heads))
+            for window, heads in groups.items()]
+
+
+def attend_past(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: Sequence[Window],
+                key_padding: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention for queries that are the newest q.shape[2] of the k.shape[2] keys (decoding; grouped-query k/v
+    allowed): head h sees the keys within `windows[h]` of its query (one window: every head; None: all).
+
+    `key_padding` (batch, >= keys) marks real keys, its last columns aligned with k; a padding query still sees
+    itself, so its (ignored) row stays finite. Only the keys some window can reach are used."""
+    n_query, n_key = q.shape[2], k.shape[2]
+    if None not in windows:
+        n_key = min(n_key, max(windows) + n_query - 1)
+        k, v = k[:, :, -n_key:], v[:, :, -n_key:]
+    gqa = q.shape[1] != k.shape[1]
+    if n_query == 1 and key_padding is None and all(w is None or w >= n_key for w in windows):
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)  # one query seeing every key: no mask
+    lag = torch.arange(n_key - n_query, n_key, device=q.device)[:, None] - torch.arange(n_key, device=q.device)
+    limits = torch.tensor([n_key if w is None else w for w in windows], device=q.device)
+    mask = ((lag >= 0) & (lag < limits[:, None, None])).unsqueeze(0)  # (1, heads or 1, queries, keys)
+    if key_padding is not None:
+        mask = mask & (key_padding[:, None, None, -n_key:] | (lag == 0))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+class LayerCache:
+    """One layer's decoding state: a `KVStore` per window group (heads with one window share it) and, for
+    linear and parallel-hybrid layers, `linear_state` (kept by `cached_linear_attention`)."""
+
+    def __init__(self, windows: Sequence[Window] | None, reserve: int = 0):
+        self.groups = [(heads, window, KVStore(None if window is None else window - 1, reserve))
+                       for window, heads in window_groups(windows or [])]
+        self.linear_state = None
+
+    def store(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Keep a prompt's keys and values (batch, heads, n, head_dim), each group its last W - 1."""
+        for heads, _, store in self.groups:
+            store.append(k[:, heads], v[:, heads])
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention outputs (batch, heads, n, head_dim) of n tokens that continue the stored ones; keeps them."""
+        out = q.new_empty(*q.shape[:3], v.shape[-1])
+        for heads, window, store in self.groups:
+            keys, values = store.extend(k[:, heads], v[:, heads])
+            out[:, heads] = attend_past(q[:, heads], keys, values, [window])
+        return out
+
+    def kv_bytes(self) -> int:
+        return sum(store.nbytes() for *_, store in self.groups)
+
+    def linear_bytes(self) -> int:
+        state = self.linear_state
+        return 0 if state is None else state.kv.nbytes + state.key_sum.nbytes
+
+
+class DecodingCache:
+    """What a `LanguageModel` needs to continue a sequence: a `LayerCache` per layer and the tokens seen.
+
+    `reserve`: slots to allocate up front (e.g. prompt + new tokens - 1, the most a store will hold), so
+    that full-attention stores never regrow; rings take at most their W - 1."""
+
+    def __init__(self, model, reserve: int = 0):
+        self.seen = 0
+        self.layers = [LayerCache(getattr(block.mixer, "windows", None), reserve) for block in model.blocks]
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes held, measured from the tensors: keys and values, linear states, and their total."""
+        kv, linear = sum(layer.kv_bytes() for layer in self.layers), sum(layer.linear_bytes() for layer in self.layers)
+        return {"kv": kv, "linear": linear, "total": kv + linear}
+
+
+def cache_bytes(cfg, seen: int, batch: int = 1, element_size: int = 4) -> dict[str, int]:
+    """The closed form of `DecodingCache.nbytes` after `seen` tokens for a model config (`ModelConfig`): per
+    attention layer, sum over heads of min(seen, W - 1) (full heads: seen) x 2 x head_dim x element size; per
+    linear (or parallel) layer, the running sums heads x (M x head_dim + M) in float32, M the mapped feature size."""
+    head_dim = cfg.d_model // cfg.n_head
+    kv = linear = 0
+    for layer in range(cfg.n_layer):
+        kind = cfg.layer_mixer(layer)
+        if kind in ("window", "parallel"):
+            stored = sum(seen if w is None else min(seen, w - 1) for w in cfg.layer_windows(layer))
+            kv += batch * stored * 2 * head_dim * element_size
+        if kind in ("linear", "parallel") and seen:
+            features = mapped_feature_dim(cfg.linear_feature_map, cfg.linear_feature_dim)
+            linear += batch * cfg.n_head * (features * head_dim + features) * 4
+    return {"kv": kv, "linear": linear, "total": kv + linear}
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def check_sampling(max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0) -> None:
+    """Refuse sampling settings that cannot work, in one sentence each, before any work."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1: ask for at least one new token")
+    if not temperature >= 0:
+        raise ValueError(f"temperature={temperature!r} must be >= 0 (0 = greedy, 1 = the model's distribution)")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k={top_k!r} must be an integer >= 1, or unset to sample from every token")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p!r} must lie in (0, 1]: 1 keeps every token, smaller values keep the likeliest")
+
+
+def check_prompt(cfg, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Refuse an empty prompt, and a text longer than a learned-position model has positions for."""
+    if prompt_tokens < 1:
+        raise ValueError("the prompt is empty: give at least one token (a byte, or a word) to continue")
+    total = prompt_tokens + max_new_tokens
+    if cfg.positions == "learned" and total > cfg.max_seq_len:
+        raise ValueError(
+            f"prompt of {prompt_tokens} tokens + max_new_tokens={max_new_tokens} = {total} tokens exceeds "
+            f"model.max_seq_len={cfg.max_seq_len} of this learned-position model: shorten the prompt or ask for fewer tokens"
+        )
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids (batch,) from last-position logits (batch, vocab): argmax at temperature 0, else a draw
+    from softmax(logits / temperature) restricted to the top_k likeliest and to the smallest set of likeliest
+    tokens whose probability reaches top_p."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1:
+        ranked, order = logits.sort(dim=-1, descending=True)
+        probs = ranked.softmax(-1)
+        mass_before = probs.cumsum(-1) - probs  # of the tokens ranked above: the first token always stays
+        ranked = ranked.masked_fill(mass_before >= top_p, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, ranked)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
+             top_p: float = 1.0, seed: int | None = None) -> torch.Tensor:
+    """The prompt (batch, P) token ids followed by `max_new_tokens` sampled ones: (batch, P + max_new_tokens).
+
+    The prompt is prefilled in one forward pass; each new token then costs one step against the cache. The
+    model runs in eval mode (dropout off) and is put back as it was."""
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    check_prompt(model.cfg, prompt.shape[1], max_new_tokens)
+    generator = None if seed is None else torch.Generator(prompt.device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    try:
+        cache = DecodingCache(model, reserve=prompt.shape[1] + max_new_tokens - 1)
+        logits = model(prompt, cache)[:, -1]
+        new = []
+        for step in range(max_new_tokens):
+            new.append(sample_next(logits, temperature, top_k, top_p, generator))
+            if step + 1 < max_new_tokens:
+                logits = model(new[-1][:, None], cache)[:, -1]
+    finally:
+        model.train(was_training)
+    return torch.cat([prompt, torch.stack(new, dim=1)], dim=1)
