@@ -40,7 +40,7 @@ EVALUATE_KEYS = ("run_dir", "ckpt", "eval.seq_len", "eval.stride", "batch_size",
 NAMED_CHECKPOINTS = {"best": "checkpoints/best.ckpt", "last": "checkpoints/last.ckpt"}
 
 
-def load_run(run_dir: str | os.PathLike, checkpoint: str = "best") -> tuple[dict, LanguageModelTask, Corpus]:
+def load_run(run_dir: str | os.PathLike, checkpoint: str = "best", key: str = "ckpt=") -> tuple[dict, LanguageModelTask, Corpus]:
     """A trained run folder's ``(cfg, task, corpus)``.
 
     ``run_dir``: a folder written by train.py. ``checkpoint``: ``"best"`` (``checkpoints/best.ckpt``),
@@ -49,18 +49,19 @@ def load_run(run_dir: str | os.PathLike, checkpoint: str = "best") -> tuple[dict
     its ``LanguageModelTask`` on the CPU in eval mode with the checkpoint's weights (``task.model`` is
     the language model: ``token_nll``, ``forward``), and its corpus (data paths as the run stored them).
     A missing folder, config or checkpoint, or weights of another model shape, raise a one-sentence
-    ValueError before anything is built.
+    ValueError before anything is built; ``key`` is how the caller's user names the checkpoint in those
+    sentences (``ckpt=`` on a Hydra command line, ``--checkpoint `` for ``mswa.sample``).
     """
     cfg = run_config(run_dir)
-    path = checkpoint_file(run_dir, checkpoint)
-    state = _checkpoint_state(path, checkpoint)
+    path = checkpoint_file(run_dir, checkpoint, key)
+    state = _checkpoint_state(path, checkpoint, key)
     corpus = load_corpus(cfg)
     task = LanguageModelTask(model_kwargs(cfg, corpus, build_schedule(cfg)), cfg["optim"], corpus.unit)
     try:
         task.load_state_dict(state, strict=task.strict_loading)
     except RuntimeError as error:
         first = str(error).strip().splitlines()[-1].strip()
-        raise ValueError(f"ckpt={checkpoint} does not fit the model of {run_dir}'s config ({first}); "
+        raise ValueError(f"{key}{checkpoint} does not fit the model of {run_dir}'s config ({first}); "
                          "pass a checkpoint written by this run") from None
     return cfg, task.eval(), corpus
 
@@ -85,26 +86,26 @@ def run_config(run_dir: str | os.PathLike) -> dict:
     return cfg
 
 
-def checkpoint_file(run_dir: str | os.PathLike, checkpoint: str) -> Path:
+def checkpoint_file(run_dir: str | os.PathLike, checkpoint: str, key: str = "ckpt=") -> Path:
     """The file ``checkpoint`` (best, last or a path) names for a run folder; a ValueError when absent."""
     if checkpoint in NAMED_CHECKPOINTS:
         path = Path(run_dir) / NAMED_CHECKPOINTS[checkpoint]
         if not path.is_file():
             other = "last" if checkpoint == "best" else "best"
-            raise ValueError(f"ckpt={checkpoint} but {path} does not exist; pass ckpt={other} or ckpt=<path of a .ckpt>")
+            raise ValueError(f"{key}{checkpoint} but {path} does not exist; pass {key}{other} or {key}<path of a .ckpt>")
         return path
     for path in (Path(checkpoint), Path(run_dir) / checkpoint):
         if path.is_file():
             return path
-    raise ValueError(f"ckpt={checkpoint} is not a file (from here or from {run_dir}); pass ckpt=best, ckpt=last or a .ckpt path")
+    raise ValueError(f"{key}{checkpoint} is not a file (from here or from {run_dir}); pass {key}best, {key}last or a .ckpt path")
 
 
-def _checkpoint_state(path: Path, checkpoint: str) -> dict:
+def _checkpoint_state(path: Path, checkpoint: str, key: str) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
     except Exception as error:  # noqa: BLE001 - unpickling fails in many ways; all mean "not a checkpoint"
-        raise ValueError(f"ckpt={checkpoint} ({path}) is not a Lightning checkpoint ({type(error).__name__}); "
-                         "pass ckpt=best, ckpt=last or a .ckpt written by train.py") from None
+        raise ValueError(f"{key}{checkpoint} ({path}) is not a Lightning checkpoint ({type(error).__name__}); "
+                         f"pass {key}best, {key}last or a .ckpt written by train.py") from None
 
 
 def check_overrides(overrides: list[str]) -> None:

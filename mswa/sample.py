@@ -10,54 +10,24 @@ Sampling: `--temperature` (0 = greedy), `--top-k`, `--top-p`, `--seed`.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
+from mswa.evaluate import load_run, run_config
 from mswa.generate import check_prompt, check_sampling, generate
-from mswa.model import LanguageModel, ModelConfig
-from mswa.run import build_schedule, is_pretrained, load_corpus, model_kwargs
+from mswa.run import is_pretrained
 
 EOS_WORD = "<eos>"
-
-
-def load_run_model(run_dir, checkpoint: str = "best") -> tuple[LanguageModel, dict]:
-    """The trained model of a run folder (eval mode, on the CPU) and its results.json, built from the
-    saved config and filled from `checkpoints/<checkpoint>.ckpt`.
-
-    To be replaced by mswa.evaluate.load_run."""
-    run_dir = Path(run_dir)
-    results_path = run_dir / "results.json"
-    if not results_path.is_file():
-        raise ValueError(f"{results_path} does not exist: give a run folder written by train.py")
-    results = json.loads(results_path.read_text())
-    cfg = results["config"]
-    if is_pretrained(cfg):
-        raise ValueError(
-            f"{run_dir} fine-tuned the pretrained model {cfg['model']['pretrained']}: sample it with transformers' "
-            "generate (mswa.hf.window_cache gives the per-head cache), not mswa.sample"
-        )
-    path = run_dir / "checkpoints" / f"{checkpoint}.ckpt"
-    if not path.is_file():
-        raise ValueError(f"{path} does not exist: train the run until it checkpoints, or pick the other with --checkpoint")
-    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-    weights = {name.removeprefix("model."): tensor for name, tensor in state.items()}
-    vocab = SimpleNamespace(vocab_size=weights["embed.weight"].shape[0])  # model_kwargs reads only this of a corpus
-    model = LanguageModel(ModelConfig(**model_kwargs(cfg, vocab, build_schedule(cfg))))
-    model.load_state_dict(weights)
-    return model.eval(), results
 
 
 class TextCodec:
     """Text <-> token ids in the unit the run was trained on."""
 
-    def __init__(self, cfg: dict, unit: str):
-        self.unit = unit
+    def __init__(self, cfg: dict, corpus):
+        self.unit = unit = corpus.unit
         if unit == "word":
-            corpus = load_corpus(cfg)
             self.name, self.vocab = corpus.name, corpus.vocab
             self.ids = {word: i for i, word in enumerate(self.vocab)}
         elif unit == "token":
@@ -90,10 +60,15 @@ def sample(run_dir, prompt: str, max_new_tokens: int, *, checkpoint: str = "best
            top_k: int | None = None, top_p: float = 1.0, seed: int | None = 0) -> str:
     """The prompt and its continuation, as text."""
     check_sampling(max_new_tokens, temperature, top_k, top_p)
-    if checkpoint not in ("best", "last"):
-        raise ValueError(f"checkpoint={checkpoint!r} is unknown: use best or last")
-    model, results = load_run_model(run_dir, checkpoint)
-    codec = TextCodec(results["config"], results["unit"])
+    cfg = run_config(run_dir)
+    if is_pretrained(cfg):
+        raise ValueError(
+            f"{run_dir} fine-tuned the pretrained model {cfg['model']['pretrained']}: sample it with transformers' "
+            "generate (mswa.hf.window_cache gives the per-head cache), not mswa.sample"
+        )
+    cfg, task, corpus = load_run(run_dir, checkpoint, key="--checkpoint ")
+    model = task.model
+    codec = TextCodec(cfg, corpus)
     ids = codec.encode(prompt)
     check_prompt(model.cfg, len(ids), max_new_tokens)
     tokens = generate(model, torch.tensor([ids]), max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
@@ -109,7 +84,7 @@ def main(argv=None) -> None:
     parser.add_argument("--top-k", dest="top_k", type=int, default=None)
     parser.add_argument("--top-p", dest="top_p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--checkpoint", default="best", choices=("best", "last"))
+    parser.add_argument("--checkpoint", default="best", help="best, last or the path of a .ckpt")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads; decoding one sequence is a string of small operations that more threads mostly slow")
     args = parser.parse_args(argv)

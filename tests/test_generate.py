@@ -229,8 +229,9 @@ def test_a_run_without_checkpoints_is_refused_before_any_work(byte_run, tmp_path
     proc = subprocess.run([sys.executable, "-m", "mswa.sample", str(bare), "--prompt", "x"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip() == f"error: {bare}/checkpoints/best.ckpt does not exist: train the run until it checkpoints, or pick the other with --checkpoint"
-    with pytest.raises(SystemExit, match="results.json does not exist"):
+    assert proc.stderr.strip() == (f"error: --checkpoint best but {bare}/checkpoints/best.ckpt does not exist; "
+                                   "pass --checkpoint last or --checkpoint <path of a .ckpt>")
+    with pytest.raises(SystemExit, match="holds neither results.json with a config nor .hydra/config.yaml"):
         sample_main([str(tmp_path), "--prompt", "x"])
 
 
