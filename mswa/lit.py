@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import signal
 import threading
 import time
@@ -205,6 +206,8 @@ class GracefulInterrupt(L.Callback):
         if not self.training or self.requested:
             raise RunInterrupted("a second Ctrl-C" if self.requested else "Ctrl-C")
         self.requested = True
+        # a raw write: print() here could re-enter a stderr write the progress bar is in the middle of
+        os.write(2, b"\nCtrl-C: finishing this step, then saving checkpoints/last.ckpt; Ctrl-C again stops at once\n")
 
     def on_train_start(self, trainer, pl_module):
         self.training = True
@@ -295,3 +298,8 @@ class StepProgressBar(TQDMProgressBar):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, trainer.global_step - 1)
+
+    def on_exception(self, trainer, pl_module, exception):
+        for bar in (self._train_progress_bar, self._val_progress_bar, self._test_progress_bar):
+            if bar is not None:
+                bar.close()  # so the error is printed on a line of its own

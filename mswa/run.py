@@ -18,10 +18,10 @@ import shlex
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 
 import lightning as L
@@ -45,7 +45,8 @@ PRETRAINED_KEYS = ("pretrained", "dtype", "lora", "gradient_checkpointing", "att
 
 HEARTBEAT_EVERY_S = 60.0  # how often a live run rewrites results.json; the report reads it from there
 # Lightning's output that is not ours to act on (matched by message: other warnings stay on)
-QUIET_WARNINGS = (r"Experiment logs directory .* exists and is not empty", r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+QUIET_WARNINGS = (r"Experiment logs directory .* exists and is not empty", r"Checkpoint directory .* exists and is not empty",
+                  r".*isinstance\(treespec, LeafSpec\)` is deprecated")
 QUIET_INFO = ("💡 Tip: For seamless cloud logging",)
 
 
@@ -306,13 +307,17 @@ def resume_command(run: RunInfo) -> str:
     return shlex.join(["python", "train.py", *kept, *run.hydra_overrides, "ckpt_path=last"])
 
 
-@cache
 def quiet_lightning() -> None:
-    """Leave out Lightning's output that is not ours to act on; matched by message, other warnings stay."""
+    """Leave out Lightning's output that is not ours to act on; matched by message, other warnings stay.
+    Safe to repeat: a filter added twice is kept once."""
     for message in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
     for handler in logging.getLogger("lightning.pytorch").handlers:
-        handler.addFilter(lambda record: not record.getMessage().startswith(QUIET_INFO))
+        handler.addFilter(not_ours)
+
+
+def not_ours(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(QUIET_INFO)
 
 
 def now() -> str:
@@ -323,99 +328,136 @@ def train(cfg: dict, run: RunInfo) -> dict:
     """Fit, evaluate the best checkpoint on valid and test, and return (and write) the results. Faults a user
     can act on come out as one sentence: ConfigError, RunError (NaN, full disk, unloadable checkpoint),
     RunInterrupted (Ctrl-C, with the resume command)."""
-    folder = RunFolder(Path(run.dir))
-    process = {"pid": os.getpid(), "host": socket.gethostname(), "started": now(), "heartbeat_every_s": HEARTBEAT_EVERY_S}
-    results = {
-        "schema": 1, "status": "running", "error": None, "run_name": run.name, "variant": run.variant,
-        "seed": cfg["seed"], "overrides": run.overrides, "config": cfg, "dataset": cfg["dataset"]["name"],
-        "model": cfg["model"]["name"], "schedule": run.schedule or cfg["window_schedule"]["name"],
-        "git_commit": git_commit(), "process": process,
-    }
-    loggers: list = []
-    earlier_metrics, started = None, time.time()
+    attempt = Attempt(cfg, run)
     quiet_lightning()
     try:
-        with GracefulInterrupt(str(folder.last)) as interrupt:
-            if is_pretrained(cfg):
-                read_pretrained_shape(cfg)
-            check_config(cfg)
-            schedule = build_schedule(cfg)
-            resume = folder.resolve_resume(cfg["ckpt_path"], cfg["overwrite"])
-            earlier_metrics = folder.set_aside_metrics() if resume else None
-            corpus = load_corpus(cfg)
-            check_corpus(cfg, corpus)
-            if cfg.get("torch_threads"):
-                torch.set_num_threads(cfg["torch_threads"])
-            L.seed_everything(cfg["seed"], workers=True, verbose=False)
-            task = LanguageModelTask(model_kwargs(cfg, corpus, schedule), cfg["optim"], corpus.unit, cfg["compile"])
-            results.update(
-                unit=corpus.unit, metric=corpus.metric, window=schedule.w, windows=schedule.as_lists(),
-                budget=schedule.budget(cfg["seq_len"]), n_params=task.model.n_params(),
-                n_trainable=sum(p.numel() for p in task.parameters() if p.requires_grad),
-                entropy_floor_bpb=corpus.entropy_floor_bpb,
-            )
-            if not resume:
-                folder.start_over()
-            folder.write(results)
-            data = CorpusDataModule(corpus, cfg["seq_len"], cfg["data"]["batch_size"], cfg["data"]["eval_batch_size"],
-                                    cfg["seed"], cfg["data"]["val_max_tokens"], cfg["data"]["aligned_chunks"])
-            loggers = build_loggers(cfg, folder, run, results["schedule"])
-
-            def beat() -> None:  # training has started, so a resumed checkpoint has loaded: the folder is this run's
-                folder.owned = True
-                process["heartbeat"] = now()
-                folder.write(results)
-
-            best = FolderCheckpoint(dirpath=folder.checkpoints, filename="best", monitor="val/loss", mode="min", save_top_k=1)
-            last = FolderCheckpoint(dirpath=folder.checkpoints, save_top_k=0, save_last=True,
-                                    every_n_train_steps=cfg["checkpoint"]["every_n_train_steps"])
-            throughput = Throughput(cfg["data"]["batch_size"] * cfg["seq_len"])
-            trainer = L.Trainer(
-                **{"enable_model_summary": False, **cfg["hardware"], **cfg["trainer"]}, logger=loggers, max_epochs=-1,
-                check_val_every_n_epoch=None, plugins=[AtomicCheckpointIO()],
-                callbacks=[best, last, throughput, interrupt, Heartbeat(beat, HEARTBEAT_EVERY_S), StepProgressBar()],
-                default_root_dir=str(folder.path), use_distributed_sampler=False, deterministic=False,
-            )
-            summarise_wandb(loggers, corpus.metric, corpus.entropy_floor_bpb)
-            if rank_zero_only.rank == 0:
-                print(schedule.describe(cfg["seq_len"]))
-                print(f"{results['n_params']:,} parameters, {results['n_trainable']:,} trained")
-            fit(trainer, task, data, resume, folder)
-            folder.owned = True  # a resume that had nothing left to train (max_steps reached) loaded fine too
-            if interrupt.requested:
-                raise RunInterrupted("Ctrl-C")
-            data.val_max_tokens = None  # the final numbers are full passes over each split
-            evaluated = best.best_model_path or None
-            trainer.validate(task, datamodule=data, ckpt_path=evaluated, verbose=False)
-            trainer.test(task, datamodule=data, ckpt_path=evaluated, verbose=False)
-            results.update(
-                status="finished", metrics=dict(task.eval_results), steps=trainer.global_step,
-                tokens_per_s=throughput.mean_tokens_per_s, evaluated_checkpoint=folder.relative(evaluated),
-                evaluated_step=evaluated and checkpoint_step(Path(evaluated)),
-            )
-            if is_pretrained(cfg) and rank_zero_only.rank == 0:
-                record = {"schedule": results["schedule"], "pretrained": cfg["model"]["pretrained"],
-                          "checkpoint": results["evaluated_checkpoint"]}
-                results["lm_eval"] = finish_pretrained(cfg, task, folder, loggers, record)
-            return results
+        with GracefulInterrupt(str(attempt.folder.last)) as interrupt:
+            attempt.run(interrupt)
+        attempt.end()  # a finished run's results that cannot be saved are its error
+        return attempt.results
     except BaseException as error:  # noqa: BLE001 - Ctrl-C and crashes are recorded, then re-raised
-        stop = explain(error, folder, run)
-        interrupted = isinstance(stop, (RunInterrupted, KeyboardInterrupt, SystemExit))
-        results.update(status="interrupted" if interrupted else "failed",
-                       error=str(stop) if isinstance(stop, (ValueError, RunError, RunInterrupted)) else f"{type(stop).__name__}: {stop}")
+        stop = explain(error, attempt.folder, run)
+        if not attempt.ended:
+            attempt.stopped(stop)
+            attempt.end(after=stop)
         if stop is error:
             raise
         raise stop from None
-    finally:
-        results["wall_time_s"] = time.time() - started
-        folder.write(results)
-        folder.record_attempt({
-            "started": process["started"], "ended": now(), "status": results["status"] if folder.owned else "refused",
-            "error": results["error"], "pid": process["pid"], "host": process["host"], "overrides": run.overrides,
-        })
-        finish_wandb(loggers, results, mirror=folder.owned)
-        if earlier_metrics is not None:
-            folder.merge_metrics(earlier_metrics)
+
+
+class Attempt:
+    """One call of train() on a run folder: its results, and what it records and cleans up however it ends."""
+
+    def __init__(self, cfg: dict, run: RunInfo):
+        self.cfg, self.run_info, self.folder = cfg, run, RunFolder(Path(run.dir))
+        self.process = {"pid": os.getpid(), "host": socket.gethostname(), "started": now(), "heartbeat_every_s": HEARTBEAT_EVERY_S}
+        self.results = {
+            "schema": 1, "status": "running", "error": None, "run_name": run.name, "variant": run.variant,
+            "seed": cfg["seed"], "overrides": run.overrides, "config": cfg, "dataset": cfg["dataset"]["name"],
+            "model": cfg["model"]["name"], "schedule": run.schedule or cfg["window_schedule"]["name"],
+            "git_commit": git_commit(), "process": self.process,
+        }
+        self.loggers: list = []
+        self.earlier_metrics: Path | None = None
+        self.started, self.ended = time.time(), False
+
+    def run(self, interrupt: GracefulInterrupt) -> None:
+        cfg, folder, results = self.cfg, self.folder, self.results
+        corpus, schedule, task, resume = self.prepare()
+        data = CorpusDataModule(corpus, cfg["seq_len"], cfg["data"]["batch_size"], cfg["data"]["eval_batch_size"],
+                                cfg["seed"], cfg["data"]["val_max_tokens"], cfg["data"]["aligned_chunks"])
+        self.loggers = build_loggers(cfg, folder, self.run_info, results["schedule"])
+        best = FolderCheckpoint(dirpath=folder.checkpoints, filename="best", monitor="val/loss", mode="min", save_top_k=1)
+        last = FolderCheckpoint(dirpath=folder.checkpoints, save_top_k=0, save_last=True,
+                                every_n_train_steps=cfg["checkpoint"]["every_n_train_steps"])
+        throughput = Throughput(cfg["data"]["batch_size"] * cfg["seq_len"])
+        trainer = L.Trainer(
+            **{"enable_model_summary": False, **cfg["hardware"], **cfg["trainer"]}, logger=self.loggers, max_epochs=-1,
+            check_val_every_n_epoch=None, plugins=[AtomicCheckpointIO()],
+            callbacks=[best, last, throughput, interrupt, Heartbeat(self.beat, HEARTBEAT_EVERY_S), StepProgressBar()],
+            default_root_dir=str(folder.path), use_distributed_sampler=False, deterministic=False,
+        )
+        summarise_wandb(self.loggers, corpus.metric, corpus.entropy_floor_bpb)
+        if rank_zero_only.rank == 0:
+            print(schedule.describe(cfg["seq_len"]))
+            print(f"{results['n_params']:,} parameters, {results['n_trainable']:,} trained")
+        fit(trainer, task, data, resume, folder)
+        folder.owned = True  # a resume that had nothing left to train (max_steps reached) loaded fine too
+        if interrupt.requested:
+            raise RunInterrupted("Ctrl-C")
+        data.val_max_tokens = None  # the final numbers are full passes over each split
+        evaluated = best.best_model_path or None
+        trainer.validate(task, datamodule=data, ckpt_path=evaluated, verbose=False)
+        trainer.test(task, datamodule=data, ckpt_path=evaluated, verbose=False)
+        results.update(
+            status="finished", metrics=dict(task.eval_results), steps=trainer.global_step,
+            tokens_per_s=throughput.mean_tokens_per_s, evaluated_checkpoint=folder.relative(evaluated),
+            evaluated_step=evaluated and checkpoint_step(Path(evaluated)),
+        )
+        if is_pretrained(cfg) and rank_zero_only.rank == 0:
+            record = {"schedule": results["schedule"], "pretrained": cfg["model"]["pretrained"],
+                      "checkpoint": results["evaluated_checkpoint"]}
+            results["lm_eval"] = finish_pretrained(cfg, task, folder, self.loggers, record)
+
+    def prepare(self) -> tuple[Corpus, WindowSchedule, LanguageModelTask, str | None]:
+        """Every check, the data and the model; a fresh run then takes the folder."""
+        cfg, folder = self.cfg, self.folder
+        if is_pretrained(cfg):
+            read_pretrained_shape(cfg)
+        check_config(cfg)
+        schedule = build_schedule(cfg)
+        resume = folder.resolve_resume(cfg["ckpt_path"], cfg["overwrite"])
+        self.earlier_metrics = folder.set_aside_metrics() if resume else None
+        corpus = load_corpus(cfg)
+        check_corpus(cfg, corpus)
+        if cfg.get("torch_threads"):
+            torch.set_num_threads(cfg["torch_threads"])
+        L.seed_everything(cfg["seed"], workers=True, verbose=False)
+        task = LanguageModelTask(model_kwargs(cfg, corpus, schedule), cfg["optim"], corpus.unit, cfg["compile"])
+        self.results.update(
+            unit=corpus.unit, metric=corpus.metric, window=schedule.w, windows=schedule.as_lists(),
+            budget=schedule.budget(cfg["seq_len"]), n_params=task.model.n_params(),
+            n_trainable=sum(p.numel() for p in task.parameters() if p.requires_grad),
+            entropy_floor_bpb=corpus.entropy_floor_bpb,
+        )
+        if not resume:
+            folder.start_over()
+        folder.write(self.results)
+        return corpus, schedule, task, resume
+
+    def beat(self) -> None:
+        """Training has started, so a resumed checkpoint has loaded: the folder is this run's."""
+        self.folder.owned = True
+        self.process["heartbeat"] = now()
+        self.folder.write(self.results)
+
+    def stopped(self, stop: BaseException) -> None:
+        interrupted = isinstance(stop, (RunInterrupted, KeyboardInterrupt, SystemExit))
+        one_sentence = isinstance(stop, (ValueError, RunError, RunInterrupted))
+        self.results.update(status="interrupted" if interrupted else "failed",
+                            error=str(stop) if one_sentence else f"{type(stop).__name__}: {stop}")
+
+    def end(self, after: BaseException | None = None) -> None:
+        """results.json (if this attempt owns the folder), the attempts log, W&B, metrics.csv, the summary.
+        ``after`` an error, a write that fails too (the same full disk) is reported, not raised over it."""
+        self.ended = True
+        folder, results = self.folder, self.results
+        results["wall_time_s"] = time.time() - self.started
+        try:
+            folder.write(results)
+            folder.record_attempt({
+                "started": self.process["started"], "ended": now(), "status": results["status"] if folder.owned else "refused",
+                "error": results["error"], "pid": self.process["pid"], "host": self.process["host"],
+                "overrides": self.run_info.overrides,
+            })
+        except OSError as error:
+            if after is None:
+                raise
+            print(f"warning: could not record how this attempt ended ({error.strerror}: {error.filename}); "
+                  "the report reads the run as stopped", file=sys.stderr)
+        finish_wandb(self.loggers, results, mirror=folder.owned)
+        if self.earlier_metrics is not None:
+            folder.merge_metrics(self.earlier_metrics)
         if results["status"] == "finished" and rank_zero_only.rank == 0:
             print(summary_lines(results, folder))
 
