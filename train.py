@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from mswa.lit import RunError, RunInterrupted
-from mswa.run import ConfigError, RunInfo, folder_name, optimised_metric, train
+from mswa.run import ConfigError, RunInfo, folder_name, hydra_value, optimised_metric, train
 from mswa.windows import ScheduleError
 
 OmegaConf.register_new_resolver("folder_name", folder_name, replace=True)
@@ -33,7 +33,7 @@ def main(cfg: DictConfig) -> float:
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     group = hydra_cfg.sweep.dir.rstrip("/").split("/")[-1] if multirun else None
     # a resume must find this folder again: a multirun job's, or one the command named
-    run_dir = [f"hydra.run.dir={hydra_cfg.runtime.output_dir}"] if multirun else [
+    run_dir = [hydra_value("hydra.run.dir", hydra_cfg.runtime.output_dir)] if multirun else [
         o for o in hydra_cfg.overrides.hydra if o.startswith("hydra.run.dir=")]
     try:
         plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)

@@ -285,16 +285,22 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 class StepProgressBar(TQDMProgressBar):
     """``step N/max_steps``: a run is one endless epoch, so Lightning's own bar reads ``Epoch 0/-2`` and
-    miscounts after a resume."""
+    miscounts after a resume (which starts mid-epoch, without an epoch start)."""
 
-    @property
-    def total_train_batches(self) -> int:
-        return self.trainer.max_steps
+    def on_train_start(self, trainer, pl_module):
+        super().on_train_start(trainer, pl_module)
+        self._count_steps(trainer)
 
     def on_train_epoch_start(self, trainer, *args):
         super().on_train_epoch_start(trainer, *args)
-        self.train_progress_bar.set_description("step")
-        self.train_progress_bar.initial = self.train_progress_bar.n = trainer.global_step
+        self._count_steps(trainer)
+
+    def _count_steps(self, trainer) -> None:
+        bar = self.train_progress_bar
+        bar.reset(total=trainer.max_steps)
+        bar.set_description("step", refresh=False)
+        bar.initial = bar.n = trainer.global_step
+        bar.refresh()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, trainer.global_step - 1)

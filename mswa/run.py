@@ -481,13 +481,18 @@ def explain(error: BaseException, folder: RunFolder, run: RunInfo) -> BaseExcept
         step = checkpoint_step(folder.last)
         retry = "lower optim.lr or raise optim.warmup_steps and start again"
         if step is not None:
-            retry += f", or continue from step {step} with ckpt_path={folder.last.resolve()} (changed optim.* take effect)"
+            retry += f", or continue from step {step} with {shlex.quote(hydra_value('ckpt_path', folder.last.resolve()))} (changed optim.* take effect)"
         return NonFiniteLossError(f"{error}; {retry}")
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
         return RunError(f"no space left on the device writing {error.filename or folder.path}; free some space, then {what_next(folder, run)}")
     if isinstance(error, (RunInterrupted, KeyboardInterrupt)):
         return RunInterrupted(f"stopped by {error if isinstance(error, RunInterrupted) else 'Ctrl-C'}; {what_next(folder, run)}")
     return error
+
+
+def hydra_value(key: str, path: Path | str) -> str:
+    """An override whose path may hold `=` or `,` (run folder names do), quoted for Hydra."""
+    return f'{key}="{path}"'
 
 
 def what_next(folder: RunFolder, run: RunInfo) -> str:

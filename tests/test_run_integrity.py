@@ -133,7 +133,7 @@ def test_nan_advice_says_only_what_is_true(finished, tmp_path):
         train(smoke(finished, *diverge, "checkpoint.every_n_train_steps=1"), RunInfo(str(tmp_path / "some")))
     last = tmp_path / "some" / "checkpoints" / "last.ckpt"
     step = torch.load(last, weights_only=False)["global_step"]
-    assert f"continue from step {step} with ckpt_path={last}" in str(error.value)
+    assert f"""continue from step {step} with 'ckpt_path="{last}"'""" in str(error.value)
     assert results_of(tmp_path / "some")["status"] == "failed"
 
 
@@ -332,6 +332,7 @@ def test_two_ctrl_c_stop_at_once_with_the_resume_command(straight, tmp_path):
     stderr = job.finish()
     assert job.proc.returncode == 1 and "Traceback" not in stderr and "SystemExit" not in stderr
     last_line = stderr.strip().splitlines()[-1]
+    print(last_line)
     assert last_line.startswith("interrupted: stopped by ") and "ckpt_path=last" in last_line, last_line
     assert results_of(run_dir)["status"] == "interrupted"
     run_printed_command(stderr, tmp_path)
