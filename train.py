@@ -19,7 +19,8 @@ OmegaConf.register_new_resolver("folder_name", folder_name, replace=True)
 
 
 class JobFailed(CompactHydraException):
-    """A multirun job's one-sentence error: Hydra records the job as failed and prints just this line."""
+    """A failed multirun job, once its one-line error is printed: Hydra records the job as failed, goes on with
+    the others, and at the end names the first failed job with this line (no traceback)."""
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -43,7 +44,7 @@ def main(cfg: DictConfig) -> float:
     except (ConfigError, ScheduleError, ValueError, MissingMandatoryValue, RunError) as error:
         if multirun:  # the sweep records this job as failed and goes on with the others
             print(f"error: {error}", file=sys.stderr)
-            raise JobFailed(f"error: {error}") from None
+            raise JobFailed("its error is printed above and recorded in its results.json") from None
         sys.exit(f"error: {error}")
     except RunInterrupted as stop:
         sys.exit(f"interrupted: {stop}")

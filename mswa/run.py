@@ -184,7 +184,10 @@ class RunFolder:
     def resolve_resume(self, ckpt_path: str | None, overwrite: bool) -> str | None:
         if ckpt_path == "last":
             if not self.last.exists():
-                raise ConfigError(f"ckpt_path=last but {self.last} does not exist; run without ckpt_path to start this run")
+                raise ConfigError(
+                    f"ckpt_path=last but {self.last} does not exist; run without ckpt_path to start this run, or continue "
+                    "another run's checkpoint with ckpt_path=PATH (an override that differs names another run folder)"
+                )
             return str(self.last)
         if ckpt_path is not None:
             if not Path(ckpt_path).is_file():
@@ -195,6 +198,8 @@ class RunFolder:
                 f"{self.path} already holds a run (checkpoints/last.ckpt); resume it with ckpt_path=last "
                 "or start over with overwrite=true"
             )
+        if self.holds_run() and not overwrite:
+            raise ConfigError(f"{self.path} already holds a finished run (results.json); start over with overwrite=true")
         return None
 
     def start_over(self) -> None:

@@ -70,11 +70,14 @@ def test_a_refused_start_leaves_a_finished_run_as_it_was(finished, tmp_path):
         train(smoke(finished), RunInfo(str(folder)))
     with pytest.raises(ScheduleError, match="window=0"):
         train(smoke(finished, "window=0"), RunInfo(str(folder)))
-    assert files_of(folder) == before
-    refused = attempts_of(folder)[-2:]
-    assert [a["status"] for a in refused] == ["refused", "refused"] and "window=0" in refused[1]["error"]
+    shutil.rmtree(folder / "checkpoints")  # results alone are worth keeping too
+    with pytest.raises(ConfigError, match="already holds a finished run"):
+        train(smoke(finished), RunInfo(str(folder)))
+    assert files_of(folder) == {name: data for name, data in before.items() if not name.startswith("checkpoints/")}
+    refused = attempts_of(folder)[-3:]
+    assert [a["status"] for a in refused] == ["refused"] * 3 and "window=0" in refused[1]["error"]
     runs = report.load_runs([folder])
-    assert runs.status.tolist() == ["finished"] and len(report.refused_attempts(runs)) == 2
+    assert runs.status.tolist() == ["finished"] and len(report.refused_attempts(runs)) == 3
 
 
 def test_a_refused_fresh_run_still_records_failed(finished, tmp_path):
