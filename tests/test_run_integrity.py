@@ -22,7 +22,7 @@ import mswa.atomic
 from conftest import REPO, compose_config, run_train
 from mswa import report
 from mswa.lit import AtomicCheckpointIO, GracefulInterrupt, LanguageModelTask, NonFiniteLossError, RunError, RunInterrupted
-from mswa.run import ConfigError, RunInfo, folder_name, train
+from mswa.run import ConfigError, RunInfo, folder_name, hydra_value, resume_command, train
 from mswa.windows import ScheduleError
 
 SMOKE = ["debug=smoke", "logger=none"]
@@ -85,6 +85,15 @@ def test_a_refused_fresh_run_still_records_failed(finished, tmp_path):
         train(smoke(finished, "window=0"), RunInfo(str(tmp_path / "run")))
     assert results_of(tmp_path / "run")["status"] == "failed"
     assert attempts_of(tmp_path / "run")[0]["status"] == "failed"
+    with pytest.raises(ConfigError, match=r"does not exist; .* or continue another run's checkpoint with ckpt_path=PATH"):
+        train(smoke(finished, "ckpt_path=last"), RunInfo(str(tmp_path / "other")))
+
+
+def test_the_resume_command_finds_the_run_folder_again():
+    single = RunInfo("outputs/x", overrides=["model=swa", "window_schedule.windows=[[1,2]]", "overwrite=true"])
+    assert resume_command(single) == "python train.py model=swa 'window_schedule.windows=[[1,2]]' ckpt_path=last"
+    job = RunInfo("m/0_a=1,b=2", overrides=["ckpt_path=x", "a=1"], hydra_overrides=[hydra_value("hydra.run.dir", "m/0_a=1,b=2")])
+    assert resume_command(job) == """python train.py a=1 'hydra.run.dir="m/0_a=1,b=2"' ckpt_path=last"""
 
 
 def test_a_resume_whose_checkpoint_fails_to_load_leaves_the_run_as_it_was(finished, tmp_path):

@@ -94,7 +94,7 @@ def test_uniform_predictor_scores_exactly_8_bpc(tmp_path):
 def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint_before_it(tmp_path):
     overrides = ["debug=smoke", *TINY_DATA, "optim.lr=1e6", "optim.warmup_steps=1", "trainer.gradient_clip_val=null",
                  "trainer.max_steps=40", "checkpoint.every_n_train_steps=1", "logger=none"]
-    with pytest.raises(NonFiniteLossError, match=r"at step \d+; lower optim.lr .* or continue from step \d+ with ckpt_path="):
+    with pytest.raises(NonFiniteLossError, match=r"at step \d+; lower optim.lr .* or continue from step \d+ with 'ckpt_path="):
         train(compose_config(overrides, tmp_path), RunInfo(str(tmp_path / "run")))
     saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
     assert all(torch.isfinite(t).all() for t in saved["state_dict"].values())
@@ -130,8 +130,15 @@ def test_interrupted_run_resumes_to_the_same_final_metric(tmp_path):
     assert message == f"interrupted: stopped by Ctrl-C; resume from step {stopped_at} with: {command}"
     assert "Traceback" not in stderr and interrupted["error"] == message.removeprefix("interrupted: ")
 
-    run_train([*args, "ckpt_path=last"], tmp_path, env_extra={"WANDB_MODE": "offline"})  # the command it printed
+    proc = run_train([*args, "ckpt_path=last"], tmp_path, env_extra={"WANDB_MODE": "offline"})  # the command it printed
+    output = proc.stdout + proc.stderr
+    for noise in ("litlogger", "exists and is not empty", "LeafSpec", "FLOPs", "Epoch 0/-2"):
+        assert noise not in output, noise
+    assert "step: " in output and f"| {stopped_at}/60 [" in output  # the bar counts steps of max_steps from the resume on
     resumed = json.loads((run_dir / "results.json").read_text())
+    metric = resumed["metrics"]["val/bpc"]
+    assert f"finished 60 steps: val/bpc {metric:.6f}, test/bpc" in proc.stdout
+    assert f"from checkpoints/best.ckpt (step 60, lowest val/loss)\nresults: {run_dir / 'results.json'}" in proc.stdout
     assert resumed["status"] == "finished" and resumed["steps"] == 60
     difference = resumed["metrics"]["val/bpc"] - reference["metrics"]["val/bpc"]
     print(f"Ctrl-C then resume: val/bpc difference {difference:.3e}")
