@@ -819,8 +819,10 @@ def write_report(runs: pd.DataFrame, out: str | Path, title: str, evals: pd.Data
 def _write_runs(runs: pd.DataFrame, out: Path, title: str) -> tuple[dict[str, Path], str]:
     """The runs' CSV and plots written to ``out`` (their paths), and the runs' markdown."""
     paths = {name: out / name for name in ("summary.csv", "curves.png", "budget.png", "windows.png")}
+    common = common_overrides(runs.variant)
+    labelled = runs.assign(variant=[short_variant(v, common) for v in runs.variant])  # legends as short as the table
     for name, plot in (("curves.png", plot_curves), ("budget.png", plot_budget), ("windows.png", plot_windows)):
-        plot(runs).savefig(paths[name], dpi=100)
+        plot(labelled).savefig(paths[name], dpi=100)
     table, failed = summary_table(runs), failed_runs(runs)
     csv = pd.concat([table.assign(status="finished"), failed.rename(columns={"seed": "seeds"})], ignore_index=True)
     csv.to_csv(paths["summary.csv"], index=False)
