@@ -82,7 +82,7 @@ class LanguageModelTask(L.LightningModule):
         sums = {name: value.cpu() for name, value in self.eval_nll.compute().items()}
         self.eval_nll.reset()
         scalars = metrics_from_sums(sums["nll_sum"].item(), sums["count"].item(), self.unit)
-        data = self.trainer.datamodule if self.trainer is not None else None
+        data = self.trainer.datamodule  # None when the trainer was given bare dataloaders
         if isinstance(data, CorpusDataModule):
             self.eval_details[stage] = data.breakdown(stage, sums)
             scalars |= {f"bpc_{row['kind']}": row["bpc"] for row in self.eval_details[stage].get("by_kind", [])}

@@ -19,6 +19,10 @@ A report of evaluations only is fine; one with neither runs nor evaluations is a
 
 The same functions serve ``notebooks/analysis.ipynb``: ``load_runs`` -> ``summary_table`` /
 ``failed_runs`` / ``plot_curves`` / ``plot_budget`` / ``plot_windows``; ``write_report`` writes them all.
+A run's ``evaluation`` (results.json) gives ``distance_table`` -> ``plot_distance`` (the metric by the
+context offered) and, on the synthetic corpus, ``kind_table`` -> ``plot_kinds`` (bpc per byte kind
+beside its floor); ``load_evaluations`` lists the ``evaluation_*.json`` that ``python -m mswa.evaluate``
+wrote beside results.json.
 """
 
 from __future__ import annotations
