@@ -10,6 +10,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from mswa.checks import check_launcher
 from mswa.run import ConfigError, RunInfo, folder_name, optimised_metric, train
 from mswa.windows import ScheduleError
 
@@ -27,6 +28,7 @@ def main(cfg: DictConfig) -> float:
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     group = hydra_cfg.sweep.dir.rstrip("/").split("/")[-1] if multirun else None
     try:
+        check_launcher(hydra_cfg.runtime.choices.get("launcher"), multirun)
         plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
         run = RunInfo(hydra_cfg.runtime.output_dir, run_name, variant, overrides, group,
                       hydra_cfg.runtime.choices.get("window_schedule"))

@@ -25,19 +25,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from mswa.checks import MODEL_KEYS, PRETRAINED_KEYS, ConfigError, check_checkpoint, check_config
 from mswa.data.corpus import Corpus
 from mswa.lit import GracefulInterrupt, CorpusDataModule, LanguageModelTask, Throughput
 from mswa.windows import WindowSchedule, make_schedule
-
-MODEL_KEYS = ("n_layer", "n_head", "d_model", "mlp_ratio", "dropout", "positions", "attn_backend", "output",
-              "adaptive_cutoffs", "mixer", "layout", "pattern", "linear_feature_map", "linear_feature_dim")
-
-PRETRAINED_KEYS = ("pretrained", "dtype", "lora", "gradient_checkpointing", "attn_backend")
-
-
-class ConfigError(ValueError):
-    """A config that cannot run; the message names the key and the fix."""
-
 
 def build_schedule(cfg: dict) -> WindowSchedule:
     ws, model = cfg["window_schedule"], cfg["model"]
@@ -46,29 +37,6 @@ def build_schedule(cfg: dict) -> WindowSchedule:
         ws["name"], w=w, n_layer=model["n_layer"], n_head=model["n_head"],
         head_ratios=ws.get("head_ratios"), layer_ratios=ws.get("layer_ratios"), windows=ws.get("windows"),
     )
-
-
-def check_config(cfg: dict) -> None:
-    """Checks that need no data; run before anything is loaded."""
-    for key in ("seq_len", "data.batch_size", "data.eval_batch_size", "trainer.max_steps"):
-        value = cfg
-        for part in key.split("."):
-            value = value[part]
-        if not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{key}={value!r} must be a positive integer")
-    if cfg["hardware"]["accelerator"] in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise ConfigError(
-            f"hardware.accelerator={cfg['hardware']['accelerator']} but this machine has no CUDA GPU; "
-            "add hardware=cpu to run here (an experiment= that picks the GPU keeps its other settings)"
-        )
-    model, schedule = cfg["model"]["name"], cfg["window_schedule"]["name"]
-    if cfg["model"]["windowed"] is not None and cfg["model"]["windowed"] == (schedule == "full"):
-        raise ConfigError(
-            f"model={model} cannot use window_schedule={schedule}; models without window attention (full, linear) "
-            "take only the 'full' schedule, windowed models any other: pick a matching model or schedule"
-        )
-    if not is_pretrained(cfg) and cfg["model"]["d_model"] % cfg["model"]["n_head"]:
-        raise ConfigError(f"model.d_model={cfg['model']['d_model']} is not divisible by model.n_head={cfg['model']['n_head']}")
 
 
 def is_pretrained(cfg: dict) -> bool:
@@ -255,9 +223,9 @@ def train(cfg: dict, run: RunInfo) -> dict:
     loggers: list = []
     earlier_metrics = None
     try:
+        check_config(cfg)
         if is_pretrained(cfg):
             read_pretrained_shape(cfg)
-        check_config(cfg)
         schedule = build_schedule(cfg)
         resume = folder.resolve_resume(cfg["ckpt_path"], cfg["overwrite"])
         earlier_metrics = folder.set_aside_metrics() if resume else None
@@ -266,6 +234,7 @@ def train(cfg: dict, run: RunInfo) -> dict:
         if cfg.get("torch_threads"):
             torch.set_num_threads(cfg["torch_threads"])
         L.seed_everything(cfg["seed"], workers=True, verbose=False)
+        check_checkpoint(resume, model_kwargs(cfg, corpus, schedule))
         task = LanguageModelTask(model_kwargs(cfg, corpus, schedule), cfg["optim"], corpus.unit, cfg["compile"])
         results.update(
             unit=corpus.unit, metric=corpus.metric, window=schedule.w, windows=schedule.as_lists(),
