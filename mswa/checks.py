@@ -3,7 +3,9 @@
 Each refuses a bad config in one sentence that names the key, the value and the fix. They are plain
 functions of the resolved config dict (what train.py hands to `mswa.run.train`): no Hydra, no trainer.
 Every key a user can set is known here, so a typo (`+model.n_layers=3`) is refused rather than
-silently ignored; each group's keys come from the code that reads them where that code says so.
+silently ignored. A group's keys come from the code that takes them where it says so in its signature
+(ModelConfig, CorpusDataModule, make_schedule, lightning.Trainer, a dataset loader), else from the
+lists here, beside the rules for their values.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ LOGGER_KEYS = {"wandb": ("name", "mode", "project", "entity", "group", "job_type
 WANDB_MODES = ("offline", "online", "disabled")
 
 GROUPS = {  # the keys of each group that some code reads
-    "optim": ("lr", "weight_decay", "betas", "warmup_steps", "min_lr_ratio"),
+    "optim": ("lr", "weight_decay", "betas", "warmup_steps", "min_lr_ratio"),  # what lit.configure_optimizers reads
     "data": DATA_KEYS,
     "window_schedule": SCHEDULE_KEYS,
     "dataset": ("name", "path", "aligned_chunks", "loader"),
@@ -126,6 +128,7 @@ RULES = {
     "trainer.gradient_clip_val": RATE_OR_NULL,
     "checkpoint.every_n_train_steps": POSITIVE,
     "hardware.num_nodes": POSITIVE,
+    "logger.mode": Rule(f"one of {', '.join(WANDB_MODES)}", lambda v: v in WANDB_MODES),  # wandb only
     "hardware.precision": Rule(f"one of {', '.join(map(str, PRECISIONS))}", lambda v: v in PRECISIONS),
 }
 MODEL_RULES = {  # models built by mswa.model (a pretrained model brings its own shape)
@@ -140,25 +143,6 @@ MODEL_RULES = {  # models built by mswa.model (a pretrained model brings its own
 BACKEND = Rule(f"one of {', '.join(BACKENDS)}", lambda v: v in BACKENDS)
 
 
-def check_config(cfg: dict) -> None:
-    """Every check that needs neither data nor a checkpoint; run first."""
-    check_known_keys(cfg)
-    pretrained = "pretrained" in cfg["model"]
-    rules = RULES | {"model.attn_backend": BACKEND} | ({} if pretrained else MODEL_RULES)
-    for key, rule in rules.items():
-        value = lookup(cfg, key)
-        if value is not MISSING and not rule.ok(value):
-            raise ConfigError(f"{key}={value!r} must be {rule.must_be}")
-    if cfg["logger"]["name"] == "wandb" and cfg["logger"]["mode"] not in WANDB_MODES:
-        raise ConfigError(f"logger.mode={cfg['logger']['mode']!r} must be one of {', '.join(WANDB_MODES)}")
-    check_warmup(cfg)
-    check_hardware(cfg)
-    check_model(cfg)
-    for key in ("paths.data_dir", "paths.log_dir", "dataset.loader.data_dir"):
-        if lookup(cfg, key) is not MISSING:
-            check_folder(key, lookup(cfg, key))
-
-
 MISSING = object()
 
 
@@ -170,6 +154,23 @@ def lookup(cfg: dict, key: str) -> Any:
             return MISSING
         value = value[part]
     return value
+
+
+def check_config(cfg: dict) -> None:
+    """Every check that needs neither data nor a checkpoint; run first."""
+    check_known_keys(cfg)
+    pretrained = "pretrained" in cfg["model"]
+    rules = RULES | {"model.attn_backend": BACKEND} | ({} if pretrained else MODEL_RULES)
+    for key, rule in rules.items():
+        value = lookup(cfg, key)
+        if value is not MISSING and not rule.ok(value):
+            raise ConfigError(f"{key}={value!r} must be {rule.must_be}")
+    check_warmup(cfg)
+    check_hardware(cfg)
+    check_model(cfg)
+    for key in ("paths.data_dir", "paths.log_dir", "dataset.loader.data_dir"):
+        if lookup(cfg, key) is not MISSING:
+            check_folder(key, lookup(cfg, key))
 
 
 def check_known_keys(cfg: dict) -> None:
