@@ -207,22 +207,24 @@ def check_loader_keys(loader: dict) -> None:
     try:
         parameters = inspect.signature(get_method(loader["_target_"])).parameters
     except Exception as error:  # noqa: BLE001 - Hydra wraps import failures in several types
-        raise ConfigError(f"dataset.loader._target_={loader['_target_']!r} cannot be imported ({error}); name a loader function") from None
+        target = loader["_target_"]
+        raise ConfigError(f"dataset.loader._target_={target!r} cannot be imported ({error}); name a loader function") from None
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         refuse_unknown("dataset.loader", loader, ("_target_", *parameters))
 
 
 def refuse_unknown(group: str, values: dict, known: Collection[str], set_elsewhere: dict[str, str] | None = None) -> None:
-    """Every key of `values` must be `known`; `set_elsewhere` maps known keys a user may not set to where they come from."""
+    """Every key of `values` must be `known`; `set_elsewhere` maps known keys a user may not set to their source."""
     set_elsewhere = set_elsewhere or {}
     prefix = f"{group}." if group else ""
+    settable = [key for key in known if key not in set_elsewhere]
     for key in values:
         if key in set_elsewhere:
             raise ConfigError(f"{prefix}{key} is not a setting here: it comes from {set_elsewhere[key]}; remove it")
         if key not in known:
-            settable = [k for k in known if k not in set_elsewhere]
             close = difflib.get_close_matches(key, settable, n=1, cutoff=0.6)
-            fix = f"did you mean {prefix}{close[0]}?" if close else f"the settings {'of ' + group if group else 'at the top'} are {', '.join(sorted(settable))}"
+            where = f"of {group}" if group else "at the top"
+            fix = f"did you mean {prefix}{close[0]}?" if close else f"the settings {where} are {', '.join(sorted(settable))}"
             raise ConfigError(f"{prefix}{key} is not a setting that anything reads; {fix}")
 
 
@@ -296,17 +298,23 @@ def check_checkpoint(path: str | None, model: dict) -> None:
         stored = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as error:  # noqa: BLE001 - torch raises many types for a file that is not its own
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ConfigError(f"ckpt_path={path} is not a checkpoint ({reason[:120]}); give a .ckpt that train.py wrote, or ckpt_path=last") from None
+        raise ConfigError(
+            f"ckpt_path={path} is not a checkpoint ({reason[:120]}); give a .ckpt that train.py wrote, or ckpt_path=last"
+        ) from None
     hyper = stored.get("hyper_parameters") if isinstance(stored, dict) else None
     if not isinstance(hyper, dict) or not isinstance(hyper.get("model"), dict) or "state_dict" not in stored:
-        raise ConfigError(f"ckpt_path={path} is not a checkpoint of train.py (it holds no model settings); give a .ckpt that train.py wrote")
+        raise ConfigError(
+            f"ckpt_path={path} is not a checkpoint of train.py (it holds no model settings); give a .ckpt that train.py wrote"
+        )
     before = hyper["model"]
     for key in sorted(set(before) | set(model)):
-        if key not in RUNTIME_KEYS and before.get(key, MISSING) != model.get(key, MISSING):
-            name = f"the {key} from {FILLED_BY_RUN[key]}" if key in FILLED_BY_RUN else f"model.{key}"
+        there, here = before.get(key, MISSING), model.get(key, MISSING)
+        if key not in RUNTIME_KEYS and there != here:
+            name = f"{key} (from {FILLED_BY_RUN[key]})" if key in FILLED_BY_RUN else f"model.{key}"
+            values = f"{shown(there)} there, {shown(here)} here" if len(shown(there) + shown(here)) < 120 else "differs from this config"
             raise ConfigError(
-                f"ckpt_path={path} belongs to another model: {name} is {shown(before.get(key, MISSING))} there but "
-                f"{shown(model.get(key, MISSING))} here; resume with the checkpoint's settings or start a fresh run"
+                f"ckpt_path={path} belongs to another model: {name} {values}; "
+                "resume with the checkpoint's settings or start a fresh run"
             )
 
 

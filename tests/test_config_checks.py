@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 
 from conftest import REPO, TINY_DATA, compose_config, run_train
 from mswa.checks import PRETRAINED_KEYS, ConfigError, check_checkpoint, check_config, check_launcher
@@ -60,6 +61,7 @@ BAD_VALUES = [
     (["logger=wandb", "logger.mode=bogus"], "logger.mode='bogus' must be one of offline, online, disabled"),
 ]
 
+PRETRAINED = ["model=hf_causal_lm", "model.pretrained=some/model"]
 UNKNOWN_KEYS = [
     (["+model.n_layers=3"], "model.n_layers is not a setting that anything reads; did you mean model.n_layer?"),
     (["+optim.learning_rate=1e-3"], "optim.learning_rate is not a setting that anything reads; the settings of optim are"),
@@ -77,10 +79,9 @@ UNKNOWN_KEYS = [
     (["logger=wandb", "+logger.projct=x"], "did you mean logger.project?"),
     (["+seq_length=128"], "seq_length is not a setting that anything reads; did you mean seq_len?"),
     (["+model.vocab_size=100"], "model.vocab_size is not a setting here: it comes from the dataset"),
-    (["model=hf_causal_lm", "model.pretrained=some/model", "+model.lora.rank=4"], "model.lora.rank is not a setting that anything reads; the settings of model.lora are alpha"),
-    (["model=hf_causal_lm", "model.pretrained=some/model", "+model.d_model=64"],
-     "model.d_model is not a setting here: it comes from model.pretrained's config"),
-    (["model=hf_causal_lm", "model.pretrained=some/model", "model.n_layer=4"], "model.n_layer=4 is read from model.pretrained's config"),
+    ([*PRETRAINED, "+model.lora.rank=4"], "model.lora.rank is not a setting that anything reads; the settings of model.lora are alpha"),
+    ([*PRETRAINED, "+model.d_model=64"], "model.d_model is not a setting here: it comes from model.pretrained's config"),
+    ([*PRETRAINED, "model.n_layer=4"], "model.n_layer=4 is read from model.pretrained's config"),
 ]
 
 
@@ -115,6 +116,15 @@ GOOD = [["model=full"], ["model=linear"], ["model=swa_linear_parallel"], ["exper
 def test_every_shipped_choice_passes_the_checks(tmp_path, overrides):
     extra = [] if any(o.startswith("experiment=") for o in overrides) else CHECKED
     check_config(compose_config([*extra, *overrides], tmp_path))
+
+
+def test_every_value_of_every_sweep_passes_the_checks(tmp_path):
+    for sweep in sorted(p.stem for p in (REPO / "sweep").glob("*.yaml")):
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+            params = compose("train", overrides=[f"+sweep={sweep}"], return_hydra_config=True).hydra.sweeper.params
+        for key, values in params.items():
+            for value in str(values).split(","):
+                check_config(compose_config([f"+sweep={sweep}", f"{key}={value}"], tmp_path))
 
 
 def test_model_lm_is_not_a_choice(tmp_path):
@@ -161,10 +171,10 @@ def planned_model(overrides: list[str], finished_run: Path) -> dict:
 
 
 @pytest.mark.parametrize("overrides, words", [
-    (["model.n_layer=8"], "model.n_layer is 4 there but 8 here"),
-    (["model=full"], "the windows from window and window_schedule is"),
-    (["seq_len=32"], "the max_seq_len from seq_len is 64 there but 32 here"),
-    (["model.positions=learned"], "model.positions is 'rope' there but 'learned' here"),
+    (["model.n_layer=8"], "model.n_layer 4 there, 8 here"),
+    (["model=full"], r"windows \(from window and window_schedule\) \[\[1, 2, 4, 8\], .* there, None here"),
+    (["seq_len=32"], r"max_seq_len \(from seq_len\) 64 there, 32 here"),
+    (["model.positions=learned"], "model.positions 'rope' there, 'learned' here"),
 ])
 def test_a_checkpoint_of_another_model_is_refused(finished_run, overrides, words):
     last = finished_run / "checkpoints" / "last.ckpt"
@@ -187,7 +197,7 @@ def test_resuming_another_models_checkpoint_stops_before_fit_and_leaves_it_alone
     source = [finished_run / "checkpoints" / "last.ckpt", finished_run / "results.json"]
     before = [p.read_bytes() for p in source]
     cfg = compose_config([*SMOKE, "model.n_layer=8", f"ckpt_path={source[0]}"], tmp_path)
-    with pytest.raises(ConfigError, match="model.n_layer is 4 there but 8 here"):
+    with pytest.raises(ConfigError, match="model.n_layer 4 there, 8 here"):
         train(cfg, RunInfo(str(tmp_path / "run")))
     assert [p.read_bytes() for p in source] == before
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "metrics.csv").exists()
@@ -209,5 +219,6 @@ def test_hf_evaluate_names_a_missing_model_path(tmp_path, capsys):
     with pytest.raises(SystemExit) as stopped:
         evaluate.main(["--model", str(missing), "--out", str(tmp_path / "eval")])
     assert stopped.value.code == 2
-    assert capsys.readouterr().err == f"error: --model {missing}: no such file or folder; give a local folder or a hub id (owner/name)\n"
+    message = f"error: --model {missing}: no such file or folder; give a local folder or a hub id (owner/name)\n"
+    assert capsys.readouterr().err == message
     assert not (tmp_path / "eval").exists()
