@@ -168,6 +168,7 @@ def check_config(cfg: dict) -> None:
     check_warmup(cfg)
     check_hardware(cfg)
     check_model(cfg)
+    check_lm_eval(cfg)
     for key in ("paths.data_dir", "paths.log_dir", "dataset.loader.data_dir"):
         if lookup(cfg, key) is not MISSING:
             check_folder(key, lookup(cfg, key))
@@ -264,6 +265,21 @@ def check_model(cfg: dict) -> None:
         ModelConfig(**{key: model[key] for key in MODEL_KEYS if key in model}, vocab_size=sys.maxsize)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+
+
+def check_lm_eval(cfg: dict) -> None:
+    """lm-evaluation-harness runs after a pretrained model's training: its request is checked before it."""
+    options = cfg.get("lm_eval")
+    if not options:
+        return
+    if "pretrained" not in cfg["model"]:
+        raise ConfigError("lm_eval scores pretrained models (model=hf_causal_lm) only; remove lm_eval or pick that model")
+    from mswa.hf.evaluate import _check_request
+
+    try:
+        _check_request(options.get("tasks"), options.get("num_fewshot"), options.get("batch_size"))
+    except ValueError as error:
+        raise ConfigError(f"lm_eval.{error}") from None
 
 
 def check_folder(key: str, path: str) -> None:

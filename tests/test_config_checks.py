@@ -82,12 +82,14 @@ UNKNOWN_KEYS = [
     ([*PRETRAINED, "+model.lora.rank=4"], "model.lora.rank is not a setting that anything reads; the settings of model.lora are alpha"),
     ([*PRETRAINED, "+model.d_model=64"], "model.d_model is not a setting here: it comes from model.pretrained's config"),
     ([*PRETRAINED, "model.n_layer=4"], "model.n_layer=4 is read from model.pretrained's config"),
+    (["+lm_eval.tasks=[piqa]"], "lm_eval scores pretrained models (model=hf_causal_lm) only"),
+    (["experiment=llama2_7b_mswa", "hardware=cpu", "lm_eval.num_fewshot=-1"], "lm_eval.num_fewshot=-1: give the number"),
 ]
 
 
 @pytest.mark.parametrize("overrides, words", BAD_VALUES + UNKNOWN_KEYS)
 def test_bad_input_is_refused_in_one_sentence_naming_the_key(tmp_path, overrides, words):
-    pretrained = "model=hf_causal_lm" in overrides  # debug=smoke's model shape is not a pretrained model's
+    pretrained = {"model=hf_causal_lm", "experiment=llama2_7b_mswa"} & set(overrides)  # debug=smoke's shape is not theirs
     cfg = compose_config([*(["logger=none"] if pretrained else CHECKED), *overrides], tmp_path)
     with pytest.raises(ConfigError) as refused:
         check_config(cfg)
