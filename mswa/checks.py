@@ -129,7 +129,7 @@ RULES = {
     "checkpoint.every_n_train_steps": POSITIVE,
     "hardware.num_nodes": POSITIVE,
     "logger.mode": Rule(f"one of {', '.join(WANDB_MODES)}", lambda v: v in WANDB_MODES),  # wandb only
-    "hardware.precision": Rule(f"one of {', '.join(map(str, PRECISIONS))}", lambda v: v in PRECISIONS),
+    "hardware.precision": Rule(f"one of {', '.join(dict.fromkeys(map(str, PRECISIONS)))}", lambda v: v in PRECISIONS),
 }
 MODEL_RULES = {  # models built by mswa.model (a pretrained model brings its own shape)
     "model.n_layer": POSITIVE,
@@ -312,10 +312,9 @@ def check_checkpoint(path: str | None, model: dict) -> None:
         return
     try:
         stored = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as error:  # noqa: BLE001 - torch raises many types for a file that is not its own
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    except Exception:  # noqa: BLE001 - torch raises many types for a file that is not its own
         raise ConfigError(
-            f"ckpt_path={path} is not a checkpoint ({reason[:120]}); give a .ckpt that train.py wrote, or ckpt_path=last"
+            f"ckpt_path={path} is not a checkpoint that torch can read; give a .ckpt that train.py wrote, or ckpt_path=last"
         ) from None
     hyper = stored.get("hyper_parameters") if isinstance(stored, dict) else None
     if not isinstance(hyper, dict) or not isinstance(hyper.get("model"), dict) or "state_dict" not in stored:
