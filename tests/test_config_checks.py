@@ -215,12 +215,17 @@ def test_typo_through_train_py_is_one_line_and_trains_nothing(tmp_path):
     assert not list((tmp_path / "outputs").rglob("*.ckpt")) and not list((tmp_path / "outputs").rglob("metrics.csv"))
 
 
-def test_hf_evaluate_names_a_missing_model_path(tmp_path, capsys):
+@pytest.mark.parametrize("flag, message", [
+    ("--model", "no such file or folder; give a local folder or a hub id (owner/name)"),
+    ("--adapter", "no such file or folder; give a local folder or a hub id (owner/name)"),
+    ("--include-path", "no such file or folder; give an existing folder"),
+])
+def test_hf_evaluate_names_a_missing_path(tmp_path, capsys, flag, message):
     evaluate = pytest.importorskip("mswa.hf.evaluate")
     missing = tmp_path / "missing"
+    model = [] if flag == "--model" else ["--model", str(tmp_path)]
     with pytest.raises(SystemExit) as stopped:
-        evaluate.main(["--model", str(missing), "--out", str(tmp_path / "eval")])
+        evaluate.main([*model, flag, str(missing), "--out", str(tmp_path / "eval")])
     assert stopped.value.code == 2
-    message = f"error: --model {missing}: no such file or folder; give a local folder or a hub id (owner/name)\n"
-    assert capsys.readouterr().err == message
+    assert capsys.readouterr().err == f"error: {flag} {missing}: {message}\n"
     assert not (tmp_path / "eval").exists()
