@@ -11,9 +11,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from mswa.checks import check_launcher
 from mswa.lit import RunError, RunInterrupted
-from mswa.run import ConfigError, RunInfo, folder_name, hydra_value, optimised_metric, train
-from mswa.windows import ScheduleError
+from mswa.run import RunInfo, folder_name, hydra_value, optimised_metric, train
 
 OmegaConf.register_new_resolver("folder_name", folder_name, replace=True)
 
@@ -37,11 +37,12 @@ def main(cfg: DictConfig) -> float:
     run_dir = [hydra_value("hydra.run.dir", hydra_cfg.runtime.output_dir)] if multirun else [
         o for o in hydra_cfg.overrides.hydra if o.startswith("hydra.run.dir=")]
     try:
+        check_launcher(hydra_cfg.runtime.choices.get("launcher"), multirun)
         plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
         run = RunInfo(hydra_cfg.runtime.output_dir, run_name, variant, overrides, group,
                       hydra_cfg.runtime.choices.get("window_schedule"), run_dir)
         results = train(plain, run)
-    except (ConfigError, ScheduleError, ValueError, MissingMandatoryValue, RunError) as error:
+    except (ValueError, MissingMandatoryValue, RunError) as error:  # ConfigError, ScheduleError are ValueErrors
         if multirun:  # the sweep records this job as failed and goes on with the others
             print(f"error: {error}", file=sys.stderr)
             raise JobFailed("its error is printed above and recorded in its results.json") from None

@@ -33,26 +33,18 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from mswa.atomic import write_atomic
+from mswa.checks import MODEL_KEYS, PRETRAINED_KEYS, ConfigError, check_checkpoint, check_config
 from mswa.data.corpus import Corpus
 from mswa.data.loading import eval_context
 from mswa.lit import (AtomicCheckpointIO, CorpusDataModule, FolderCheckpoint, GracefulInterrupt, Heartbeat, LanguageModelTask,
                       NonFiniteLossError, RunError, RunInterrupted, StepProgressBar, Throughput)
 from mswa.windows import WindowSchedule, make_schedule
 
-MODEL_KEYS = ("n_layer", "n_head", "d_model", "mlp_ratio", "dropout", "positions", "attn_backend", "output",
-              "adaptive_cutoffs", "mixer", "layout", "pattern", "linear_feature_map", "linear_feature_dim")
-
-PRETRAINED_KEYS = ("pretrained", "dtype", "lora", "gradient_checkpointing", "attn_backend")
-
 HEARTBEAT_EVERY_S = 60.0  # how often a live run rewrites results.json; the report reads it from there
 # Lightning's output that is not ours to act on (matched by message: other warnings stay on)
 QUIET_WARNINGS = (r"Experiment logs directory .* exists and is not empty", r"Checkpoint directory .* exists and is not empty",
                   r".*isinstance\(treespec, LeafSpec\)` is deprecated")
 QUIET_INFO = ("💡 Tip: For seamless cloud logging",)
-
-
-class ConfigError(ValueError):
-    """A config that cannot run; the message names the key and the fix."""
 
 
 def build_schedule(cfg: dict) -> WindowSchedule:
@@ -62,29 +54,6 @@ def build_schedule(cfg: dict) -> WindowSchedule:
         ws["name"], w=w, n_layer=model["n_layer"], n_head=model["n_head"],
         head_ratios=ws.get("head_ratios"), layer_ratios=ws.get("layer_ratios"), windows=ws.get("windows"),
     )
-
-
-def check_config(cfg: dict) -> None:
-    """Checks that need no data; run before anything is loaded."""
-    for key in ("seq_len", "data.batch_size", "data.eval_batch_size", "trainer.max_steps"):
-        value = cfg
-        for part in key.split("."):
-            value = value[part]
-        if not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{key}={value!r} must be a positive integer")
-    if cfg["hardware"]["accelerator"] in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise ConfigError(
-            f"hardware.accelerator={cfg['hardware']['accelerator']} but this machine has no CUDA GPU; "
-            "add hardware=cpu to run here (an experiment= that picks the GPU keeps its other settings)"
-        )
-    model, schedule = cfg["model"]["name"], cfg["window_schedule"]["name"]
-    if cfg["model"]["windowed"] is not None and cfg["model"]["windowed"] == (schedule == "full"):
-        raise ConfigError(
-            f"model={model} cannot use window_schedule={schedule}; models without window attention (full, linear) "
-            "take only the 'full' schedule, windowed models any other: pick a matching model or schedule"
-        )
-    if not is_pretrained(cfg) and cfg["model"]["d_model"] % cfg["model"]["n_head"]:
-        raise ConfigError(f"model.d_model={cfg['model']['d_model']} is not divisible by model.n_head={cfg['model']['n_head']}")
 
 
 def is_pretrained(cfg: dict) -> bool:
@@ -408,9 +377,9 @@ class Attempt:
     def prepare(self) -> tuple[Corpus, WindowSchedule, LanguageModelTask, str | None]:
         """Every check, the data and the model; a fresh run then takes the folder."""
         cfg, folder = self.cfg, self.folder
+        check_config(cfg)  # before the pretrained shape: its model.n_layer / n_head must still be unset
         if is_pretrained(cfg):
             read_pretrained_shape(cfg)
-        check_config(cfg)
         self.eval_context = eval_context(cfg)
         schedule = build_schedule(cfg)
         resume = folder.resolve_resume(cfg["ckpt_path"], cfg["overwrite"])
@@ -420,6 +389,7 @@ class Attempt:
         if cfg.get("torch_threads"):
             torch.set_num_threads(cfg["torch_threads"])
         L.seed_everything(cfg["seed"], workers=True, verbose=False)
+        check_checkpoint(resume, model_kwargs(cfg, corpus, schedule))
         task = LanguageModelTask(model_kwargs(cfg, corpus, schedule), cfg["optim"], corpus.unit, cfg["compile"])
         self.results.update(
             unit=corpus.unit, metric=corpus.metric, window=schedule.w, windows=schedule.as_lists(),
