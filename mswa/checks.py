@@ -50,7 +50,7 @@ GROUP_KEYS = ("name", "windowed")  # every model file's identity and whether it 
 
 # Trainer keywords that run.train passes itself; the hardware group's keys go to the Trainer as well.
 TRAINER_KEYS_SET_BY_RUN = ("logger", "callbacks", "max_epochs", "check_val_every_n_epoch", "default_root_dir",
-                           "use_distributed_sampler", "deterministic")
+                           "use_distributed_sampler", "deterministic", "plugins")
 TRAINER_KEYWORDS = tuple(name for name in inspect.signature(L.Trainer.__init__).parameters if name != "self")
 PRECISIONS = tuple(value for literal in typing.get_args(_PRECISION_INPUT) for value in typing.get_args(literal))
 
