@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from mswa.run import ConfigError, RunInfo, folder_name, optimised_metric, train
+from mswa.sweeps import continue_job
 from mswa.windows import ScheduleError
 
 OmegaConf.register_new_resolver("folder_name", folder_name, replace=True)
@@ -28,6 +29,8 @@ def main(cfg: DictConfig) -> float:
     group = hydra_cfg.sweep.dir.rstrip("/").split("/")[-1] if multirun else None
     try:
         plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        if multirun and (earlier := continue_job(plain, hydra_cfg.runtime.output_dir)) is not None:
+            return optimised_metric(earlier)  # a rerun sweep skips its finished jobs and resumes the others
         run = RunInfo(hydra_cfg.runtime.output_dir, run_name, variant, overrides, group,
                       hydra_cfg.runtime.choices.get("window_schedule"))
         results = train(plain, run)

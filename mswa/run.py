@@ -28,6 +28,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from mswa.data.corpus import Corpus
 from mswa.data.loading import eval_context
 from mswa.lit import GracefulInterrupt, CorpusDataModule, LanguageModelTask, Throughput
+from mswa.sweeps import warn_if_repeating
 from mswa.windows import WindowSchedule, make_schedule
 
 MODEL_KEYS = ("n_layer", "n_head", "d_model", "mlp_ratio", "dropout", "positions", "attn_backend", "output",
@@ -292,6 +293,7 @@ def train(cfg: dict, run: RunInfo) -> dict:
         summarise_wandb(loggers, corpus.metric, corpus.entropy_floor_bpb)
         if rank_zero_only.rank == 0:
             print(schedule.describe(cfg["seq_len"]))
+            warn_if_repeating(cfg, len(corpus.splits["train"]))
         trainer.fit(task, datamodule=data, ckpt_path=resume)
         if interrupt.requested:
             raise KeyboardInterrupt(f"stopped at step {trainer.global_step}; resume with ckpt_path=last")
