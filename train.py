@@ -14,6 +14,7 @@ from omegaconf.errors import MissingMandatoryValue
 from mswa.checks import check_launcher
 from mswa.lit import RunError, RunInterrupted
 from mswa.run import RunInfo, folder_name, hydra_value, optimised_metric, train
+from mswa.sweeps import continue_job
 
 OmegaConf.register_new_resolver("folder_name", folder_name, replace=True)
 
@@ -39,6 +40,8 @@ def main(cfg: DictConfig) -> float:
     try:
         check_launcher(hydra_cfg.runtime.choices.get("launcher"), multirun)
         plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        if multirun and (earlier := continue_job(plain, hydra_cfg.runtime.output_dir)) is not None:
+            return optimised_metric(earlier)  # a rerun sweep skips its finished jobs and resumes the others
         run = RunInfo(hydra_cfg.runtime.output_dir, run_name, variant, overrides, group,
                       hydra_cfg.runtime.choices.get("window_schedule"), run_dir)
         results = train(plain, run)

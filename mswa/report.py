@@ -47,6 +47,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
+from mswa.stats import PairedDifference, paired_difference
+from mswa.sweeps import comparison_id, variant_id
+
 SCHEMA = 1
 NO_RESULTS = "no results"  # status of a Hydra job folder that never wrote results.json
 SEED_KEYS = ("seed", "+seed", "++seed")
@@ -58,7 +61,9 @@ RESULT_KEYS = (
     "evaluation",
 )
 BUDGET_KEYS = ("seq_len", "mean_window_over_w", "attended_pairs", "pairs_vs_swa", "pairs_vs_full")
-RUN_COLUMNS = ("path", *RESULT_KEYS, *BUDGET_KEYS, "val", "test", "history")
+# from the stored config (mswa.sweeps): one variant whatever the folder or overrides; the rule of its schedule
+CONFIG_COLUMNS = ("variant_id", "comparison_id", "schedule_rule")
+RUN_COLUMNS = ("path", *RESULT_KEYS, *BUDGET_KEYS, *CONFIG_COLUMNS, "val", "test", "history")
 NUMERIC_RUN_COLUMNS = (
     "seed", "window", "n_params", "entropy_floor_bpb", "tokens_per_s", "steps", "wall_time_s", *BUDGET_KEYS, "val",
     "test",
@@ -67,11 +72,16 @@ INTEGER_RUN_COLUMNS = ("seed", "window", "n_params", "steps", "seq_len", "attend
 # per variant: values shared by its seeds, then aggregates, then the comparison with its SWA reference
 SHARED_COLUMNS = (
     "variant", "model", "schedule", "window", "dataset", "metric", "n_params", "pairs_vs_swa", "pairs_vs_full",
-    "mean_window_over_w", "entropy_floor_bpb",
+    "mean_window_over_w", "entropy_floor_bpb", *CONFIG_COLUMNS,
 )
+# paired differences over seeds (mswa.stats) against SWA at w and SWA at the variant's mean window ("budget")
+PAIRED_AGAINST = {"swa": "SWA at w", "budget": "SWA at budget"}
+PAIRED_KINDS = tuple(PAIRED_AGAINST)
+PAIRED_FIELDS = ("reference", "n_pairs", "diff", "low", "high", "verdict")
+PAIRED_COLUMNS = tuple(f"{kind}_{field}" for kind in PAIRED_KINDS for field in PAIRED_FIELDS)
 SUMMARY_COLUMNS = (
     *SHARED_COLUMNS, "n_seeds", "seeds", "n_unfinished", "val", "val_std", "test", "test_std", "reference",
-    "delta_val", "delta_test", "tokens_per_s", "steps", "wall_time_s",
+    "delta_val", "delta_test", *PAIRED_COLUMNS, "tokens_per_s", "steps", "wall_time_s",
 )
 FAILED_COLUMNS = ("variant", "seed", "status", "error", "run_name", "path")
 ATTEMPT_COLUMNS = ("ended", "path", "error", "overrides")
@@ -169,6 +179,7 @@ def row_from_results(results: Mapping, path: str, history: pd.DataFrame | None) 
     row.update({key: (results.get("budget") or {}).get(key) for key in BUDGET_KEYS})
     metrics, metric = results.get("metrics") or {}, results.get("metric")
     row.update(path=path, history=history, val=metrics.get(f"val/{metric}"), test=metrics.get(f"test/{metric}"))
+    row.update(config_columns(results.get("config")))
     if row["status"] == "finished" and (row["val"] is None or row["test"] is None):
         row.update(status="failed", error=f"status is finished but metrics lack val/{metric} or test/{metric}")
     if row["status"] == "running" and (why := why_stopped(results.get("process") or {})):
@@ -233,7 +244,7 @@ def runs_frame(rows: list[dict]) -> pd.DataFrame:
         runs[column] = pd.to_numeric(runs[column])
     for column in INTEGER_RUN_COLUMNS:
         runs[column] = runs[column].astype("Int64")
-    return _by_variant_and_seed(runs)
+    return _by_variant_and_seed(merge_identical_variants(runs))
 
 
 def _by_variant_and_seed(frame: pd.DataFrame) -> pd.DataFrame:
@@ -248,6 +259,33 @@ def natural_key(text: str) -> list:
 
 def _seed_key(seed) -> tuple:
     return (pd.isna(seed), 0 if pd.isna(seed) else seed)
+
+
+DUPLICATE = "duplicate"  # status of a finished run whose variant and seed another run already has
+
+
+def config_columns(config: Mapping | None) -> dict:
+    """``CONFIG_COLUMNS`` of a run's stored resolved config (None for configs too partial to identify)."""
+    if not isinstance(config, Mapping) or not {"model", "window_schedule", "dataset"} <= config.keys():
+        return dict.fromkeys(CONFIG_COLUMNS)
+    return {"variant_id": variant_id(config), "comparison_id": comparison_id(config),
+            "schedule_rule": config["window_schedule"].get("name")}
+
+
+def merge_identical_variants(runs: pd.DataFrame) -> pd.DataFrame:
+    """Runs of one resolved config (``variant_id``) share one variant name, the shortest of theirs, so seeds
+    pair across sweep folders and spellings (``model=swa`` = ``model=swa window_schedule=uniform``). A second
+    finished run of the same variant and seed is marked ``duplicate`` (listed, never averaged twice)."""
+    runs = runs.copy()
+    known = runs.variant_id.notna()
+    names = runs[known].groupby("variant_id").variant.agg(lambda v: min(v.astype(str), key=lambda n: (len(n), n)))
+    runs.loc[known, "variant"] = runs.loc[known, "variant_id"].map(names)
+    finished = runs[known & (runs.status == "finished")].sort_values("path")
+    first = finished.drop_duplicates(["variant_id", "seed"])
+    for index in finished.index.difference(first.index):
+        kept = first[(first.variant_id == runs.variant_id[index]) & (first.seed == runs.seed[index])].path.iloc[0]
+        runs.loc[index, ["status", "error"]] = [DUPLICATE, f"same config and seed as {kept}; left out"]
+    return runs
 
 
 # ---------------------------------------------------------------- loading from W&B
@@ -337,7 +375,91 @@ def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
             value - means.loc[ref, split] if ref in means.index else np.nan
             for value, ref in zip(table[split], table.reference)
         ]
+    paired = pd.DataFrame([_paired_cells(row, table, finished) for row in table.itertuples()], index=table.index)
+    table[list(PAIRED_COLUMNS)] = paired.reindex(columns=list(PAIRED_COLUMNS))
     return table
+
+
+PAIRED_SPLIT = "test"  # the summary's paired columns; the checkpoint was chosen on val
+PAIRED_NOTE = (
+    "Paired differences (lower is better): for each seed both variants ran, variant minus reference; mean over "
+    "the pairs with its 95% t-interval and the verdict (better / worse / not distinguishable at 95%). A seed fixes "
+    "initialisation and data order for every variant alike. References come from the stored configs: SWA at w is "
+    "the finished variant whose config equals this one's except for its attention (schedule, windowed flag) and "
+    "whose schedule is `uniform` at mean window 1; SWA at budget the same with the `uniform` schedule at this "
+    "variant's mean window (`uniform_mswa_budget` for `mswa`)."
+)
+
+
+def paired_references(row, table: pd.DataFrame) -> dict[str, str | None]:
+    """{"swa": SWA at w, "budget": SWA at the row's mean window} among ``table``'s variants (None: not there)."""
+    found = dict.fromkeys(PAIRED_KINDS)
+    if pd.isna(row.comparison_id):
+        return found
+    same = table[(table.dataset == row.dataset) & (table.metric == row.metric) & (table.comparison_id == row.comparison_id)
+                 & (table.schedule_rule == "uniform") & (table.variant != row.variant)]
+    mean_windows = pd.to_numeric(same.mean_window_over_w).to_numpy(dtype=float)
+    targets = {"swa": 1.0, "budget": row.mean_window_over_w}
+    for kind, target in targets.items():
+        if kind == "budget" and (pd.isna(target) or np.isclose(target, 1.0)):
+            continue  # a variant at SWA's own budget has no separate budget reference
+        match = same.variant[np.isclose(mean_windows, float(target))]
+        found[kind] = match.iloc[0] if len(match) else None
+    return found
+
+
+def seed_values(finished: pd.DataFrame, variant: str, split: str) -> dict[int, float]:
+    runs = finished[finished.variant == variant]
+    return {int(seed): float(value) for seed, value in zip(runs.seed, runs[split]) if pd.notna(seed) and pd.notna(value)}
+
+
+def paired_comparison(finished: pd.DataFrame, variant: str, reference: str, split: str) -> PairedDifference | None:
+    return paired_difference(seed_values(finished, variant, split), seed_values(finished, reference, split))
+
+
+def _paired_cells(row, table: pd.DataFrame, finished: pd.DataFrame) -> dict:
+    cells = {}
+    for kind, reference in paired_references(row, table).items():
+        if reference is None:
+            continue
+        cells[f"{kind}_reference"] = reference
+        if (diff := paired_comparison(finished, row.variant, reference, PAIRED_SPLIT)) is not None:
+            cells |= {f"{kind}_n_pairs": diff.n_pairs, f"{kind}_diff": diff.mean, f"{kind}_low": diff.low,
+                      f"{kind}_high": diff.high, f"{kind}_verdict": diff.verdict}
+    return cells
+
+
+def paired_table(runs: pd.DataFrame, table: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per (variant, reference kind, split) with a reference: the paired difference and its verdict."""
+    table = summary_table(runs) if table is None else table
+    finished = runs[runs.status == "finished"]
+    rows = []
+    for row in table.itertuples():
+        for kind, reference in paired_references(row, table).items():
+            for split in ("val", "test"):
+                diff = paired_comparison(finished, row.variant, reference, split) if reference else None
+                if diff is not None:
+                    rows.append({"variant": row.variant, "reference": reference, "against": PAIRED_AGAINST[kind], "split": split, "n_pairs": diff.n_pairs, "diff": diff.mean,
+                        "low": diff.low, "high": diff.high, "verdict": diff.verdict})
+    return pd.DataFrame(rows, columns=["variant", "reference", "against", "split", "n_pairs", "diff", "low", "high", "verdict"])
+
+
+def _interval(diff, low, high, verdict) -> str:
+    if pd.isna(diff):
+        return ""
+    bounds = f" [{low:+.4f}, {high:+.4f}]" if pd.notna(low) else ""
+    return f"{diff:+.4f}{bounds} {verdict}"
+
+
+def paired_markdown(runs: pd.DataFrame, table: pd.DataFrame) -> str:
+    """The report's section of paired differences (empty when no variant has a reference with shared seeds)."""
+    pairs = paired_table(runs, table)
+    if pairs.empty:
+        return ""
+    shown = pairs.assign(**{"difference [95% interval] verdict": [
+        _interval(*cells) for cells in zip(pairs["diff"], pairs.low, pairs.high, pairs.verdict)]})
+    shown = shown[["variant", "against", "reference", "split", "n_pairs", "difference [95% interval] verdict"]]
+    return "\n\n".join(["## Paired differences over seeds", PAIRED_NOTE, markdown_table(shown.astype(str))])
 
 
 def _variant_row(group: pd.DataFrame, n_unfinished: int) -> dict:
@@ -461,6 +583,9 @@ def summary_markdown_frame(table: pd.DataFrame) -> pd.DataFrame:
             "Δ val": [_fmt(v, "+.4f") for v in table.delta_val],
             "Δ test": [_fmt(v, "+.4f") for v in table.delta_test],
             "SWA reference": table.reference.fillna(""),
+            **{f"{PAIRED_SPLIT} − {against} [95%]": [
+                _interval(*cells) for cells in zip(*(table[f"{kind}_{f}"] for f in ("diff", "low", "high", "verdict")))]
+               for kind, against in PAIRED_AGAINST.items()},
             "pairs / SWA": [_fmt(v, ".3f") for v in table.pairs_vs_swa],
             "pairs / full": [_fmt(v, ".3f") for v in table.pairs_vs_full],
             "mean window / w": [_fmt(v, ".3f") for v in table.mean_window_over_w],
@@ -1002,6 +1127,8 @@ def summary_markdown(runs: pd.DataFrame, table: pd.DataFrame, failed: pd.DataFra
     parts.append(markdown_table(summary_markdown_frame(table)) if len(table) else "No finished runs.")
     if no_curve:
         parts.append(f"Note: {no_curve} finished run(s) have no metrics.csv, so they are missing from curves.png.")
+    if section := paired_markdown(runs, table):
+        parts.append(section)
     parts.append("## Failed or unfinished runs")
     parts.append(markdown_table(failed.astype("string").fillna("")) if len(failed) else "None.")
     refused = refused_attempts(runs)

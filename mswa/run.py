@@ -38,6 +38,7 @@ from mswa.data.corpus import Corpus
 from mswa.data.loading import eval_context
 from mswa.lit import (AtomicCheckpointIO, CorpusDataModule, FolderCheckpoint, GracefulInterrupt, Heartbeat, LanguageModelTask,
                       NonFiniteLossError, RunError, RunInterrupted, StepProgressBar, Throughput)
+from mswa.sweeps import warn_if_repeating
 from mswa.windows import WindowSchedule, make_schedule
 
 HEARTBEAT_EVERY_S = 60.0  # how often a live run rewrites results.json; the report reads it from there
@@ -356,6 +357,7 @@ class Attempt:
         if rank_zero_only.rank == 0:
             print(schedule.describe(cfg["seq_len"]))
             print(f"{results['n_params']:,} parameters, {results['n_trainable']:,} trained")
+            warn_if_repeating(cfg, len(corpus.splits["train"]))
         fit(trainer, task, data, resume, folder)
         folder.owned = True  # a resume that had nothing left to train (max_steps reached) loaded fine too
         if interrupt.requested:

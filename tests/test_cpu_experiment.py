@@ -1,0 +1,93 @@
+"""experiment=cpu composes and builds with every sweep; the data-repetition warning; variant identity."""
+
+import itertools
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from conftest import REPO, run_train
+from mswa.data.synthetic import SyntheticSettings
+from mswa.model import LanguageModel, ModelConfig
+from mswa.run import MODEL_KEYS, build_schedule, check_config
+from mswa.sweeps import comparison_id, repetition_warning, training_tokens, variant_id
+
+SWEEPS = sorted(p.stem for p in (REPO / "sweep").glob("*.yaml"))
+
+
+def compose_plain(overrides, hydra=False):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["paths.data_dir=/tmp/unused", *overrides], return_hydra_config=hydra)
+    return cfg if hydra else OmegaConf.to_container(cfg, resolve=True)
+
+
+def sweep_jobs(name, *extra):
+    params = compose_plain([f"+sweep={name}", *extra], hydra=True).hydra.sweeper.params
+    grid = [[f"{key}={value}" for value in str(values).split(",")] for key, values in params.items()]
+    return list(itertools.product(*grid))
+
+
+@pytest.mark.parametrize("name", SWEEPS)
+def test_cpu_experiment_composes_checks_and_builds_with_every_sweep(name):
+    for job in sweep_jobs(name, "experiment=cpu"):
+        cfg = compose_plain(["experiment=cpu", f"+sweep={name}", *job])
+        check_config(cfg)
+        schedule = build_schedule(cfg)
+        kwargs = {key: cfg["model"][key] for key in MODEL_KEYS}
+        model = LanguageModel(ModelConfig(**kwargs, vocab_size=256, max_seq_len=cfg["seq_len"],
+                                          windows=None if schedule.is_full else schedule.as_lists()))
+        assert model.n_params() > 0
+        assert cfg["dataset"]["name"] == "synthetic"
+        # one pass at most: the corpus is sized for the run (see conf/experiment/cpu.yaml)
+        settings = {k: v for k, v in cfg["dataset"]["loader"].items() if k not in ("_target_", "data_dir")}
+        assert repetition_warning(cfg, SyntheticSettings(**settings).split_sizes["train"]) is None, job
+
+
+def test_cpu_experiment_leaves_other_datasets_alone():
+    cfg = compose_plain(["experiment=cpu", "dataset=enwik8", "dataset.loader.split_fractions=[0.9,0.05,0.05]"])
+    assert cfg["dataset"]["name"] == "enwik8" and "n_bytes" not in cfg["dataset"]["loader"]
+    assert cfg["seq_len"] == compose_plain(["experiment=cpu"])["seq_len"]  # the experiment's other settings stay
+
+
+def small_cfg(steps=10, batch=4, seq_len=64, accumulate=1, devices=1, nodes=1):
+    return {"seq_len": seq_len, "data": {"batch_size": batch}, "dataset": {"name": "synthetic"},
+            "trainer": {"max_steps": steps, "accumulate_grad_batches": accumulate},
+            "hardware": {"accelerator": "cpu", "devices": devices, "num_nodes": nodes}}
+
+
+def test_repetition_warning_counts_every_token_read():
+    cfg = small_cfg()  # 10 steps x 4 x 64 = 2560 tokens
+    assert training_tokens(cfg) == 2560
+    assert repetition_warning(cfg, 2560) is None
+    assert repetition_warning(cfg, 100_000) is None
+    message = repetition_warning(cfg, 1280)
+    assert message.startswith("warning: training reads 2,560 tokens, 2.0 passes over the 1,280-token train split")
+    assert "1.0 passes" in repetition_warning(cfg, 2559)
+    # accumulation and processes multiply what is read
+    assert training_tokens(small_cfg(accumulate=2, devices=2, nodes=3)) == 2560 * 12
+    assert repetition_warning(small_cfg(devices=2), 4000) is not None
+
+
+def test_a_run_over_its_data_warns_once_and_one_within_it_does_not(tmp_path):
+    # debug=smoke reads 6 x 4 x 64 = 1536 tokens; 90% of n_bytes is the train split
+    over = run_train(["debug=smoke", "logger=none", "dataset.loader.n_bytes=1200", "task_name=over"], tmp_path)
+    assert over.stderr.count("warning: training reads") == 1
+    assert "1,536 tokens, 1.4 passes over the 1,080-token train split of 'synthetic'" in over.stderr
+    within = run_train(["debug=smoke", "logger=none", "dataset.loader.n_bytes=2000", "task_name=within"], tmp_path)
+    assert "warning: training reads" not in within.stderr + within.stdout
+
+
+def test_variant_identity_ignores_spelling_seed_and_places_not_settings():
+    swa = compose_plain(["model=swa"])
+    assert variant_id(swa) == variant_id(compose_plain(["model=swa", "window_schedule=uniform"]))
+    assert variant_id(compose_plain(["model=mswa"])) == variant_id(compose_plain(["model=swa", "window_schedule=mswa"]))
+    same = ["seed=3", "paths.data_dir=/elsewhere", "paths.log_dir=/x", "logger=csv", "hardware=ddp_cpu", "torch_threads=1"]
+    assert variant_id(swa) == variant_id(compose_plain(["model=swa", *same]))
+    for different in (["window=64"], ["model=mswa"], ["trainer.max_steps=7"], ["dataset.loader.n_bytes=5000"],
+                      ["window_schedule=uniform_mswa_budget"], ["eval.stride=128"]):
+        assert variant_id(swa) != variant_id(compose_plain(["model=swa", *different])), different
+    # the comparison id leaves out only the attention: full, swa, mswa and swa at mswa's budget share it
+    ids = {comparison_id(compose_plain(o)) for o in (["model=full"], ["model=swa"], ["model=mswa"],
+                                                     ["model=swa", "window_schedule=uniform_mswa_budget"])}
+    assert len(ids) == 1
+    assert comparison_id(swa) != comparison_id(compose_plain(["model=swa", "window=64"]))
