@@ -233,11 +233,14 @@ def build_loggers(cfg: dict, folder: RunFolder, run: RunInfo, schedule: str) -> 
     loggers = [CSVLogger(save_dir=str(folder.path), name="", version="")]
     log_cfg = cfg["logger"]
     if log_cfg["name"] == "wandb":
+        import wandb
+
         tags = [f"dataset={cfg['dataset']['name']}", f"model={cfg['model']['name']}", f"schedule={schedule}", *log_cfg.get("tags", [])]
         wandb_logger = WandbLogger(
             project=log_cfg["project"], entity=log_cfg.get("entity"), name=run.name, group=log_cfg.get("group") or run.group,
             job_type=log_cfg.get("job_type", "train"), tags=tags, mode=log_cfg["mode"], save_dir=str(folder.path),
             id=folder.wandb_id(), resume="allow", config=cfg,
+            settings=wandb.Settings(quiet=True),  # its history table repeats metrics.csv; the summary says where the run is
         )
         loggers.append(wandb_logger)
     return loggers
@@ -487,7 +490,10 @@ def summary_lines(results: dict, folder: RunFolder) -> str:
     scores = ", ".join(f"{split}/{metric} {results['metrics'][f'{split}/{metric}']:.6f}" for split in ("val", "test"))
     source = (f"{results['evaluated_checkpoint']} (step {results['evaluated_step']}, lowest val/loss)"
               if results["evaluated_checkpoint"] else "the final weights (no validation ran during training)")
-    return f"finished {results['steps']} steps: {scores}, from {source}\nresults: {folder.results_path}"
+    lines = [f"finished {results['steps']} steps: {scores}, from {source}", f"results: {folder.results_path}"]
+    if results["config"]["logger"]["name"] == "wandb" and results["config"]["logger"]["mode"] == "offline":
+        lines.append(f"W&B (offline): upload with wandb sync {shlex.quote(str(folder.path / 'wandb'))}/offline-run-*")
+    return "\n".join(lines)
 
 
 def finish_pretrained(cfg: dict, task: LanguageModelTask, folder: RunFolder, loggers: list, record: dict) -> dict | None:

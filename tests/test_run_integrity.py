@@ -384,3 +384,17 @@ def test_a_real_full_disk_then_resume_to_the_same_metric(straight, tmp_path):
         assert_resumed_equal(run_dir, straight, "full disk (tmpfs)")
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_the_summary_says_how_to_upload_an_offline_wandb_run(tmp_path):
+    from mswa.run import RunFolder, summary_lines
+
+    results = {"metric": "bpc", "metrics": {"val/bpc": 1.5, "test/bpc": 1.25}, "steps": 10,
+               "evaluated_checkpoint": "checkpoints/best.ckpt", "evaluated_step": 10,
+               "config": {"logger": {"name": "wandb", "mode": "offline"}}}
+    folder = RunFolder(tmp_path / "model=swa,seed=1")  # = and , need no shell quotes
+    lines = summary_lines(results, folder).splitlines()
+    assert lines[0] == "finished 10 steps: val/bpc 1.500000, test/bpc 1.250000, from checkpoints/best.ckpt (step 10, lowest val/loss)"
+    assert lines[-1] == f"W&B (offline): upload with wandb sync {tmp_path}/model=swa,seed=1/wandb/offline-run-*"
+    results["config"]["logger"] = {"name": "csv"}
+    assert len(summary_lines(results, folder).splitlines()) == 2
