@@ -81,7 +81,8 @@ def test_variant_identity_ignores_spelling_seed_and_places_not_settings():
     swa = compose_plain(["model=swa"])
     assert variant_id(swa) == variant_id(compose_plain(["model=swa", "window_schedule=uniform"]))
     assert variant_id(compose_plain(["model=mswa"])) == variant_id(compose_plain(["model=swa", "window_schedule=mswa"]))
-    same = ["seed=3", "paths.data_dir=/elsewhere", "paths.log_dir=/x", "logger=csv", "hardware=ddp_cpu", "torch_threads=1"]
+    same = ["seed=3", "paths.data_dir=/elsewhere", "paths.log_dir=/x", "logger=csv", "hardware=ddp_cpu",
+            "torch_threads=1"]
     assert variant_id(swa) == variant_id(compose_plain(["model=swa", *same]))
     for different in (["window=64"], ["model=mswa"], ["trainer.max_steps=7"], ["dataset.loader.n_bytes=5000"],
                       ["window_schedule=uniform_mswa_budget"], ["eval.stride=128"]):
