@@ -351,7 +351,8 @@ PAIRED_NOTE = (
     "initialisation and data order for every variant alike. References come from the stored configs: SWA at w is "
     "the finished variant whose config equals this one's except for its attention (schedule, windowed flag) and "
     "whose schedule is `uniform` at mean window 1; SWA at budget the same with the `uniform` schedule at this "
-    "variant's mean window (`uniform_mswa_budget` for `mswa`)."
+    "variant's mean window, to the nearest whole window (`uniform_mswa_budget` for `mswa`: 56 = 0.875 w at w = 64 "
+    "for mswa's 0.879 w)."
 )
 
 
@@ -363,13 +364,12 @@ def paired_references(row, table: pd.DataFrame) -> dict[str, str | None]:
     same = table[(table.dataset == row.dataset) & (table.metric == row.metric)
                  & (table.comparison_id == row.comparison_id) & (table.schedule_rule == "uniform")
                  & (table.variant != row.variant)]
-    mean_windows = pd.to_numeric(same.mean_window_over_w).to_numpy(dtype=float)
-    targets = {"swa": 1.0, "budget": row.mean_window_over_w}
-    for kind, target in targets.items():
-        if kind == "budget" and (pd.isna(target) or np.isclose(target, 1.0)):
-            continue  # a variant at SWA's own budget has no separate budget reference
-        match = same.variant[np.isclose(mean_windows, float(target))]
-        found[kind] = match.iloc[0] if len(match) else None
+    gaps = (pd.to_numeric(same.mean_window_over_w) - 1.0).abs()
+    found["swa"] = next(iter(same.variant[gaps < 1e-9]), None)
+    if pd.notna(row.mean_window_over_w) and pd.notna(row.window) and abs(row.mean_window_over_w - 1.0) > 1e-9:
+        # a uniform window is a whole number: the nearest to w * mean window is within half a step of it
+        gaps = (pd.to_numeric(same.mean_window_over_w) - row.mean_window_over_w).abs()
+        found["budget"] = next(iter(same.variant[gaps <= 0.5 / row.window + 1e-9]), None)
     return found
 
 
