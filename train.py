@@ -6,15 +6,22 @@ import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from mswa.run import ConfigError, RunInfo, folder_name, optimised_metric, train
+from mswa.checks import check_launcher
+from mswa.lit import RunError, RunInterrupted
+from mswa.run import RunInfo, folder_name, hydra_value, optimised_metric, train
 from mswa.sweeps import continue_job
-from mswa.windows import ScheduleError
 
 OmegaConf.register_new_resolver("folder_name", folder_name, replace=True)
+
+
+class JobFailed(CompactHydraException):
+    """A failed multirun job, once its one-line error is printed: Hydra records the job as failed, goes on with
+    the others, and at the end names the first failed job with this line (no traceback)."""
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -27,18 +34,23 @@ def main(cfg: DictConfig) -> float:
     variant = ",".join(o for o in sorted(overrides) if o.split("=")[0].lstrip("+~") not in not_in_name) or "default"
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     group = hydra_cfg.sweep.dir.rstrip("/").split("/")[-1] if multirun else None
+    # a resume must find this folder again: a multirun job's, or one the command named
+    run_dir = [hydra_value("hydra.run.dir", hydra_cfg.runtime.output_dir)] if multirun else [
+        o for o in hydra_cfg.overrides.hydra if o.startswith("hydra.run.dir=")]
     try:
+        check_launcher(hydra_cfg.runtime.choices.get("launcher"), multirun)
         plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
         if multirun and (earlier := continue_job(plain, hydra_cfg.runtime.output_dir)) is not None:
             return optimised_metric(earlier)  # a rerun sweep skips its finished jobs and resumes the others
         run = RunInfo(hydra_cfg.runtime.output_dir, run_name, variant, overrides, group,
-                      hydra_cfg.runtime.choices.get("window_schedule"))
+                      hydra_cfg.runtime.choices.get("window_schedule"), run_dir)
         results = train(plain, run)
-    except (ConfigError, ScheduleError, ValueError, MissingMandatoryValue) as error:
+    except (ValueError, MissingMandatoryValue, RunError) as error:  # ConfigError, ScheduleError are ValueErrors
         if multirun:  # the sweep records this job as failed and goes on with the others
-            raise
+            print(f"error: {error}", file=sys.stderr)
+            raise JobFailed("its error is printed above and recorded in its results.json") from None
         sys.exit(f"error: {error}")
-    except KeyboardInterrupt as stop:
+    except RunInterrupted as stop:
         sys.exit(f"interrupted: {stop}")
     return optimised_metric(results)
 

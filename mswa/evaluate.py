@@ -12,7 +12,7 @@ are those of training: ``eval.seq_len`` null = the run's training ``seq_len``, `
 the same numbers into that W&B run's summary under ``evaluate/<setting>``.
 
 ``load_run(run_dir, checkpoint)`` is the one way to get a run folder's config, trained model and
-corpus back; ``mswa.sample`` uses it too.
+corpus back; the sampling command (``mswa.sample``) reuses it.
 """
 
 from __future__ import annotations
@@ -48,9 +48,10 @@ def load_run(run_dir: str | os.PathLike, checkpoint: str = "best", key: str = "c
     current directory, then from the run folder). Returns the run's resolved config (a plain dict),
     its ``LanguageModelTask`` on the CPU in eval mode with the checkpoint's weights (``task.model`` is
     the language model: ``token_nll``, ``forward``), and its corpus (data paths as the run stored them).
-    A missing folder, config or checkpoint, or weights of another model shape, raise a one-sentence
-    ValueError before anything is built; ``key`` is how the caller's user names the checkpoint in those
-    sentences (``ckpt=`` on a Hydra command line, ``--checkpoint `` for ``mswa.sample``).
+    A missing folder, config or checkpoint raises a one-sentence ValueError before anything is built;
+    a checkpoint of another model shape, one once the model is built. ``key`` is how the caller's user
+    names the checkpoint in those sentences (``ckpt=`` on a Hydra command line, ``--checkpoint `` for
+    ``mswa.sample``).
     """
     cfg = run_config(run_dir)
     path = checkpoint_file(run_dir, checkpoint, key)

@@ -2,22 +2,38 @@
 
 from __future__ import annotations
 
+import io
 import math
+import os
 import signal
 import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
+
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader
 
+from mswa.atomic import write_atomic
 from mswa.data.corpus import Corpus
 from mswa.data.loading import IGNORE, EvalChunks, RandomCrops
 from mswa.metrics import SummedNLL, by_distance, by_kind, metrics_from_sums
 from mswa.model import LanguageModel, ModelConfig
 
 
-class NonFiniteLossError(RuntimeError):
+class RunError(RuntimeError):
+    """A run stopped by a fault the user can act on; the message says what to do."""
+
+
+class NonFiniteLossError(RunError):
     pass
+
+
+class RunInterrupted(BaseException):
+    """Ctrl-C that stops a run now. Not a KeyboardInterrupt: Lightning turns those into a bare `SystemExit: 1`."""
 
 
 def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
@@ -54,10 +70,7 @@ class LanguageModelTask(L.LightningModule):
         x, y = batch
         loss = self.token_nll(x, y).mean()
         if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"training loss became {loss.item()} at step {self.global_step}; the last good checkpoint is kept. "
-                "Lower optim.lr or raise optim.warmup_steps, then resume with ckpt_path=last or start again"
-            )
+            raise NonFiniteLossError(f"training loss became {loss.item()} at step {self.global_step}")
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -69,7 +82,7 @@ class LanguageModelTask(L.LightningModule):
         sums = {name: value.cpu() for name, value in self.eval_nll.compute().items()}
         self.eval_nll.reset()
         scalars = metrics_from_sums(sums["nll_sum"].item(), sums["count"].item(), self.unit)
-        data = self.trainer.datamodule if self.trainer is not None else None
+        data = self.trainer.datamodule  # None when the trainer was given bare dataloaders
         if isinstance(data, CorpusDataModule):
             self.eval_details[stage] = data.breakdown(stage, sums)
             scalars |= {f"bpc_{row['kind']}": row["bpc"] for row in self.eval_details[stage].get("by_kind", [])}
@@ -95,6 +108,18 @@ class LanguageModelTask(L.LightningModule):
         reloaded from the pretrained checkpoint, not from ours."""
         for name in self.frozen:
             checkpoint["state_dict"].pop(name, None)
+
+    def on_train_start(self) -> None:
+        """A resumed optimiser and scheduler come back with the checkpoint's hyper-parameters; the configured
+        optim.* replace them (moments and step count are kept), so a run resumed with a lower optim.lr uses it.
+        On a fresh run, or a resume with the same settings, this sets the values they already hold."""
+        optimizer, scheduler = self.optimizers(use_pl_optimizer=False), self.lr_schedulers()
+        lr = self.optim["lr"]
+        factor = warmup_cosine(scheduler.last_epoch, self.optim["warmup_steps"], self.trainer.max_steps, self.optim["min_lr_ratio"])
+        for group, decay in zip(optimizer.param_groups, (self.optim["weight_decay"], 0.0)):
+            group.update(initial_lr=lr, lr=lr * factor, betas=tuple(self.optim["betas"]), weight_decay=decay)
+        scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
     def configure_optimizers(self):
         """AdamW; matrices decay, norms, biases and the 1-D rest do not."""
@@ -197,25 +222,127 @@ class Throughput(L.Callback):
 
 
 class GracefulInterrupt(L.Callback):
-    """Ctrl-C finishes the current step, saves ``last.ckpt`` there and stops, so ``ckpt_path=last``
-    resumes exactly (a checkpoint taken mid-step would resume one step off). A second Ctrl-C aborts."""
+    """A context for the whole run. The first Ctrl-C during training finishes the current step, saves
+    ``last.ckpt`` there and stops, so ``ckpt_path=last`` resumes exactly (a checkpoint taken mid-step would
+    resume one step off). A second Ctrl-C, or one before or after training (setup, final evaluation),
+    raises RunInterrupted at once."""
 
     def __init__(self, path: str):
-        self.path, self.requested, self._previous = path, False, None
+        self.path, self.requested, self.training, self._previous = path, False, False, None
 
-    def request(self, *_) -> None:
-        self.requested = True
-        signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)
-
-    def on_fit_start(self, trainer, pl_module):
+    def __enter__(self) -> GracefulInterrupt:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self.request)
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def __exit__(self, *_) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _on_sigint(self, *_) -> None:
+        if not self.training or self.requested:
+            raise RunInterrupted("a second Ctrl-C" if self.requested else "Ctrl-C")
+        self.requested = True
+        # a raw write: print() here could re-enter a stderr write the progress bar is in the middle of
+        os.write(2, b"\nCtrl-C: finishing this step, then saving checkpoints/last.ckpt; Ctrl-C again stops at once\n")
+
+    def on_train_start(self, trainer, pl_module):
+        self.training = True
+
+    def on_train_end(self, trainer, pl_module):
+        self.training = False
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.requested and not trainer.should_stop:
             trainer.save_checkpoint(self.path)
             trainer.should_stop = True
 
-    def on_fit_end(self, trainer, pl_module):
-        if self._previous is not None and not self.requested:
-            signal.signal(signal.SIGINT, self._previous)
+
+class Heartbeat(L.Callback):
+    """Calls ``beat`` when training starts (after a resumed checkpoint has loaded), then at most every
+    ``every_s`` seconds during training, validation and testing, so that a run's record tells a live run
+    from one killed without a word."""
+
+    def __init__(self, beat: Callable[[], None], every_s: float):
+        self.beat, self.every_s, self._last = beat, every_s, time.monotonic()
+
+    def _maybe_beat(self, *_) -> None:
+        if time.monotonic() - self._last >= self.every_s:
+            self._last = time.monotonic()
+            self.beat()
+
+    def on_train_start(self, trainer, pl_module):
+        self._last = time.monotonic()
+        self.beat()
+
+    on_train_batch_end = on_validation_batch_end = on_test_batch_end = _maybe_beat
+
+
+class FolderCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint whose saved state names its files relative to its folder, and is re-based on the folder
+    it is loaded into: a copied or moved run resumes with, and evaluates, its own checkpoints. Always one
+    file per name (no ``best-v1.ckpt`` beside a stale ``best.ckpt`` after a resume)."""
+
+    PATH_KEYS = ("best_model_path", "kth_best_model_path", "last_model_path")
+
+    def __init__(self, **kwargs):
+        super().__init__(enable_version_counter=False, **kwargs)
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state.pop("dirpath")
+        state.update({key: Path(state[key]).name if state[key] else "" for key in self.PATH_KEYS})
+        state["best_k_models"] = {Path(path).name: score for path, score in state["best_k_models"].items()}
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Names (or the absolute paths of older checkpoints) become paths in this callback's folder. A best
+        checkpoint that is not there (a resume from another run's checkpoint) starts the tracking afresh."""
+        if state_dict.get("best_model_path") and not Path(self._here(state_dict["best_model_path"])).is_file():
+            return
+        state = {**state_dict, "dirpath": self.dirpath}
+        state.update({key: self._here(state[key]) for key in self.PATH_KEYS if key in state})
+        state["best_k_models"] = {self._here(path): score for path, score in state.get("best_k_models", {}).items()}
+        super().load_state_dict(state)
+
+    def _here(self, path: str) -> str:
+        return str(Path(self.dirpath, Path(path).name)) if path else ""
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written under a temporary name in their own folder and renamed when complete: a full disk or
+    a kill never leaves half a checkpoint under its real name. (Lightning's own transaction writes to the
+    system's temp folder and copies across file systems, which is not atomic.)"""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        write_atomic(Path(path), buffer.getbuffer())
+
+
+class StepProgressBar(TQDMProgressBar):
+    """``step N/max_steps``: a run is one endless epoch, so Lightning's own bar reads ``Epoch 0/-2`` and
+    miscounts after a resume (which starts mid-epoch, without an epoch start)."""
+
+    def on_train_start(self, trainer, pl_module):
+        super().on_train_start(trainer, pl_module)
+        self._count_steps(trainer)
+
+    def on_train_epoch_start(self, trainer, *args):
+        super().on_train_epoch_start(trainer, *args)
+        self._count_steps(trainer)
+
+    def _count_steps(self, trainer) -> None:
+        bar = self.train_progress_bar
+        bar.reset(total=trainer.max_steps)
+        bar.set_description("step", refresh=False)
+        bar.initial = bar.n = trainer.global_step
+        bar.refresh()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, trainer.global_step - 1)
+
+    def on_exception(self, trainer, pl_module, exception):
+        for bar in (self._train_progress_bar, self._val_progress_bar, self._test_progress_bar):
+            if bar is not None:
+                bar.close()  # so the error is printed on a line of its own

@@ -19,14 +19,21 @@ A report of evaluations only is fine; one with neither runs nor evaluations is a
 
 The same functions serve ``notebooks/analysis.ipynb``: ``load_runs`` -> ``summary_table`` /
 ``failed_runs`` / ``plot_curves`` / ``plot_budget`` / ``plot_windows``; ``write_report`` writes them all.
+A run's ``evaluation`` (results.json) gives ``distance_table`` -> ``plot_distance`` (the metric by the
+context offered) and, on the synthetic corpus, ``kind_table`` -> ``plot_kinds`` (bpc per byte kind
+beside its floor); ``load_evaluations`` lists the ``evaluation_*.json`` that ``python -m mswa.evaluate``
+wrote beside results.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import itertools
 import json
+import os
 import re
+import socket
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -77,6 +84,9 @@ SUMMARY_COLUMNS = (
     "delta_val", "delta_test", *PAIRED_COLUMNS, "tokens_per_s", "steps", "wall_time_s",
 )
 FAILED_COLUMNS = ("variant", "seed", "status", "error", "run_name", "path")
+ATTEMPT_COLUMNS = ("ended", "path", "error", "overrides")
+STOPPED = "stopped"  # results.json says running, but its process is gone or silent
+SILENT_HEARTBEATS = 5  # missed heartbeats after which a run on another machine counts as stopped
 
 LM_EVAL_FILE = "lm_eval.json"  # mswa.hf.evaluate.RESULTS_FILE; not imported, that module needs torch
 HEADLINE_METRICS = ("acc_norm", "acc")  # papers report acc_norm where lm_eval has it (hellaswag, arc, piqa...)
@@ -172,7 +182,34 @@ def row_from_results(results: Mapping, path: str, history: pd.DataFrame | None) 
     row.update(config_columns(results.get("config")))
     if row["status"] == "finished" and (row["val"] is None or row["test"] is None):
         row.update(status="failed", error=f"status is finished but metrics lack val/{metric} or test/{metric}")
+    if row["status"] == "running" and (why := why_stopped(results.get("process") or {})):
+        row.update(status=STOPPED, error=why)
     return row
+
+
+def why_stopped(process: Mapping, now: datetime.datetime | None = None) -> str | None:
+    """Why a run whose results.json still says running has in fact stopped without a word (killed, machine
+    lost), or None while it may be alive: its process is gone from this machine, or its heartbeat is silent."""
+    pid, host, every = process.get("pid"), process.get("host"), process.get("heartbeat_every_s")
+    resume = "resume it with ckpt_path=last"
+    if pid and host == socket.gethostname() and not _alive(pid):
+        return f"its process ({pid} on {host}) ended without recording an end (killed?); {resume}"
+    beat = process.get("heartbeat") or process.get("started")
+    if beat and every:
+        silent = ((now or datetime.datetime.now(datetime.timezone.utc)) - datetime.datetime.fromisoformat(beat)).total_seconds()
+        if silent > SILENT_HEARTBEATS * every:
+            return f"no heartbeat from process {pid} on {host} for {silent / 60:.0f} min (since {beat}); {resume}"
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def row_from_hydra_job(job_dir: Path) -> dict:
@@ -481,6 +518,55 @@ def _reference(row, table: pd.DataFrame, overrides: Mapping[str, frozenset]) -> 
 def failed_runs(runs: pd.DataFrame) -> pd.DataFrame:
     """Every run that did not finish, with its status and error."""
     return runs.loc[runs.status != "finished", list(FAILED_COLUMNS)].reset_index(drop=True)
+
+
+def refused_attempts(runs: pd.DataFrame) -> pd.DataFrame:
+    """Attempts on a run folder that were refused and left the run as it was (attempts.jsonl, written by
+    train.py beside results.json): a start into a folder holding a run, a resume whose checkpoint failed to load."""
+    rows = []
+    for path in runs.path:
+        log = Path(str(path)) / "attempts.jsonl"
+        lines = log.read_text().splitlines() if log.is_file() else []
+        for attempt in (json.loads(line) for line in lines if line.strip()):
+            if attempt.get("status") == "refused":
+                rows.append({**attempt, "path": str(path), "overrides": ",".join(attempt.get("overrides") or [])})
+    return pd.DataFrame(rows, columns=list(ATTEMPT_COLUMNS))
+
+
+def split_overrides(variant: str) -> list[str]:
+    """``a=1,b=[2,3]`` -> ``["a=1", "b=[2,3]"]``: commas inside brackets, braces or quotes belong to a value."""
+    parts, depth, quote, start = [], 0, None, 0
+    for i, char in enumerate(variant):
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "[{(":
+            depth += 1
+        elif char in "]})":
+            depth -= 1
+        elif char == "," and depth == 0:
+            parts.append(variant[start:i])
+            start = i + 1
+    return [*parts, variant[start:]]
+
+
+def common_overrides(variants: Iterable[str]) -> list[str]:
+    """Overrides shared by every variant, in the order of the first; none when there is one variant only."""
+    names = list(dict.fromkeys(str(v) for v in variants))
+    if len(names) < 2:
+        return []
+    shared = set.intersection(*(set(split_overrides(name)) for name in names))
+    return [part for part in split_overrides(names[0]) if part in shared]
+
+
+def short_variant(variant, common: Sequence[str]) -> str:
+    """A variant's name without the overrides common to all runs (a reference "ambiguous: a | b" part by part)."""
+    if pd.isna(variant) or not common:
+        return variant
+    if str(variant).startswith("ambiguous: "):
+        return "ambiguous: " + " | ".join(short_variant(v, common) for v in variant[len("ambiguous: "):].split(" | "))
+    return ",".join(part for part in split_overrides(str(variant)) if part not in common) or "(common only)"
 
 
 def markdown_table(frame: pd.DataFrame) -> str:
@@ -1017,9 +1103,11 @@ def write_report(runs: pd.DataFrame, out: str | Path, title: str, evals: pd.Data
 def _write_runs(runs: pd.DataFrame, out: Path, title: str) -> tuple[dict[str, Path], str]:
     """The runs' CSV and plots written to ``out`` (their paths), and the runs' markdown."""
     paths = {name: out / name for name in ("summary.csv", "curves.png", "budget.png", "windows.png")}
+    common = common_overrides(runs.variant)
+    labelled = runs.assign(variant=[short_variant(v, common) for v in runs.variant])  # legends as short as the table
     for name, plot in (("curves.png", plot_curves), ("budget.png", plot_budget), ("windows.png", plot_windows)):
-        plot(runs).savefig(paths[name], dpi=100)
-    paths |= write_evaluation_plots(runs, out)
+        plot(labelled).savefig(paths[name], dpi=100)
+    paths |= write_evaluation_plots(labelled, out)
     table, failed = summary_table(runs), failed_runs(runs)
     csv = pd.concat([table.assign(status="finished"), failed.rename(columns={"seed": "seeds"})], ignore_index=True)
     csv.to_csv(paths["summary.csv"], index=False)
@@ -1038,6 +1126,10 @@ def _write_lm_eval(evals: pd.DataFrame, out: Path) -> tuple[dict[str, Path], str
 def summary_markdown(runs: pd.DataFrame, table: pd.DataFrame, failed: pd.DataFrame, title: str) -> str:
     n_finished = int((runs.status == "finished").sum())
     no_curve = int(sum(h is None for h in runs.history[runs.status == "finished"]))
+    common = common_overrides(runs.variant)
+    table = table.assign(variant=[short_variant(v, common) for v in table.variant],
+                         reference=[short_variant(v, common) for v in table.reference])
+    failed = failed.assign(variant=[short_variant(v, common) for v in failed.variant])
     parts = [
         f"# Report: {title}",
         f"{len(runs)} runs: {n_finished} finished, {len(failed)} failed or unfinished (listed below, not averaged).",
@@ -1045,15 +1137,21 @@ def summary_markdown(runs: pd.DataFrame, table: pd.DataFrame, failed: pd.DataFra
         "mean ± sample std (n-1) over the finished seeds of each variant.",
         REFERENCE_RULE,
         BUDGET_NOTE,
-        markdown_table(summary_markdown_frame(table)) if len(table) else "No finished runs.",
     ]
+    if common:
+        parts.append("Overrides common to all runs (left out of the variant names below): " + ", ".join(f"`{o}`" for o in common))
+    parts.append(markdown_table(summary_markdown_frame(table)) if len(table) else "No finished runs.")
     if no_curve:
         parts.append(f"Note: {no_curve} finished run(s) have no metrics.csv, so they are missing from curves.png.")
     if section := paired_markdown(runs, table):
         parts.append(section)
     parts.append("## Failed or unfinished runs")
     parts.append(markdown_table(failed.astype("string").fillna("")) if len(failed) else "None.")
-    if section := evaluation_markdown(runs):
+    refused = refused_attempts(runs)
+    if len(refused):
+        parts.append("## Refused attempts (each left its run folder as it was)")
+        parts.append(markdown_table(refused.astype("string").fillna("")))
+    if section := evaluation_markdown(runs.assign(variant=[short_variant(v, common) for v in runs.variant])):
         parts.append(section)
     parts.append(
         "## Plots\n\n![validation curves](curves.png)\n\n![metric vs budget](budget.png)\n\n![windows](windows.png)"

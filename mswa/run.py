@@ -6,13 +6,21 @@ the same function serves tests, notebooks and other launchers.
 
 from __future__ import annotations
 
+import datetime
+import errno
 import hashlib
 import json
+import logging
 import math
+import os
 import secrets
+import shlex
 import shutil
+import socket
 import subprocess
+import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,24 +29,23 @@ import pandas as pd
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from mswa.atomic import write_atomic
+from mswa.checks import MODEL_KEYS, PRETRAINED_KEYS, ConfigError, check_checkpoint, check_config
 from mswa.data.corpus import Corpus
 from mswa.data.loading import eval_context
-from mswa.lit import GracefulInterrupt, CorpusDataModule, LanguageModelTask, Throughput
+from mswa.lit import (AtomicCheckpointIO, CorpusDataModule, FolderCheckpoint, GracefulInterrupt, Heartbeat, LanguageModelTask,
+                      NonFiniteLossError, RunError, RunInterrupted, StepProgressBar, Throughput)
 from mswa.sweeps import warn_if_repeating
 from mswa.windows import WindowSchedule, make_schedule
 
-MODEL_KEYS = ("n_layer", "n_head", "d_model", "mlp_ratio", "dropout", "positions", "attn_backend", "output",
-              "adaptive_cutoffs", "mixer", "layout", "pattern", "linear_feature_map", "linear_feature_dim")
-
-PRETRAINED_KEYS = ("pretrained", "dtype", "lora", "gradient_checkpointing", "attn_backend")
-
-
-class ConfigError(ValueError):
-    """A config that cannot run; the message names the key and the fix."""
+HEARTBEAT_EVERY_S = 60.0  # how often a live run rewrites results.json; the report reads it from there
+# Lightning's output that is not ours to act on (matched by message: other warnings stay on)
+QUIET_WARNINGS = (r"Experiment logs directory .* exists and is not empty", r"Checkpoint directory .* exists and is not empty",
+                  r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+QUIET_INFO = ("💡 Tip: For seamless cloud logging",)
 
 
 def build_schedule(cfg: dict) -> WindowSchedule:
@@ -48,29 +55,6 @@ def build_schedule(cfg: dict) -> WindowSchedule:
         ws["name"], w=w, n_layer=model["n_layer"], n_head=model["n_head"],
         head_ratios=ws.get("head_ratios"), layer_ratios=ws.get("layer_ratios"), windows=ws.get("windows"),
     )
-
-
-def check_config(cfg: dict) -> None:
-    """Checks that need no data; run before anything is loaded."""
-    for key in ("seq_len", "data.batch_size", "data.eval_batch_size", "trainer.max_steps"):
-        value = cfg
-        for part in key.split("."):
-            value = value[part]
-        if not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{key}={value!r} must be a positive integer")
-    if cfg["hardware"]["accelerator"] in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise ConfigError(
-            f"hardware.accelerator={cfg['hardware']['accelerator']} but this machine has no CUDA GPU; "
-            "add hardware=cpu to run here (an experiment= that picks the GPU keeps its other settings)"
-        )
-    model, schedule = cfg["model"]["name"], cfg["window_schedule"]["name"]
-    if cfg["model"]["windowed"] is not None and cfg["model"]["windowed"] == (schedule == "full"):
-        raise ConfigError(
-            f"model={model} cannot use window_schedule={schedule}; models without window attention (full, linear) "
-            "take only the 'full' schedule, windowed models any other: pick a matching model or schedule"
-        )
-    if not is_pretrained(cfg) and cfg["model"]["d_model"] % cfg["model"]["n_head"]:
-        raise ConfigError(f"model.d_model={cfg['model']['d_model']} is not divisible by model.n_head={cfg['model']['n_head']}")
 
 
 def is_pretrained(cfg: dict) -> bool:
@@ -121,8 +105,10 @@ def model_kwargs(cfg: dict, corpus: Corpus, schedule: WindowSchedule) -> dict:
 
 
 def folder_name(name: str, limit: int = 200) -> str:
-    """A run's folder name: its overrides, cut and given a hash of the whole when too long for the
-    file system (255 bytes), so that distinct runs keep distinct folders."""
+    """A run's folder name: its overrides, one folder whatever their values (a `/` becomes `%2F`), cut and
+    given a hash of the whole when too long for the file system (255 bytes), so that distinct runs keep
+    distinct folders."""
+    name = name.replace("%", "%25").replace("/", "%2F")
     if len(name.encode()) <= limit:
         return name
     digest = hashlib.sha256(name.encode()).hexdigest()[:12]
@@ -138,19 +124,41 @@ def git_commit() -> str | None:
 
 
 class RunFolder:
-    """Paths of one run and its results.json (written by rank 0 only)."""
+    """Paths of one run, its results.json and its attempts log (written by rank 0 only).
+
+    An attempt that finds the folder holding a run (checkpoints, or finished results) leaves that run's
+    results.json, metrics.csv and checkpoints as they are until it owns the folder: when training starts
+    (after a resumed checkpoint has loaded) or when it starts over (overwrite=true, all checks passed).
+    Every attempt, refused or not, is appended to attempts.jsonl."""
 
     def __init__(self, path: Path):
         self.path = path
         self.checkpoints = path / "checkpoints"
         self.last = self.checkpoints / "last.ckpt"
         self.results_path = path / "results.json"
+        self.attempts_path = path / "attempts.jsonl"
         self.wandb_id_path = path / "wandb_id"
+        self.owned = not self.holds_run()
+
+    def holds_run(self) -> bool:
+        """Something to keep: a checkpoint, or results of a finished run."""
+        if any(self.checkpoints.glob("*.ckpt")):
+            return True
+        try:
+            return json.loads(self.results_path.read_text()).get("status") == "finished"
+        except (OSError, ValueError):
+            return False
+
+    def relative(self, path: str | Path | None) -> str | None:
+        return None if path is None else Path(path).resolve().relative_to(self.path.resolve()).as_posix()
 
     def resolve_resume(self, ckpt_path: str | None, overwrite: bool) -> str | None:
         if ckpt_path == "last":
             if not self.last.exists():
-                raise ConfigError(f"ckpt_path=last but {self.last} does not exist; run without ckpt_path to start this run")
+                raise ConfigError(
+                    f"ckpt_path=last but {self.last} does not exist; run without ckpt_path to start this run, or continue "
+                    "another run's checkpoint with ckpt_path=PATH (an override that differs names another run folder)"
+                )
             return str(self.last)
         if ckpt_path is not None:
             if not Path(ckpt_path).is_file():
@@ -161,15 +169,20 @@ class RunFolder:
                 f"{self.path} already holds a run (checkpoints/last.ckpt); resume it with ckpt_path=last "
                 "or start over with overwrite=true"
             )
-        if self.last.exists() and rank_zero_only.rank == 0:
-            shutil.rmtree(self.checkpoints)
-            self.wandb_id_path.unlink(missing_ok=True)
+        if self.holds_run() and not overwrite:
+            raise ConfigError(f"{self.path} already holds a finished run (results.json); start over with overwrite=true")
         return None
+
+    def start_over(self) -> None:
+        """A fresh run (overwrite=true) takes the folder: the earlier run's checkpoints and W&B id go."""
+        if rank_zero_only.rank == 0 and not self.owned:
+            shutil.rmtree(self.checkpoints, ignore_errors=True)
+            self.wandb_id_path.unlink(missing_ok=True)
+        self.owned = True
 
     def wandb_id(self) -> str:
         if not self.wandb_id_path.exists() and rank_zero_only.rank == 0:
-            self.path.mkdir(parents=True, exist_ok=True)
-            self.wandb_id_path.write_text(secrets.token_hex(4))
+            write_atomic(self.wandb_id_path, secrets.token_hex(4))
         return self.wandb_id_path.read_text().strip()
 
     @property
@@ -183,20 +196,37 @@ class RunFolder:
         return self.metrics_csv.rename(self.path / "metrics.before_resume.csv")
 
     def merge_metrics(self, earlier: Path) -> None:
-        """Earlier rows up to where the resumed attempt starts, then the resumed attempt's rows."""
+        """Earlier rows up to where the resumed attempt starts, then the resumed attempt's rows; an attempt
+        that never owned the folder puts the earlier file back as it was."""
+        if not self.owned:
+            earlier.replace(self.metrics_csv)
+            return
         now = pd.read_csv(self.metrics_csv) if self.metrics_csv.exists() else pd.DataFrame(columns=["step"])
         before = pd.read_csv(earlier)
         if len(now):
             before = before[before["step"] < now["step"].min()]
-        pd.concat([before, now], ignore_index=True).to_csv(self.metrics_csv, index=False)
+        write_atomic(self.metrics_csv, pd.concat([before, now], ignore_index=True).to_csv(index=False))
         earlier.unlink()
 
     @rank_zero_only
     def write(self, results: dict) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        tmp = self.results_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(results, indent=2, default=str))
-        tmp.replace(self.results_path)
+        """results.json, only while this attempt owns the folder."""
+        if self.owned:
+            write_atomic(self.results_path, json.dumps(results, indent=2, default=str))
+
+    @rank_zero_only
+    def record_attempt(self, attempt: dict) -> None:
+        """Append one line to attempts.jsonl (the whole file rewritten and renamed, so never half a line)."""
+        before = self.attempts_path.read_text() if self.attempts_path.exists() else ""
+        write_atomic(self.attempts_path, before + json.dumps(attempt, default=str) + "\n")
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The global step a checkpoint was saved at (memory-mapped: the tensors are not read)."""
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=False)["global_step"]
+    except Exception:  # noqa: BLE001 - a missing or unreadable checkpoint has no step to tell
+        return None
 
 
 def build_loggers(cfg: dict, folder: RunFolder, run: RunInfo, schedule: str) -> list:
@@ -224,11 +254,13 @@ def summarise_wandb(loggers: list, metric: str, entropy_floor: float | None) -> 
                 run.summary["data/entropy_floor_bpb"] = entropy_floor
 
 
-def finish_wandb(loggers: list, results: dict) -> None:
-    """Mirror results.json into the W&B summary (what `mswa.report --wandb` reads), then close the run."""
+def finish_wandb(loggers: list, results: dict, mirror: bool) -> None:
+    """Mirror results.json into the W&B summary (what `mswa.report --wandb` reads) when this attempt wrote
+    it, then close the run."""
     for logger in loggers:
         if isinstance(logger, WandbLogger) and rank_zero_only.rank == 0 and logger._experiment is not None:
-            logger._experiment.summary["results"] = json.loads(json.dumps(results, default=str))
+            if mirror:
+                logger._experiment.summary["results"] = json.loads(json.dumps(results, default=str))
             logger._experiment.finish(exit_code=0 if results["status"] == "finished" else 1)
 
 
@@ -242,85 +274,220 @@ class RunInfo:
     overrides: list[str] = field(default_factory=list)
     group: str | None = None  # W&B group: the sweep folder of a multirun
     schedule: str | None = None  # the window_schedule choice; defaults to the schedule's name
+    hydra_overrides: list[str] = field(default_factory=list)  # hydra.* ones a resume needs (e.g. hydra.run.dir=)
+
+
+def resume_command(run: RunInfo) -> str:
+    """The command that continues this run from its last checkpoint."""
+    kept = [o for o in run.overrides if o.split("=")[0].lstrip("+~") not in ("ckpt_path", "overwrite")]
+    return shlex.join(["python", "train.py", *kept, *run.hydra_overrides, "ckpt_path=last"])
+
+
+def quiet_lightning() -> None:
+    """Leave out Lightning's output that is not ours to act on; matched by message, other warnings stay.
+    Safe to repeat: a filter added twice is kept once."""
+    for message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+    for handler in logging.getLogger("lightning.pytorch").handlers:
+        handler.addFilter(not_ours)
+
+
+def not_ours(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(QUIET_INFO)
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def train(cfg: dict, run: RunInfo) -> dict:
-    """Fit, evaluate the best checkpoint on valid and test, and return (and write) the results."""
-    folder = RunFolder(Path(run.dir))
-    started = time.time()
-    results = {
-        "schema": 1, "status": "running", "error": None, "run_name": run.name, "variant": run.variant,
-        "seed": cfg["seed"], "overrides": run.overrides, "run_dir": str(folder.path), "config": cfg,
-        "dataset": cfg["dataset"]["name"], "model": cfg["model"]["name"],
-        "schedule": run.schedule or cfg["window_schedule"]["name"], "git_commit": git_commit(),
-    }
-    loggers: list = []
-    earlier_metrics = None
+    """Fit, evaluate the best checkpoint on valid and test, and return (and write) the results. Faults a user
+    can act on come out as one sentence: ConfigError, RunError (NaN, full disk, unloadable checkpoint),
+    RunInterrupted (Ctrl-C, with the resume command)."""
+    attempt = Attempt(cfg, run)
+    quiet_lightning()
     try:
-        if is_pretrained(cfg):
-            read_pretrained_shape(cfg)
-        check_config(cfg)
-        eval_seq_len, eval_stride = eval_context(cfg)
-        schedule = build_schedule(cfg)
-        resume = folder.resolve_resume(cfg["ckpt_path"], cfg["overwrite"])
-        earlier_metrics = folder.set_aside_metrics() if resume else None
-        corpus = load_corpus(cfg)
-        check_corpus(cfg, corpus)
-        if cfg.get("torch_threads"):
-            torch.set_num_threads(cfg["torch_threads"])
-        L.seed_everything(cfg["seed"], workers=True, verbose=False)
-        task = LanguageModelTask(model_kwargs(cfg, corpus, schedule), cfg["optim"], corpus.unit, cfg["compile"])
-        results.update(
-            unit=corpus.unit, metric=corpus.metric, window=schedule.w, windows=schedule.as_lists(),
-            budget=schedule.budget(cfg["seq_len"]), n_params=task.model.n_params(),
-            n_trainable=sum(p.numel() for p in task.parameters() if p.requires_grad),
-            entropy_floor_bpb=corpus.entropy_floor_bpb, evaluation={"seq_len": eval_seq_len, "stride": eval_stride},
-        )
-        folder.write(results)
+        with GracefulInterrupt(str(attempt.folder.last)) as interrupt:
+            attempt.run(interrupt)
+        attempt.end()  # a finished run's results that cannot be saved are its error
+        return attempt.results
+    except BaseException as error:  # noqa: BLE001 - Ctrl-C and crashes are recorded, then re-raised
+        stop = explain(error, attempt.folder, run)
+        if not attempt.ended:
+            attempt.stopped(stop)
+            attempt.end(after=stop)
+        if stop is error:
+            raise
+        raise stop from None
+
+
+class Attempt:
+    """One call of train() on a run folder: its results, and what it records and cleans up however it ends."""
+
+    def __init__(self, cfg: dict, run: RunInfo):
+        self.cfg, self.run_info, self.folder = cfg, run, RunFolder(Path(run.dir))
+        self.process = {"pid": os.getpid(), "host": socket.gethostname(), "started": now(), "heartbeat_every_s": HEARTBEAT_EVERY_S}
+        self.results = {
+            "schema": 1, "status": "running", "error": None, "run_name": run.name, "variant": run.variant,
+            "seed": cfg["seed"], "overrides": run.overrides, "config": cfg, "dataset": cfg["dataset"]["name"],
+            "model": cfg["model"]["name"], "schedule": run.schedule or cfg["window_schedule"]["name"],
+            "git_commit": git_commit(), "process": self.process,
+        }
+        self.loggers: list = []
+        self.earlier_metrics: Path | None = None
+        self.started, self.ended = time.time(), False
+
+    def run(self, interrupt: GracefulInterrupt) -> None:
+        cfg, folder, results = self.cfg, self.folder, self.results
+        corpus, schedule, task, resume = self.prepare()
         data = CorpusDataModule(corpus, cfg["seq_len"], cfg["data"]["batch_size"], cfg["data"]["eval_batch_size"],
-                                cfg["seed"], cfg["data"]["val_max_tokens"], cfg["data"]["aligned_chunks"], eval_seq_len, eval_stride)
-        loggers = build_loggers(cfg, folder, run, results["schedule"])
-        interrupt = GracefulInterrupt(str(folder.last))
+                                cfg["seed"], cfg["data"]["val_max_tokens"], cfg["data"]["aligned_chunks"], *self.eval_context)
+        self.loggers = build_loggers(cfg, folder, self.run_info, results["schedule"])
+        best = FolderCheckpoint(dirpath=folder.checkpoints, filename="best", monitor="val/loss", mode="min", save_top_k=1)
+        last = FolderCheckpoint(dirpath=folder.checkpoints, save_top_k=0, save_last=True,
+                                every_n_train_steps=cfg["checkpoint"]["every_n_train_steps"])
         throughput = Throughput(cfg["data"]["batch_size"] * cfg["seq_len"])
-        best = ModelCheckpoint(dirpath=folder.checkpoints, filename="best", monitor="val/loss", mode="min", save_top_k=1)
-        last = ModelCheckpoint(dirpath=folder.checkpoints, save_top_k=0, save_last=True,
-                               every_n_train_steps=cfg["checkpoint"]["every_n_train_steps"])
         trainer = L.Trainer(
-            **cfg["hardware"], **cfg["trainer"], logger=loggers, max_epochs=-1, check_val_every_n_epoch=None,
-            callbacks=[best, last, throughput, interrupt],
+            **{"enable_model_summary": False, **cfg["hardware"], **cfg["trainer"]}, logger=self.loggers, max_epochs=-1,
+            check_val_every_n_epoch=None, plugins=[AtomicCheckpointIO()],
+            callbacks=[best, last, throughput, interrupt, Heartbeat(self.beat, HEARTBEAT_EVERY_S), StepProgressBar()],
             default_root_dir=str(folder.path), use_distributed_sampler=False, deterministic=False,
         )
-        summarise_wandb(loggers, corpus.metric, corpus.entropy_floor_bpb)
+        summarise_wandb(self.loggers, corpus.metric, corpus.entropy_floor_bpb)
         if rank_zero_only.rank == 0:
             print(schedule.describe(cfg["seq_len"]))
+            print(f"{results['n_params']:,} parameters, {results['n_trainable']:,} trained")
             warn_if_repeating(cfg, len(corpus.splits["train"]))
-        trainer.fit(task, datamodule=data, ckpt_path=resume)
+        fit(trainer, task, data, resume, folder)
+        folder.owned = True  # a resume that had nothing left to train (max_steps reached) loaded fine too
         if interrupt.requested:
-            raise KeyboardInterrupt(f"stopped at step {trainer.global_step}; resume with ckpt_path=last")
+            raise RunInterrupted("Ctrl-C")
         data.val_max_tokens = None  # the final numbers are full passes over each split
         evaluated = best.best_model_path or None
         trainer.validate(task, datamodule=data, ckpt_path=evaluated, verbose=False)
         trainer.test(task, datamodule=data, ckpt_path=evaluated, verbose=False)
         results.update(
             status="finished", metrics=dict(task.eval_results), steps=trainer.global_step,
-            tokens_per_s=throughput.mean_tokens_per_s, evaluated_checkpoint=evaluated,
-            evaluation={**data.eval_settings, **task.eval_details},
+            tokens_per_s=throughput.mean_tokens_per_s, evaluated_checkpoint=folder.relative(evaluated),
+            evaluated_step=evaluated and checkpoint_step(Path(evaluated)), evaluation={**data.eval_settings, **task.eval_details},
         )
         if is_pretrained(cfg) and rank_zero_only.rank == 0:
-            record = {"schedule": results["schedule"], "pretrained": cfg["model"]["pretrained"], "checkpoint": evaluated}
-            results["lm_eval"] = finish_pretrained(cfg, task, folder, loggers, record)
-        return results
-    except BaseException as error:  # noqa: BLE001 - Ctrl-C and crashes are recorded, then re-raised
-        interrupted = isinstance(error, (KeyboardInterrupt, SystemExit))
-        message = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
-        results.update(status="interrupted" if interrupted else "failed", error=message)
-        raise
-    finally:
-        results["wall_time_s"] = time.time() - started
-        folder.write(results)
-        finish_wandb(loggers, results)
-        if earlier_metrics is not None:
-            folder.merge_metrics(earlier_metrics)
+            record = {"schedule": results["schedule"], "pretrained": cfg["model"]["pretrained"],
+                      "checkpoint": results["evaluated_checkpoint"]}
+            results["lm_eval"] = finish_pretrained(cfg, task, folder, self.loggers, record)
+
+    def prepare(self) -> tuple[Corpus, WindowSchedule, LanguageModelTask, str | None]:
+        """Every check, the data and the model; a fresh run then takes the folder."""
+        cfg, folder = self.cfg, self.folder
+        check_config(cfg)  # before the pretrained shape: its model.n_layer / n_head must still be unset
+        if is_pretrained(cfg):
+            read_pretrained_shape(cfg)
+        self.eval_context = eval_context(cfg)
+        schedule = build_schedule(cfg)
+        resume = folder.resolve_resume(cfg["ckpt_path"], cfg["overwrite"])
+        self.earlier_metrics = folder.set_aside_metrics() if resume else None
+        corpus = load_corpus(cfg)
+        check_corpus(cfg, corpus)
+        if cfg.get("torch_threads"):
+            torch.set_num_threads(cfg["torch_threads"])
+        L.seed_everything(cfg["seed"], workers=True, verbose=False)
+        check_checkpoint(resume, model_kwargs(cfg, corpus, schedule))
+        task = LanguageModelTask(model_kwargs(cfg, corpus, schedule), cfg["optim"], corpus.unit, cfg["compile"])
+        self.results.update(
+            unit=corpus.unit, metric=corpus.metric, window=schedule.w, windows=schedule.as_lists(),
+            budget=schedule.budget(cfg["seq_len"]), n_params=task.model.n_params(),
+            n_trainable=sum(p.numel() for p in task.parameters() if p.requires_grad),
+            entropy_floor_bpb=corpus.entropy_floor_bpb, evaluation=dict(zip(("seq_len", "stride"), self.eval_context)),
+        )
+        if not resume:
+            folder.start_over()
+        folder.write(self.results)
+        return corpus, schedule, task, resume
+
+    def beat(self) -> None:
+        """Training has started, so a resumed checkpoint has loaded: the folder is this run's."""
+        self.folder.owned = True
+        self.process["heartbeat"] = now()
+        self.folder.write(self.results)
+
+    def stopped(self, stop: BaseException) -> None:
+        interrupted = isinstance(stop, (RunInterrupted, KeyboardInterrupt, SystemExit))
+        one_sentence = isinstance(stop, (ValueError, RunError, RunInterrupted))
+        self.results.update(status="interrupted" if interrupted else "failed",
+                            error=str(stop) if one_sentence else f"{type(stop).__name__}: {stop}")
+
+    def end(self, after: BaseException | None = None) -> None:
+        """results.json (if this attempt owns the folder), the attempts log, W&B, metrics.csv, the summary.
+        ``after`` an error, a write that fails too (the same full disk) is reported, not raised over it."""
+        self.ended = True
+        folder, results = self.folder, self.results
+        results["wall_time_s"] = time.time() - self.started
+        try:
+            folder.write(results)
+            folder.record_attempt({
+                "started": self.process["started"], "ended": now(), "status": results["status"] if folder.owned else "refused",
+                "error": results["error"], "pid": self.process["pid"], "host": self.process["host"],
+                "overrides": self.run_info.overrides,
+            })
+        except OSError as error:
+            if after is None:
+                raise
+            print(f"warning: could not record how this attempt ended ({error.strerror}: {error.filename}); "
+                  "the report reads the run as stopped", file=sys.stderr)
+        finish_wandb(self.loggers, results, mirror=folder.owned)
+        if self.earlier_metrics is not None:
+            folder.merge_metrics(self.earlier_metrics)
+        if results["status"] == "finished" and rank_zero_only.rank == 0:
+            print(summary_lines(results, folder))
+
+
+def fit(trainer: L.Trainer, task: LanguageModelTask, data: CorpusDataModule, resume: str | None, folder: RunFolder) -> None:
+    """trainer.fit; a checkpoint that fails to load is refused in one sentence, the run's files kept."""
+    try:
+        trainer.fit(task, datamodule=data, ckpt_path=resume)
+    except Exception as error:
+        if not resume or folder.owned or isinstance(error, RunError):
+            raise
+        raise RunError(
+            f"ckpt_path={resume} could not be resumed ({type(error).__name__}: {error}); the run's files are left as "
+            "they were: give another checkpoint with ckpt_path=PATH, or start over with overwrite=true"
+        ) from error
+
+
+def explain(error: BaseException, folder: RunFolder, run: RunInfo) -> BaseException:
+    """The one-sentence form of a fault the user can act on, with what to run next (the error itself for others)."""
+    if isinstance(error, NonFiniteLossError):
+        step = checkpoint_step(folder.last)
+        retry = "lower optim.lr or raise optim.warmup_steps and start again"
+        if step is not None:
+            retry += f", or continue from step {step} with {shlex.quote(hydra_value('ckpt_path', folder.last.resolve()))} (changed optim.* take effect)"
+        return NonFiniteLossError(f"{error}; {retry}")
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return RunError(f"no space left on the device writing {error.filename or folder.path}; free some space, then {what_next(folder, run)}")
+    if isinstance(error, (RunInterrupted, KeyboardInterrupt)):
+        return RunInterrupted(f"stopped by {error if isinstance(error, RunInterrupted) else 'Ctrl-C'}; {what_next(folder, run)}")
+    return error
+
+
+def hydra_value(key: str, path: Path | str) -> str:
+    """An override whose path may hold `=` or `,` (run folder names do), quoted for Hydra."""
+    return f'{key}="{path}"'
+
+
+def what_next(folder: RunFolder, run: RunInfo) -> str:
+    step = checkpoint_step(folder.last)
+    if step is None:
+        return "start again with the same command (no checkpoint was written yet)"
+    return f"resume from step {step} with: {resume_command(run)}"
+
+
+def summary_lines(results: dict, folder: RunFolder) -> str:
+    """The run's last words: its final metrics, the checkpoint they come from, where results.json is."""
+    metric = results["metric"]
+    scores = ", ".join(f"{split}/{metric} {results['metrics'][f'{split}/{metric}']:.6f}" for split in ("val", "test"))
+    source = (f"{results['evaluated_checkpoint']} (step {results['evaluated_step']}, lowest val/loss)"
+              if results["evaluated_checkpoint"] else "the final weights (no validation ran during training)")
+    return f"finished {results['steps']} steps: {scores}, from {source}\nresults: {folder.results_path}"
 
 
 def finish_pretrained(cfg: dict, task: LanguageModelTask, folder: RunFolder, loggers: list, record: dict) -> dict | None:

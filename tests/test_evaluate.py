@@ -120,3 +120,17 @@ def test_a_key_that_would_change_the_model_or_data_is_refused_in_one_sentence(ru
         main()
     name = key.split("=")[0].lstrip("+")
     assert str(stop.value.code).startswith(f"error: {name} is not an evaluation setting: the model and data come from")
+
+
+def test_a_file_that_is_not_a_checkpoint_or_of_another_shape_is_refused(run_dir, tmp_path):
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=f"ckpt={garbage} .* is not a Lightning checkpoint"):
+        load_run(run_dir, str(garbage))
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("wandb", "evaluation_*"))
+    results = json.loads((copy / "results.json").read_text())
+    results["config"]["model"]["d_model"] = 48
+    (copy / "results.json").write_text(json.dumps(results))
+    with pytest.raises(ValueError, match="ckpt=best does not fit the model of .*copy's config"):
+        load_run(copy)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import datetime
 import json
 import math
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -286,3 +288,54 @@ def test_notebook_runs_top_to_bottom_on_a_sweep(sweep: Path, monkeypatch: pytest
     assert sum("image/png" in output.get("data", {}) for output in outputs) == 3  # each plot shown once
     html = "".join(output.get("data", {}).get("text/html", "") for output in outputs)
     assert "model=mswa" in html and FAILED_ERROR in html
+
+
+def test_a_run_still_marked_running_reads_stopped_once_its_process_is_gone_or_silent(sweep: Path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    here, now = socket.gethostname(), datetime.datetime.now(datetime.timezone.utc)
+    minutes_ago = lambda m: (now - datetime.timedelta(minutes=m)).isoformat(timespec="seconds")  # noqa: E731
+    cases = [
+        ({"pid": dead.pid, "host": here, "heartbeat": minutes_ago(0)}, "its process"),  # killed on this machine
+        ({"pid": os.getpid(), "host": here, "heartbeat": minutes_ago(1)}, None),  # alive here
+        ({"pid": 1, "host": "another-machine", "heartbeat": minutes_ago(6)}, "no heartbeat"),  # 5 beats missed
+        ({"pid": 1, "host": "another-machine", "heartbeat": minutes_ago(4)}, None),
+    ]
+    for process, words in cases:
+        why = report.why_stopped({**process, "heartbeat_every_s": 60.0}, now=now)
+        assert (why is None) if words is None else (words in why and "ckpt_path=last" in why), (process, why)
+
+    results = json.loads((sweep / "0" / "results.json").read_text())
+    results.update(status="running", process={"pid": dead.pid, "host": here, "heartbeat_every_s": 60.0, "heartbeat": minutes_ago(0)})
+    (sweep / "0" / "results.json").write_text(json.dumps(results))
+    runs = report.load_runs([sweep])
+    assert runs.set_index("path").loc[str((sweep / "0").resolve()), "status"] == report.STOPPED
+    assert report.STOPPED in report.failed_runs(runs).status.tolist()
+
+
+def test_variant_names_leave_out_overrides_common_to_all_runs(sweep: Path):
+    shared = ["trainer.max_steps=100", "window_schedule.head_ratios=[1,2]"]
+    rows = [
+        finished_row([f"model={model}", *shared, "seed=1"], model, schedule, val)
+        for model, schedule, val in [("swa", "uniform", 2.0), ("mswa", "mswa", 1.9)]
+    ]
+    runs = report.runs_frame(rows)
+    markdown = report.summary_markdown(runs, report.summary_table(runs), report.failed_runs(runs), "t")
+    assert "Overrides common to all runs (left out of the variant names below): `trainer.max_steps=100`, " \
+           "`window_schedule.head_ratios=[1,2]`" in markdown
+    table_rows = [line for line in markdown.splitlines() if line.startswith("| model=")]
+    assert [row.split(" | ")[0] for row in table_rows] == ["| model=mswa", "| model=swa"]
+    assert "| model=swa |" in table_rows[0]  # the SWA reference column, shortened the same way
+    assert report.split_overrides('a=1,b=[2,3],c="x,y"') == ["a=1", "b=[2,3]", 'c="x,y"']
+
+
+def test_refused_attempts_are_listed_and_the_run_kept(sweep: Path):
+    attempt = {"ended": "2026-01-01T00:00:00+00:00", "status": "refused", "overrides": ["model=swa", "seed=1"],
+               "error": "outputs/x already holds a run (checkpoints/last.ckpt); resume it with ckpt_path=last"}
+    finished = {**attempt, "status": "finished", "error": None}
+    (sweep / "0" / "attempts.jsonl").write_text(json.dumps(finished) + "\n" + json.dumps(attempt) + "\n")
+    runs = report.load_runs([sweep])
+    markdown = report.summary_markdown(runs, report.summary_table(runs), report.failed_runs(runs), "t")
+    refused = markdown.split("## Refused attempts (each left its run folder as it was)")[1]
+    assert attempt["error"] in refused and "model=swa,seed=1" in refused
+    assert (runs.status == "finished").sum() == 4  # the run the attempt found is still counted as finished

@@ -161,7 +161,9 @@ def _fraction_to_tokens(fraction: float, seq_len: int | None) -> int:
 
 
 def main(argv=None) -> dict:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _check_paths(parser, args)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     table = None
@@ -223,6 +225,22 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--save-samples", action="store_true", help="also write lm_eval_samples.jsonl (every scored example)")
     parser.add_argument("--wandb-project", help="also log to this W&B project (WANDB_MODE decides online/offline)")
     return parser
+
+
+def _check_paths(parser: argparse.ArgumentParser, args) -> None:
+    """Local paths exist (before transformers would read a missing one as a malformed hub id)."""
+    for flag, value, hub_ok in (("--model", args.model, True), ("--tokenizer", args.tokenizer, True),
+                                ("--adapter", args.adapter, True), ("--include-path", args.include_path, False)):
+        if value is not None and not Path(value).expanduser().exists() and (not hub_ok or _looks_local(value)):
+            kind = "a local folder or a hub id (owner/name)" if hub_ok else "an existing folder"
+            parser.exit(2, f"error: {flag} {value}: no such file or folder; give {kind}\n")
+    if Path(args.out).is_file():
+        parser.exit(2, f"error: --out {args.out} is a file; give a folder for {RESULTS_FILE}\n")
+
+
+def _looks_local(name: str) -> bool:
+    """A hub id is `name` or `owner/name`; anything else is meant as a local path."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
 
 
 def _wandb_run(args):
