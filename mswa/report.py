@@ -467,13 +467,16 @@ def _interval(diff, low, high, verdict) -> str:
     return f"{diff:+.4f}{bounds} {verdict}"
 
 
-def paired_markdown(runs: pd.DataFrame, table: pd.DataFrame) -> str:
-    """The report's section of paired differences (empty when no variant has a reference with shared seeds)."""
+def paired_markdown(runs: pd.DataFrame, table: pd.DataFrame, common: Sequence[str] = ()) -> str:
+    """The report's section of paired differences (empty when no variant has a reference with shared seeds);
+    names shown without the ``common`` overrides."""
     pairs = paired_table(runs, table)
     if pairs.empty:
         return ""
     shown = pairs.assign(**{"difference [95% interval] verdict": [
-        _interval(*cells) for cells in zip(pairs["diff"], pairs.low, pairs.high, pairs.verdict)]})
+        _interval(*cells) for cells in zip(pairs["diff"], pairs.low, pairs.high, pairs.verdict)]},
+        variant=[short_variant(v, common) for v in pairs.variant],
+        reference=[short_variant(v, common) for v in pairs.reference])
     shown = shown[["variant", "against", "reference", "measure", "n_pairs", "difference [95% interval] verdict"]]
     return "\n\n".join(["## Paired differences over seeds", PAIRED_NOTE, markdown_table(shown.astype(str))])
 
@@ -1127,6 +1130,7 @@ def summary_markdown(runs: pd.DataFrame, table: pd.DataFrame, failed: pd.DataFra
     n_finished = int((runs.status == "finished").sum())
     no_curve = int(sum(h is None for h in runs.history[runs.status == "finished"]))
     common = common_overrides(runs.variant)
+    paired = paired_markdown(runs, table, common)  # before the names are shortened: it reads the runs by variant
     table = table.assign(variant=[short_variant(v, common) for v in table.variant],
                          reference=[short_variant(v, common) for v in table.reference])
     failed = failed.assign(variant=[short_variant(v, common) for v in failed.variant])
@@ -1143,8 +1147,8 @@ def summary_markdown(runs: pd.DataFrame, table: pd.DataFrame, failed: pd.DataFra
     parts.append(markdown_table(summary_markdown_frame(table)) if len(table) else "No finished runs.")
     if no_curve:
         parts.append(f"Note: {no_curve} finished run(s) have no metrics.csv, so they are missing from curves.png.")
-    if section := paired_markdown(runs, table):
-        parts.append(section)
+    if paired:
+        parts.append(paired)
     parts.append("## Failed or unfinished runs")
     parts.append(markdown_table(failed.astype("string").fillna("")) if len(failed) else "None.")
     refused = refused_attempts(runs)
