@@ -113,7 +113,8 @@ def test_report_finds_swa_at_w_and_at_budget_from_the_configs_and_pairs_by_seed(
         for seed, value in enumerate(values):
             results = {"schema": 1, "status": "finished", "variant": name, "seed": seed,
                        "config": {**cfg, "seed": seed}, "dataset": "synthetic", "metric": "bpc", "model": "swa",
-                       "schedule": name, "window": 64, "budget": schedule.budget(1024), "metrics": {"val/bpc": value, "test/bpc": value}}
+                       "schedule": name, "window": 64, "budget": schedule.budget(1024),
+                       "metrics": {"val/bpc": value, "test/bpc": value}}
             rows.append(report.row_from_results(results, path=f"{name}/{seed}", history=None))
     table = report.summary_table(report.runs_frame(rows)).set_index("variant")
     assert table.loc["mswa", "swa_reference"] == "swa" and table.loc["mswa", "budget_reference"] == "budget"
