@@ -380,6 +380,7 @@ def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+PAIRED_TABLE_COLUMNS = ["variant", "reference", "against", "measure", "n_pairs", "diff", "low", "high", "verdict"]
 PAIRED_SPLIT = "test"  # the summary's paired columns; the checkpoint was chosen on val
 PAIRED_NOTE = (
     "Paired differences (lower is better): for each seed both variants ran, variant minus reference; mean over "
@@ -387,7 +388,8 @@ PAIRED_NOTE = (
     "initialisation and data order for every variant alike. References come from the stored configs: SWA at w is "
     "the finished variant whose config equals this one's except for its attention (schedule, windowed flag) and "
     "whose schedule is `uniform` at mean window 1; SWA at budget the same with the `uniform` schedule at this "
-    "variant's mean window (`uniform_mswa_budget` for `mswa`)."
+    "variant's mean window, to the nearest whole window (`uniform_mswa_budget` for `mswa`: 56 = 0.875 w at w = 64 "
+    "for mswa's 0.879 w)."
 )
 
 
@@ -396,25 +398,27 @@ def paired_references(row, table: pd.DataFrame) -> dict[str, str | None]:
     found = dict.fromkeys(PAIRED_KINDS)
     if pd.isna(row.comparison_id):
         return found
-    same = table[(table.dataset == row.dataset) & (table.metric == row.metric) & (table.comparison_id == row.comparison_id)
-                 & (table.schedule_rule == "uniform") & (table.variant != row.variant)]
-    mean_windows = pd.to_numeric(same.mean_window_over_w).to_numpy(dtype=float)
-    targets = {"swa": 1.0, "budget": row.mean_window_over_w}
-    for kind, target in targets.items():
-        if kind == "budget" and (pd.isna(target) or np.isclose(target, 1.0)):
-            continue  # a variant at SWA's own budget has no separate budget reference
-        match = same.variant[np.isclose(mean_windows, float(target))]
-        found[kind] = match.iloc[0] if len(match) else None
+    same = table[(table.dataset == row.dataset) & (table.metric == row.metric)
+                 & (table.comparison_id == row.comparison_id) & (table.schedule_rule == "uniform")
+                 & (table.variant != row.variant)]
+    gaps = (pd.to_numeric(same.mean_window_over_w) - 1.0).abs()
+    found["swa"] = next(iter(same.variant[gaps < 1e-9]), None)
+    if pd.notna(row.mean_window_over_w) and pd.notna(row.window) and abs(row.mean_window_over_w - 1.0) > 1e-9:
+        # a uniform window is a whole number: the nearest to w * mean window is within half a step of it
+        gaps = (pd.to_numeric(same.mean_window_over_w) - row.mean_window_over_w).abs()
+        found["budget"] = next(iter(same.variant[gaps <= 0.5 / row.window + 1e-9]), None)
     return found
 
 
-def seed_values(finished: pd.DataFrame, variant: str, split: str) -> dict[int, float]:
-    runs = finished[finished.variant == variant]
-    return {int(seed): float(value) for seed, value in zip(runs.seed, runs[split]) if pd.notna(seed) and pd.notna(value)}
+def seed_values(values: pd.DataFrame, variant: str, column: str) -> dict[int, float]:
+    """{seed: value} of ``variant``'s rows in a frame with columns variant, seed and ``column``."""
+    runs = values[values.variant == variant]
+    pairs = zip(runs.seed, runs[column])
+    return {int(seed): float(value) for seed, value in pairs if pd.notna(seed) and pd.notna(value)}
 
 
-def paired_comparison(finished: pd.DataFrame, variant: str, reference: str, split: str) -> PairedDifference | None:
-    return paired_difference(seed_values(finished, variant, split), seed_values(finished, reference, split))
+def paired_comparison(values: pd.DataFrame, variant: str, reference: str, column: str) -> PairedDifference | None:
+    return paired_difference(seed_values(values, variant, column), seed_values(values, reference, column))
 
 
 def _paired_cells(row, table: pd.DataFrame, finished: pd.DataFrame) -> dict:
@@ -429,19 +433,31 @@ def _paired_cells(row, table: pd.DataFrame, finished: pd.DataFrame) -> dict:
     return cells
 
 
+def kind_values(runs: pd.DataFrame, split: str = "test") -> pd.DataFrame:
+    """One row per finished run: variant, seed and its ``split`` bpc per byte kind (a column per kind)."""
+    rows = [{"variant": run.variant, "seed": run.seed,
+             **{r["kind"]: r["bpc"] for r in ((run.evaluation or {}).get(split) or {}).get("by_kind", [])}}
+            for run in runs[runs.status == "finished"].itertuples()]
+    return pd.DataFrame(rows, columns=["variant", "seed"]) if not rows else pd.DataFrame(rows)
+
+
 def paired_table(runs: pd.DataFrame, table: pd.DataFrame | None = None) -> pd.DataFrame:
-    """One row per (variant, reference kind, split) with a reference: the paired difference and its verdict."""
+    """One row per (variant, reference kind, measure) with a reference: the paired difference and its verdict.
+    Measures: the val and test metric, then (synthetic corpus) the test bpc of each byte kind."""
     table = summary_table(runs) if table is None else table
-    finished = runs[runs.status == "finished"]
+    finished, kinds = runs[runs.status == "finished"], kind_values(runs)
+    measures = [("val", finished, "val"), ("test", finished, "test")]
+    measures += [(f"test {kind}", kinds, kind) for kind in kinds.columns[2:]]
     rows = []
     for row in table.itertuples():
         for kind, reference in paired_references(row, table).items():
-            for split in ("val", "test"):
-                diff = paired_comparison(finished, row.variant, reference, split) if reference else None
+            for measure, values, column in measures:
+                diff = paired_comparison(values, row.variant, reference, column) if reference else None
                 if diff is not None:
-                    rows.append({"variant": row.variant, "reference": reference, "against": PAIRED_AGAINST[kind], "split": split, "n_pairs": diff.n_pairs, "diff": diff.mean,
-                        "low": diff.low, "high": diff.high, "verdict": diff.verdict})
-    return pd.DataFrame(rows, columns=["variant", "reference", "against", "split", "n_pairs", "diff", "low", "high", "verdict"])
+                    rows.append({"variant": row.variant, "reference": reference, "against": PAIRED_AGAINST[kind],
+                                 "measure": measure, "n_pairs": diff.n_pairs, "diff": diff.mean, "low": diff.low,
+                                 "high": diff.high, "verdict": diff.verdict})
+    return pd.DataFrame(rows, columns=PAIRED_TABLE_COLUMNS)
 
 
 def _interval(diff, low, high, verdict) -> str:
@@ -451,14 +467,17 @@ def _interval(diff, low, high, verdict) -> str:
     return f"{diff:+.4f}{bounds} {verdict}"
 
 
-def paired_markdown(runs: pd.DataFrame, table: pd.DataFrame) -> str:
-    """The report's section of paired differences (empty when no variant has a reference with shared seeds)."""
+def paired_markdown(runs: pd.DataFrame, table: pd.DataFrame, common: Sequence[str] = ()) -> str:
+    """The report's section of paired differences (empty when no variant has a reference with shared seeds);
+    names shown without the ``common`` overrides."""
     pairs = paired_table(runs, table)
     if pairs.empty:
         return ""
     shown = pairs.assign(**{"difference [95% interval] verdict": [
-        _interval(*cells) for cells in zip(pairs["diff"], pairs.low, pairs.high, pairs.verdict)]})
-    shown = shown[["variant", "against", "reference", "split", "n_pairs", "difference [95% interval] verdict"]]
+        _interval(*cells) for cells in zip(pairs["diff"], pairs.low, pairs.high, pairs.verdict)]},
+        variant=[short_variant(v, common) for v in pairs.variant],
+        reference=[short_variant(v, common) for v in pairs.reference])
+    shown = shown[["variant", "against", "reference", "measure", "n_pairs", "difference [95% interval] verdict"]]
     return "\n\n".join(["## Paired differences over seeds", PAIRED_NOTE, markdown_table(shown.astype(str))])
 
 
@@ -1111,6 +1130,7 @@ def summary_markdown(runs: pd.DataFrame, table: pd.DataFrame, failed: pd.DataFra
     n_finished = int((runs.status == "finished").sum())
     no_curve = int(sum(h is None for h in runs.history[runs.status == "finished"]))
     common = common_overrides(runs.variant)
+    paired = paired_markdown(runs, table, common)  # before the names are shortened: it reads the runs by variant
     table = table.assign(variant=[short_variant(v, common) for v in table.variant],
                          reference=[short_variant(v, common) for v in table.reference])
     failed = failed.assign(variant=[short_variant(v, common) for v in failed.variant])
@@ -1127,8 +1147,8 @@ def summary_markdown(runs: pd.DataFrame, table: pd.DataFrame, failed: pd.DataFra
     parts.append(markdown_table(summary_markdown_frame(table)) if len(table) else "No finished runs.")
     if no_curve:
         parts.append(f"Note: {no_curve} finished run(s) have no metrics.csv, so they are missing from curves.png.")
-    if section := paired_markdown(runs, table):
-        parts.append(section)
+    if paired:
+        parts.append(paired)
     parts.append("## Failed or unfinished runs")
     parts.append(markdown_table(failed.astype("string").fillna("")) if len(failed) else "None.")
     refused = refused_attempts(runs)

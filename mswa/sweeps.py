@@ -85,8 +85,8 @@ def repetition_warning(cfg: Mapping, train_tokens: int) -> str | None:
     read = training_tokens(cfg)
     if read <= train_tokens:
         return None
-    return (f"warning: training reads {read:,} tokens, {read / train_tokens:.1f} passes over the {train_tokens:,}-token "
-            f"train split of {cfg['dataset']['name']!r}, so part of what it learns is that text itself; "
+    return (f"warning: training reads {read:,} tokens, {read / train_tokens:.1f} passes over the "
+            f"{train_tokens:,}-token train split of {cfg['dataset']['name']!r}, so part of what it learns is that text itself; "
             "a larger corpus or fewer trainer.max_steps keeps it under one pass")
 
 

@@ -1,7 +1,10 @@
-"""experiment=cpu composes and builds with every sweep; the data-repetition warning; variant identity."""
+"""experiment=cpu composes and builds with every sweep; the data-repetition warning; variant identity; the
+report's references and paired intervals on rows made from the real configs."""
 
 import itertools
+import statistics
 
+import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
@@ -68,20 +71,20 @@ def test_repetition_warning_counts_every_token_read():
     assert repetition_warning(small_cfg(devices=2), 4000) is not None
 
 
-def test_a_run_over_its_data_warns_once_and_one_within_it_does_not(tmp_path):
-    # debug=smoke reads 6 x 4 x 64 = 1536 tokens; 90% of n_bytes is the train split
-    over = run_train(["debug=smoke", "logger=none", "dataset.loader.n_bytes=1200", "task_name=over"], tmp_path)
+def test_a_run_over_its_data_warns_once(tmp_path):
+    # debug=smoke reads 6 x 4 x 64 = 1536 tokens; 90% of n_bytes is the train split. (A run within its data
+    # stays silent: tests/test_sweep_protocol.py checks that on its real runs.)
+    over = run_train(["debug=smoke", "logger=none", "dataset.loader.n_bytes=1200"], tmp_path)
     assert over.stderr.count("warning: training reads") == 1
     assert "1,536 tokens, 1.4 passes over the 1,080-token train split of 'synthetic'" in over.stderr
-    within = run_train(["debug=smoke", "logger=none", "dataset.loader.n_bytes=2000", "task_name=within"], tmp_path)
-    assert "warning: training reads" not in within.stderr + within.stdout
 
 
 def test_variant_identity_ignores_spelling_seed_and_places_not_settings():
     swa = compose_plain(["model=swa"])
     assert variant_id(swa) == variant_id(compose_plain(["model=swa", "window_schedule=uniform"]))
     assert variant_id(compose_plain(["model=mswa"])) == variant_id(compose_plain(["model=swa", "window_schedule=mswa"]))
-    same = ["seed=3", "paths.data_dir=/elsewhere", "paths.log_dir=/x", "logger=csv", "hardware=ddp_cpu", "torch_threads=1"]
+    same = ["seed=3", "paths.data_dir=/elsewhere", "paths.log_dir=/x", "logger=csv", "hardware=ddp_cpu",
+            "torch_threads=1"]
     assert variant_id(swa) == variant_id(compose_plain(["model=swa", *same]))
     for different in (["window=64"], ["model=mswa"], ["trainer.max_steps=7"], ["dataset.loader.n_bytes=5000"],
                       ["window_schedule=uniform_mswa_budget"], ["eval.stride=128"]):
@@ -91,3 +94,35 @@ def test_variant_identity_ignores_spelling_seed_and_places_not_settings():
                                                      ["model=swa", "window_schedule=uniform_mswa_budget"])}
     assert len(ids) == 1
     assert comparison_id(swa) != comparison_id(compose_plain(["model=swa", "window=64"]))
+
+
+def test_report_finds_swa_at_w_and_at_budget_from_the_configs_and_pairs_by_seed():
+    """Rows as train.py writes them, from the real composed configs: mswa's references are SWA at w and SWA at
+    its mean window (0.875 w to the nearest whole window for mswa's 0.879 w), whatever the folder names."""
+    from mswa import report
+    from mswa.windows import make_schedule
+
+    test_bpc = {"swa": [2.00, 2.10, 2.05], "budget": [2.03, 2.12, 2.09], "mswa": [1.95, 2.08, 2.01]}
+    spelled = {"swa": ["model=swa"], "budget": ["model=swa", "window_schedule=uniform_mswa_budget"],
+               "mswa": ["model=swa", "window_schedule=mswa"]}  # mswa spelled as in the budget_matched sweep
+    rows = []
+    for name, values in test_bpc.items():
+        cfg = compose_plain(["experiment=cpu", *spelled[name]])
+        ws = cfg["window_schedule"]
+        schedule = make_schedule(ws["name"], w=64, n_layer=4, n_head=4, head_ratios=ws["head_ratios"])
+        for seed, value in enumerate(values):
+            results = {"schema": 1, "status": "finished", "variant": name, "seed": seed,
+                       "config": {**cfg, "seed": seed}, "dataset": "synthetic", "metric": "bpc", "model": "swa",
+                       "schedule": name, "window": 64, "budget": schedule.budget(1024),
+                       "metrics": {"val/bpc": value, "test/bpc": value}}
+            rows.append(report.row_from_results(results, path=f"{name}/{seed}", history=None))
+    table = report.summary_table(report.runs_frame(rows)).set_index("variant")
+    assert table.loc["mswa", "swa_reference"] == "swa" and table.loc["mswa", "budget_reference"] == "budget"
+    assert table.loc["budget", "swa_reference"] == "swa" and pd.isna(table.loc["budget", "budget_reference"])
+    diffs = [m - b for m, b in zip(test_bpc["mswa"], test_bpc["budget"])]  # -0.08, -0.04, -0.08: [-0.124, -0.009]
+    mean, sd = sum(diffs) / 3, statistics.stdev(diffs)
+    half = 4.302652729911275 * sd / 3**0.5  # t(0.975, 2 degrees of freedom)
+    row = table.loc["mswa"]
+    assert (row.budget_diff, row.budget_low, row.budget_high) == pytest.approx((mean, mean - half, mean + half))
+    assert row.budget_verdict == "better"  # the whole interval is below 0
+    assert row.swa_verdict == "not distinguishable at 95%"  # -0.05, -0.02, -0.04: [-0.075, +0.001] holds 0

@@ -53,7 +53,8 @@ def test_rerun_sweep_resumes_the_interrupted_job(tmp_path):
 
 
 def test_rerun_sweep_skips_a_finished_job_in_one_line_and_refuses_one_of_another_config(tmp_path):
-    sweep(tmp_path, "s", "model=swa")
+    first = sweep(tmp_path, "s", "model=swa")
+    assert "warning: training reads" not in first.stderr  # 1,536 tokens from a 180,000-token split
     (job,) = results_of(tmp_path / "s")
     results_path = tmp_path / "s" / job / "results.json"
     stamp = results_path.stat().st_mtime_ns
