@@ -874,7 +874,8 @@ def plot_kinds(runs: pd.DataFrame, split: str = "test") -> Figure:
         ax.scatter(x, rows.floor_bpc, marker="_", s=400 * width, color="black", zorder=3,
                    label="entropy floor" if i == 0 else None)
     ax.set_xticks(np.arange(len(kinds)), kinds)
-    ax.set_ylim(0, 1.4 * max(table.bpc.max(), 1e-9))  # headroom above the bars for the legend
+    if np.isfinite(top := table.bpc.max()):
+        ax.set_ylim(0, 1.4 * top)  # headroom above the bars for the legend
     _finish_axes(ax, f"{split} bits per byte by byte kind", "byte kind", "bpc")
     return fig
 
