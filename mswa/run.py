@@ -394,8 +394,9 @@ class Attempt:
         if cfg.get("torch_threads"):
             torch.set_num_threads(cfg["torch_threads"])
         L.seed_everything(cfg["seed"], workers=True, verbose=False)
-        check_checkpoint(resume, model_kwargs(cfg, corpus, schedule))
-        task = LanguageModelTask(model_kwargs(cfg, corpus, schedule), cfg["optim"], corpus.unit, cfg["compile"])
+        model = model_kwargs(cfg, corpus, schedule)
+        check_checkpoint(resume, model)
+        task = LanguageModelTask(model, cfg["optim"], corpus.unit, cfg["compile"])
         self.results.update(
             unit=corpus.unit, metric=corpus.metric, window=schedule.w, windows=schedule.as_lists(),
             budget=schedule.budget(cfg["seq_len"]), n_params=task.model.n_params(),
