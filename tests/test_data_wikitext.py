@@ -9,7 +9,7 @@ import pytest
 from data_fixtures import cache_files
 
 from mswa.data import bench_data, wikitext
-from mswa.data.download import DataError
+from mswa.data.corpus import DataError
 
 SHARED_WIKITEXT2_VALID = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2" / "valid.txt"
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from mswa.data.download import DataError
-from mswa.data.loading import IGNORE, EvalChunks, eval_context
+from mswa.data.batches import IGNORE, EvalChunks, eval_context
+from mswa.data.corpus import DataError
 from mswa.data.synthetic import load as load_synthetic
 from mswa.lit import CorpusDataModule, LanguageModelTask
 from mswa.metrics import SummedNLL, by_distance

@@ -16,8 +16,8 @@ pytest.importorskip("peft")
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from conftest import CHOICE_TASK, compose_config, run_train, write_choice_task  # noqa: E402
-from mswa.data.download import DataError  # noqa: E402
-from mswa.data.loading import EvalChunks, RandomCrops  # noqa: E402
+from mswa.data.batches import EvalChunks, RandomCrops  # noqa: E402
+from mswa.data.corpus import DataError  # noqa: E402
 from mswa.data.packed import load as load_packed  # noqa: E402
 from mswa.hf import apply_window_attention  # noqa: E402
 from mswa.hf.tiny import SAMPLE_TEXT, save_tiny  # noqa: E402
