@@ -4,8 +4,8 @@ import hashlib
 
 import numpy as np
 import pytest
-from data_fixtures import CUT_PREFIX, cache_files, serve_folder, write_zip
 
+from helpers.data import CUT_PREFIX, cache_files, serve_folder, write_zip
 from mswa.data import enwik8
 from mswa.data.cache import MANIFEST
 from mswa.data.corpus import DataError
