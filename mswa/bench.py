@@ -563,7 +563,7 @@ def _eval_pass(model, tokens, seq_len, stride, batch_size, device):
     """(one whole evaluation pass as a step, its chunks)."""
     from torch.utils.data import DataLoader
 
-    from mswa.data.loading import IGNORE, EvalChunks
+    from mswa.data.batches import IGNORE, EvalChunks
 
     chunks = EvalChunks(tokens, seq_len, stride=stride)
     batches = [(x.to(device), y.to(device)) for x, y in DataLoader(chunks, batch_size=batch_size)]

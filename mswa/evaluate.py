@@ -31,7 +31,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from mswa.data.corpus import Corpus
-from mswa.data.loading import eval_context
+from mswa.data.batches import eval_context
 from mswa.lit import CorpusDataModule, LanguageModelTask
 from mswa.run import build_schedule, git_commit, is_pretrained, load_corpus, model_kwargs, read_pretrained_shape
 

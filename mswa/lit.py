@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from mswa.atomic import write_atomic
 from mswa.data.corpus import Corpus
-from mswa.data.loading import IGNORE, EvalChunks, RandomCrops
+from mswa.data.batches import IGNORE, EvalChunks, RandomCrops
 from mswa.metrics import SummedNLL, by_distance, by_kind, metrics_from_sums
 from mswa.model import LanguageModel, ModelConfig
 

@@ -35,7 +35,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from mswa.atomic import write_atomic
 from mswa.checks import MODEL_KEYS, PRETRAINED_KEYS, ConfigError, check_checkpoint, check_config
 from mswa.data.corpus import Corpus
-from mswa.data.loading import eval_context
+from mswa.data.batches import eval_context
 from mswa.lit import (AtomicCheckpointIO, CorpusDataModule, FolderCheckpoint, GracefulInterrupt, Heartbeat, LanguageModelTask,
                       NonFiniteLossError, RunError, RunInterrupted, StepProgressBar, Throughput)
 from mswa.sweeps import warn_if_repeating

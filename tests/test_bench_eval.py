@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from helpers.runs import REPO
 
 
 def test_eval_benchmark_times_both_strides_per_model_and_writes_json(tmp_path):

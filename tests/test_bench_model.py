@@ -2,7 +2,7 @@ import json
 import subprocess
 import sys
 
-from conftest import REPO
+from helpers.runs import REPO
 
 
 def test_model_benchmark_runs_at_tiny_size_and_writes_json(tmp_path):

@@ -12,7 +12,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 
-from conftest import REPO, TINY_DATA, compose_config, run_train
+from helpers.runs import REPO, TINY_DATA, compose_config, run_train
 from mswa.checks import PRETRAINED_KEYS, ConfigError, check_checkpoint, check_config, check_launcher
 from mswa.run import RunInfo, build_schedule, model_kwargs, train
 

@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import REPO, run_train
+from helpers.runs import REPO, run_train
 from mswa.data.synthetic import SyntheticSettings
 from mswa.model import LanguageModel, ModelConfig
 from mswa.run import MODEL_KEYS, build_schedule, check_config

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_attention import CASES, assert_case_matches_dense, fixed_grad_out, make_inputs
 
+from helpers.attention import CASES, assert_case_matches_dense, fixed_grad_out, make_inputs
 from mswa.attention import resolve_backend, window_attention
 from mswa.attention.dense import dense_window_attention
 

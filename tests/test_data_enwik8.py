@@ -4,10 +4,11 @@ import hashlib
 
 import numpy as np
 import pytest
-from data_fixtures import CUT_PREFIX, cache_files, serve_folder, write_zip
 
+from helpers.data import CUT_PREFIX, cache_files, serve_folder, write_zip
 from mswa.data import enwik8
-from mswa.data.download import MANIFEST, DataError
+from mswa.data.cache import MANIFEST
+from mswa.data.corpus import DataError
 
 SIZE = 20_000  # the small stand-in: split 18,000 / 1,000 / 1,000 by the standard fractions
 

@@ -6,12 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_fixtures import cache_files
 
+from helpers.data import SHARED_WIKITEXT2_VALID, cache_files
 from mswa.data import bench_data, wikitext
-from mswa.data.download import DataError
+from mswa.data.corpus import DataError
 
-SHARED_WIKITEXT2_VALID = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2" / "valid.txt"
 
 # count: the 3; "=", cat, <unk> 2 each (first seen in that order); Title, dog, zebra, apple 1 each
 TRAIN = " \n = Title = \n\n the cat <unk> the \n dog <unk> the cat \n zebra apple \n"

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from mswa.data.download import DataError
-from mswa.data.loading import IGNORE, EvalChunks, eval_context
+from mswa.data.batches import IGNORE, EvalChunks, eval_context
+from mswa.data.corpus import DataError
 from mswa.data.synthetic import load as load_synthetic
 from mswa.lit import CorpusDataModule, LanguageModelTask
 from mswa.metrics import SummedNLL, by_distance
@@ -216,8 +216,7 @@ def test_an_interrupted_synthetic_build_is_rebuilt(tmp_path):
 
 @pytest.mark.slow
 def test_ddp_cpu_sliding_evaluation_gives_the_single_process_numbers(tmp_path):
-    from conftest import TINY_DATA, run_train
-    from test_train import results_under
+    from helpers.runs import TINY_DATA, results_under, run_train
 
     common = ["debug=smoke", *TINY_DATA, "optim.lr=0", "trainer.max_steps=2", "trainer.val_check_interval=2", "logger=none",
               "eval.stride=16", "eval.seq_len=96"]

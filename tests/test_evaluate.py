@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, TINY_DATA, compose_config
+from helpers.runs import REPO, TINY_DATA, compose_config
 from mswa.evaluate import check_overrides, evaluate, load_run, main
 from mswa.run import RunInfo, train
 

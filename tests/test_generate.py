@@ -11,13 +11,13 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, TINY_DATA, compose_config
+from helpers.data import write_word_corpus
+from helpers.runs import REPO, TINY_DATA, compose_config
 from mswa.generate import DecodingCache, KVStore, cache_bytes, generate, sample_next
 from mswa.model import LanguageModel, ModelConfig
 from mswa.run import RunInfo, train
 from mswa.sample import main as sample_main
 from mswa.windows import make_schedule
-from test_real_datasets_training import write_word_corpus
 
 VOCAB, LAYERS, HEADS, D_MODEL = 40, 4, 4, 32
 HEAD_DIM = D_MODEL // HEADS

@@ -1,5 +1,5 @@
 """lm-evaluation-harness end to end on a window-patched tiny model and a multiple-choice task
-defined here (YAML + JSONL in tmp_path): offline, results land in the run folder."""
+(tests/helpers/lm_eval_task.py: YAML + JSONL in tmp_path): offline, results land in the run folder."""
 
 import json
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 pytest.importorskip("lm_eval")
-from conftest import CHOICE_DOCS as DOCS, CHOICE_TASK as TASK, write_choice_task  # noqa: E402
+from helpers.lm_eval_task import CHOICE_DOCS as DOCS, CHOICE_TASK as TASK, write_choice_task  # noqa: E402
 from mswa.hf import apply_window_attention  # noqa: E402
 from mswa.hf.evaluate import evaluate_commonsense, main, summarize  # noqa: E402
 from mswa.hf.tiny import save_tiny, tiny_model, tiny_tokenizer  # noqa: E402

@@ -15,9 +15,10 @@ import torch
 pytest.importorskip("peft")
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from conftest import CHOICE_TASK, compose_config, run_train, write_choice_task  # noqa: E402
-from mswa.data.download import DataError  # noqa: E402
-from mswa.data.loading import EvalChunks, RandomCrops  # noqa: E402
+from helpers.lm_eval_task import CHOICE_TASK, write_choice_task  # noqa: E402
+from helpers.runs import compose_config, run_train  # noqa: E402
+from mswa.data.batches import EvalChunks, RandomCrops  # noqa: E402
+from mswa.data.corpus import DataError  # noqa: E402
 from mswa.data.packed import load as load_packed  # noqa: E402
 from mswa.hf import apply_window_attention  # noqa: E402
 from mswa.hf.tiny import SAMPLE_TEXT, save_tiny  # noqa: E402

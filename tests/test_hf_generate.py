@@ -2,14 +2,13 @@
 (random weights, grouped-query attention: 4 query heads, 2 k/v heads).
 
 References are independent of the cache: an eager attention with an explicit per-head window mask
-over the whole generated sequence (tests/test_hf_patch.py), and the cache size written out here."""
+over the whole generated sequence (tests/helpers/hf.py), and the cache size written out here."""
 
 import pytest
 import torch
 
 pytest.importorskip("transformers")
-from test_hf_patch import VOCAB, greedy_generate, reference_logits, tokens  # noqa: E402
-
+from helpers.hf import VOCAB, greedy_generate, reference_logits, tokens  # noqa: E402
 from mswa.hf import apply_window_attention, window_cache  # noqa: E402
 from mswa.hf.tiny import tiny_model  # noqa: E402
 

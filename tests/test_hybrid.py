@@ -5,12 +5,11 @@ import math
 
 import torch
 
-from conftest import TINY_DATA, compose_config, run_train
+from helpers.runs import SCHEDULES, TINY_DATA, compose_config, run_train
 from mswa.attention.linear import LinearAttention
 from mswa.model import LanguageModel, ModelConfig, ParallelHybridAttention, WindowedSelfAttention
 from mswa.run import build_schedule, model_kwargs
 from mswa.data.synthetic import load as load_synthetic
-from test_train import SCHEDULES
 
 HYBRIDS = ["swa_linear", "mswa_linear", "swa_linear_parallel", "mswa_linear_parallel"]
 

@@ -9,30 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, compose_config, run_train
+from helpers.data import SHARED_WIKITEXT2_VALID, write_word_corpus
+from helpers.runs import compose_config, run_train
 from mswa.data.corpus import Corpus
 from mswa.lit import CorpusDataModule, LanguageModelTask
 from mswa.model import LanguageModel, ModelConfig
 from mswa.run import RunInfo, train
 
-SHARED_WIKITEXT2 = REPO.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
 SMOKE = ["debug=smoke", "logger=none"]
-
-
-def write_word_corpus(folder: Path, seed: int = 0) -> Path:
-    """wiki.{train,valid,test}.tokens with a Zipf-ish vocabulary of 150 words, headings and empty lines."""
-    rng = np.random.default_rng(seed)
-    words = [f"w{i}" for i in range(150)]
-    probs = 1 / np.arange(1, 151)
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, n_lines in (("train", 400), ("valid", 40), ("test", 40)):
-        lines = []
-        for i in range(n_lines):
-            if i % 10 == 0:
-                lines += [" ", f" = {words[i % 150]} = ", " "]
-            lines.append(" " + " ".join(rng.choice(words, size=20, p=probs / probs.sum())) + " ")
-        (folder / f"wiki.{split}.tokens").write_text("\n".join(lines) + "\n")
-    return folder
 
 
 def only_results(root: Path) -> dict:
@@ -88,12 +72,12 @@ def test_adaptive_cutoffs_must_fit_the_vocabulary():
         ModelConfig(vocab_size=1000, output="adaptive", adaptive_cutoffs=[20000, 40000, 200000])
 
 
-@pytest.mark.skipif(not SHARED_WIKITEXT2.exists(), reason="../shared/data/wikitext-2/valid.txt is not here")
+@pytest.mark.skipif(not SHARED_WIKITEXT2_VALID.exists(), reason="../shared/data/wikitext-2/valid.txt is not here")
 def test_trains_a_few_steps_on_real_wikitext2_text(tmp_path):
     folder = tmp_path / "wikitext2"
     folder.mkdir()
-    (folder / "wiki.train.tokens").symlink_to(SHARED_WIKITEXT2)  # real text, linked, never copied into the project
-    held_out = "".join(SHARED_WIKITEXT2.read_text().splitlines(keepends=True)[:120])  # a small evaluation slice
+    (folder / "wiki.train.tokens").symlink_to(SHARED_WIKITEXT2_VALID)  # real text, linked, never copied into the project
+    held_out = "".join(SHARED_WIKITEXT2_VALID.read_text().splitlines(keepends=True)[:120])  # a small evaluation slice
     for split in ("valid", "test"):
         (folder / f"wiki.{split}.tokens").write_text(held_out)
     overrides = [*SMOKE, "dataset=wikitext2", f"dataset.path={folder}", "trainer.max_steps=40", "trainer.val_check_interval=40",

@@ -13,10 +13,10 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import pytest
-from conftest import TINY_DATA, run_train
 from PIL import Image
-from test_report import write_run
 
+from helpers.report_runs import write_run
+from helpers.runs import TINY_DATA, run_train
 from mswa import report
 
 pytest.importorskip("transformers")  # mswa.hf.evaluate imports mswa.hf.patch, which needs it

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import mswa.atomic
-from conftest import REPO, compose_config, run_train
+from helpers.runs import REPO, compose_config, run_train
 from mswa import report
 from mswa.lit import AtomicCheckpointIO, GracefulInterrupt, LanguageModelTask, NonFiniteLossError, RunError, RunInterrupted
 from mswa.run import ConfigError, RunInfo, folder_name, hydra_value, resume_command, train

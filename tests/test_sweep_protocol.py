@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import REPO, TINY_DATA, run_train
+from helpers.runs import REPO, TINY_DATA, run_train
 from mswa import report
 from mswa.stats import BETTER, UNDECIDED, WORSE
 

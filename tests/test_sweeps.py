@@ -14,7 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from nbclient import NotebookClient
 from omegaconf import OmegaConf
 
-from conftest import REPO, run_train
+from helpers.runs import REPO, run_train
 from mswa.run import build_schedule
 
 SWEEPS = sorted(p.stem for p in (REPO / "sweep").glob("*.yaml"))

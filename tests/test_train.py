@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import REPO, TINY_DATA, compose_config, run_train
+from helpers.runs import REPO, SCHEDULES, TINY_DATA, compose_config, results_under, run_train
 from mswa.data.synthetic import load as load_synthetic
 from mswa.lit import CorpusDataModule, LanguageModelTask, NonFiniteLossError
 from mswa.model import LanguageModel, ModelConfig
@@ -22,12 +22,6 @@ from mswa.run import ConfigError, RunInfo, build_schedule, model_kwargs, train
 from mswa.windows import ScheduleError
 
 SMOKE = ["debug=smoke", *TINY_DATA]
-SCHEDULES = sorted(p.stem for p in (REPO / "conf" / "window_schedule").glob("*.yaml") if p.stem not in ("full", "custom"))
-
-
-def results_under(folder: Path) -> list[dict]:
-    """Each run's results.json, with the folder it was found in."""
-    return [json.loads(p.read_text()) | {"found_in": p.parent} for p in sorted(folder.rglob("results.json"))]
 
 
 def test_every_model_schedule_and_cpu_hardware_composes_and_builds(tmp_path):

@@ -1,9 +1,12 @@
-"""What every dataset loader returns: token arrays per split plus what the metrics need to know.
+"""What every dataset loader returns (a Corpus: token arrays per split plus what the metrics need to
+know) and the one error it raises for bad data (DataError).
 
-Loaders (``mswa.data.synthetic.load``, ``mswa.data.enwik8.load``, ``mswa.data.wikitext.load``) are
-idempotent: the first call downloads / generates and caches, later calls only open the cache
-(memory-mapped). The LightningDataModule calls the loader once on rank 0 in ``prepare_data`` and
-again on every rank in ``setup``.
+Loaders (``mswa.data.synthetic.load``, ``mswa.data.enwik8.load``, ``mswa.data.wikitext.load``,
+``mswa.data.packed.load``; a dataset config's ``loader._target_``) are idempotent: the first call
+downloads / generates and writes a verified cache (``mswa.data.cache``), later calls verify and
+memory-map it. A run calls its loader before it builds the model, in every DDP process; files are
+written under per-process temporary names and renamed when complete, so no process reads another's
+half-written file.
 """
 
 from __future__ import annotations
@@ -13,6 +16,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 SPLITS = ("train", "valid", "test")
+
+
+class DataError(ValueError):
+    """A data file is missing, malformed, truncated or corrupted; the message names the file and the fix."""
 
 
 @dataclass

@@ -21,8 +21,9 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from mswa.data.corpus import SPLITS, Corpus
-from mswa.data.download import CacheFolder, DataError, downloaded
+from mswa.data.cache import CacheContent, CacheFolder
+from mswa.data.corpus import SPLITS, Corpus, DataError
+from mswa.data.download import downloaded
 
 URL = "https://mattmahoney.net/dc/enwik8.zip"
 SIZE = 100_000_000
@@ -82,10 +83,9 @@ def load(
         origin = url if source is None else {"path": str(source), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
         identity = {"corpus": "custom bytes", "source": origin, "fractions": list(fractions)}
     cache = CacheFolder(data_dir, "enwik8", identity)
-    manifest = cache.verified_manifest()
-    if manifest is None:
-        manifest = _build(cache, url, source, fractions, checks=(expected_size, md5, sha256) if standard else None)
-    return Corpus(name="enwik8", splits={s: cache.array(manifest, f"{s}.npy") for s in SPLITS}, vocab_size=256, unit="byte")
+    checks = (expected_size, md5, sha256) if standard else None
+    cached = cache.load_or_build(lambda: _build(cache.path, url, source, fractions, checks))
+    return Corpus(name="enwik8", splits={s: cached.arrays[s] for s in SPLITS}, vocab_size=256, unit="byte")
 
 
 def _checked_local_file(path: str | os.PathLike, expected_size: int, standard: bool) -> Path:
@@ -103,9 +103,9 @@ def _checked_local_file(path: str | os.PathLike, expected_size: int, standard: b
     return source
 
 
-def _build(cache: CacheFolder, url: str, source: Path | None, fractions: tuple, checks: tuple | None) -> dict:
+def _build(folder: Path, url: str, source: Path | None, fractions: tuple, checks: tuple | None) -> CacheContent:
     if source is None:
-        raw = _download(url, cache.path)
+        raw = _download(url, folder)
         fix = "the download is corrupted or the URL serves another file: rerun, or check url"
     else:
         raw = np.fromfile(source, dtype=np.uint8)
@@ -116,7 +116,7 @@ def _build(cache: CacheFolder, url: str, source: Path | None, fractions: tuple, 
     train_end, valid_end = split_boundaries(len(raw), fractions)
     pieces = {"train": raw[:train_end], "valid": raw[train_end:valid_end], "test": raw[valid_end:]}
     info = {"source": described, "bytes": len(raw), "boundaries": [train_end, valid_end]}
-    return cache.write({f"{s}.npy": pieces[s] for s in SPLITS}, texts={}, info=info)
+    return CacheContent(arrays=pieces, info=info)
 
 
 def _download(url: str, folder: Path) -> np.ndarray:

@@ -12,8 +12,8 @@ to valid and the last to test, so both sample the whole source, not its tail. ``
 tokenising once the training stream holds that many tokens (the recipe needs ~262M of the 1B in
 the RedPajama sample).
 
-The token arrays are cached under ``data_dir`` keyed by the source, the tokenizer and these
-settings, and memory-mapped afterwards.
+The token arrays are a verified cache under ``data_dir`` (``mswa.data.cache``) keyed by the source,
+the tokenizer and these settings: every load checks them against their manifest, then memory-maps them.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from mswa.data.corpus import SPLITS, Corpus
-from mswa.data.download import CacheFolder, DataError
+from mswa.data.cache import CacheContent, CacheFolder
+from mswa.data.corpus import SPLITS, Corpus, DataError
 
 FILE_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 BATCH_DOCUMENTS = 1000
@@ -58,14 +58,13 @@ def load(
         "eval_every": eval_every, "max_tokens": max_tokens,
     }
     cache = CacheFolder(data_dir, name, identity)
-    manifest = cache.verified_manifest()
-    if manifest is None:
-        documents = _documents(source, text_field, streaming)
-        splits = _pack(documents, text_tokenizer, eval_every, max_tokens)
-        info = {"vocab_size": len(text_tokenizer), "tokens": {s: len(splits[s]) for s in SPLITS}}
-        manifest = cache.write({f"{s}.npy": splits[s] for s in SPLITS}, texts={}, info=info)
-    splits = {s: cache.array(manifest, f"{s}.npy") for s in SPLITS}
-    return Corpus(name=name, splits=splits, vocab_size=manifest["info"]["vocab_size"], unit="token")
+    cached = cache.load_or_build(lambda: _build(source, text_field, streaming, text_tokenizer, eval_every, max_tokens))
+    return Corpus(name=name, splits={s: cached.arrays[s] for s in SPLITS}, vocab_size=cached.info["vocab_size"], unit="token")
+
+
+def _build(source: dict, text_field: str, streaming: bool, tokenizer, eval_every: int, max_tokens: int | None) -> CacheContent:
+    splits = _pack(_documents(source, text_field, streaming), tokenizer, eval_every, max_tokens)
+    return CacheContent(arrays=splits, info={"vocab_size": len(tokenizer), "tokens": {s: len(splits[s]) for s in SPLITS}})
 
 
 def _load_tokenizer(tokenizer: str | None):

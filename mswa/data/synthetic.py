@@ -54,7 +54,7 @@ from typing import Any
 import numpy as np
 
 from mswa.data.corpus import SPLITS, Corpus
-from mswa.data.download import CacheFolder
+from mswa.data.cache import CacheContent, CacheFolder
 
 EVAL_SPLITS = ("valid", "test")  # the splits whose bytes carry kind labels
 VERSION = 2  # bump when the cached files change for the same settings (2: per-byte kinds, verified cache)
@@ -414,28 +414,27 @@ def load(data_dir: str, **settings: Any) -> Corpus:
     """Generate (first call) or open (later calls, memory-mapped) the synthetic corpus.
 
     ``settings`` are the fields of ``SyntheticSettings``. The splits, and the kind of every byte of
-    the evaluation splits, are a verified cache under ``data_dir`` (``mswa.data.download.CacheFolder``):
+    the evaluation splits, are a verified cache under ``data_dir`` (``mswa.data.cache.CacheFolder``):
     every file is checked against its manifest on each load, and a damaged one is refused with the
     folder to delete.
     """
     s = make_settings(settings)
-    cache = _cache(s, data_dir)
-    manifest = cache.verified_manifest() or _build(s, cache)
-    info = manifest["info"]
+    cached = _cache(s, data_dir).load_or_build(lambda: _build(s))
+    info = cached.info
     return Corpus(
         name="synthetic",
-        splits={name: cache.array(manifest, f"{name}.npy") for name in SPLITS},
+        splits={name: cached.arrays[name] for name in SPLITS},
         vocab_size=256,
         unit="byte",
         entropy_floor_bpb=info["entropy_floor_bpb"],
         kind_names=info["kind_names"],
-        kinds={name: cache.array(manifest, f"{name}_kinds.npy") for name in EVAL_SPLITS},
+        kinds={name: cached.arrays[f"{name}_kinds"] for name in EVAL_SPLITS},
         kind_floor_bpb=info["kind_floor_bpb"],
         split_floor_bpb=info["split_floor_bpb"],
     )
 
 
-def _build(s: SyntheticSettings, cache: CacheFolder) -> dict:
+def _build(s: SyntheticSettings) -> CacheContent:
     began = time.perf_counter()
     sample = generate(s)
     data, kinds = sample.data[: s.n_bytes], sample.byte_kinds[: s.n_bytes]
@@ -452,9 +451,9 @@ def _build(s: SyntheticSettings, cache: CacheFolder) -> dict:
         },
         "generation_seconds": round(time.perf_counter() - began, 3),
     }
-    arrays = {f"{name}.npy": data[span] for name, span in spans.items()}
-    arrays |= {f"{name}_kinds.npy": kinds[spans[name]] for name in EVAL_SPLITS}
-    return cache.write(arrays, texts={}, info=info)
+    arrays = {name: data[span] for name, span in spans.items()}
+    arrays |= {f"{name}_kinds": kinds[spans[name]] for name in EVAL_SPLITS}
+    return CacheContent(arrays=arrays, info=info)
 
 
 def _kind_floors(bits: np.ndarray, kinds: np.ndarray, n_kinds: int) -> list[float | None]:

@@ -28,8 +28,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
-from mswa.data.corpus import SPLITS, Corpus
-from mswa.data.download import CacheFolder, DataError
+from mswa.data.cache import CacheContent, CacheFolder
+from mswa.data.corpus import SPLITS, Corpus, DataError
 
 EOS = "<eos>"
 STANDARD_HF_CONFIGS = {"wikitext-103": "wikitext-103-v1", "wikitext-2": "wikitext-2-v1"}
@@ -57,21 +57,17 @@ def load(
     """
     source = _FileLines(path) if path is not None else _HuggingFaceLines(name, hf_dataset, hf_config, hf_cache_dir)
     cache = CacheFolder(data_dir, name, source.identity)
-    manifest = cache.verified_manifest()
-    if manifest is None:
-        ids, vocab = _tokenize(source, name)
-        info = {
-            "vocab_size": len(vocab),
-            "tokens": {s: len(ids[s]) for s in SPLITS},
-            "eos": {s: int((ids[s] == 0).sum()) for s in SPLITS},
-        }
-        manifest = cache.write({f"{s}.npy": ids[s] for s in SPLITS}, texts={"vocab.txt": "\n".join(vocab)}, info=info)
-    vocab = cache.text("vocab.txt").split("\n")
-    if len(vocab) != manifest["info"]["vocab_size"]:
-        expected = manifest["info"]["vocab_size"]
-        raise DataError(f"cache file {cache.path / 'vocab.txt'} lists {len(vocab):,} words, not {expected:,}; delete {cache.path} and rerun")
-    splits = {s: cache.array(manifest, f"{s}.npy") for s in SPLITS}
-    return Corpus(name=name, splits=splits, vocab_size=len(vocab), unit="word", vocab=vocab)
+    cached = cache.load_or_build(lambda: _build(source, name))
+    vocab = cached.texts["vocab.txt"].split("\n")
+    if len(vocab) != cached.info["vocab_size"]:
+        raise cache.refuse(f"cache file {cache.path / 'vocab.txt'} lists {len(vocab):,} words, not {cached.info['vocab_size']:,}")
+    return Corpus(name=name, splits={s: cached.arrays[s] for s in SPLITS}, vocab_size=len(vocab), unit="word", vocab=vocab)
+
+
+def _build(source, name: str) -> CacheContent:
+    ids, vocab = _tokenize(source, name)
+    info = {"vocab_size": len(vocab), "tokens": {s: len(ids[s]) for s in SPLITS}, "eos": {s: int((ids[s] == 0).sum()) for s in SPLITS}}
+    return CacheContent(arrays=ids, info=info, texts={"vocab.txt": "\n".join(vocab)})
 
 
 def _tokenize(source, name: str) -> tuple[dict[str, np.ndarray], list[str]]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mswa.data.loading import IGNORE
+from mswa.data.batches import IGNORE
 from mswa.hf.patch import apply_window_attention
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

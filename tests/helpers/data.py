@@ -1,4 +1,5 @@
-"""Helpers for the data tests: a real HTTP server on 127.0.0.1 serving a folder, and tiny corpora."""
+"""Data for the tests: a real HTTP server on 127.0.0.1 serving a folder, zips, tiny word corpora, the shared
+real WikiText-2 text (tests that read it skip when it is absent; it is never copied into the project)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from threading import Thread
 
+import numpy as np
+
+SHARED_WIKITEXT2_VALID = Path(__file__).resolve().parents[3] / "shared" / "data" / "wikitext-2" / "valid.txt"
 CUT_PREFIX = "/cut/"  # GET /cut/<file>: announces the whole file, sends half, closes the connection
 
 
@@ -53,3 +57,19 @@ def write_zip(path: Path, member: str, content: bytes) -> Path:
 def cache_files(data_dir: Path) -> list[Path]:
     """Every file under ``data_dir`` (caches, leftovers), for 'nothing was left behind' checks."""
     return sorted(p for p in data_dir.rglob("*") if p.is_file()) if data_dir.exists() else []
+
+
+def write_word_corpus(folder: Path, seed: int = 0) -> Path:
+    """wiki.{train,valid,test}.tokens with a Zipf-ish vocabulary of 150 words, headings and empty lines."""
+    rng = np.random.default_rng(seed)
+    words = [f"w{i}" for i in range(150)]
+    probs = 1 / np.arange(1, 151)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n_lines in (("train", 400), ("valid", 40), ("test", 40)):
+        lines = []
+        for i in range(n_lines):
+            if i % 10 == 0:
+                lines += [" ", f" = {words[i % 150]} = ", " "]
+            lines.append(" " + " ".join(rng.choice(words, size=20, p=probs / probs.sum())) + " ")
+        (folder / f"wiki.{split}.tokens").write_text("\n".join(lines) + "\n")
+    return folder

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from mswa.data.loading import IGNORE, EvalChunks, RandomCrops
+from mswa.data.batches import IGNORE, EvalChunks, RandomCrops
 from mswa.metrics import SummedNLL, metrics_from_sums
 
 TOKENS = np.arange(1000, dtype=np.int32) % 251
