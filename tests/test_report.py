@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import datetime
+import functools
 import json
 import math
 import os
@@ -17,8 +19,11 @@ from types import SimpleNamespace
 import matplotlib
 import nbformat
 import numpy as np
+import pandas as pd
 import pytest
 from nbclient import NotebookClient
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf, open_dict
 from PIL import Image
 
 from mswa import report
@@ -35,30 +40,44 @@ FINISHED = [
     (["model=mswa", "seed=2"], 2.05, 2.11),
 ]
 FAILED_ERROR = "FloatingPointError: loss is NaN at step 40"
+SIZE = (f"window={W}", f"seq_len={SEQ_LEN}", f"model.n_layer={N_LAYER}", f"model.n_head={N_HEAD}")
 
 
-def write_run(job_dir: Path, overrides: list[str], status: str, val: float | None, test: float | None, error=None):
-    """A Hydra job folder holding results.json (schema 1) and a sparse Lightning metrics.csv."""
-    model = overrides[0].split("=")[1]
-    schedule = make_schedule("mswa" if model == "mswa" else "uniform", w=W, n_layer=N_LAYER, n_head=N_HEAD)
-    (job_dir / ".hydra").mkdir(parents=True)
-    (job_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
-    results = {
+@functools.cache
+def compose_run(overrides: tuple[str, ...]) -> tuple[dict, str]:
+    """The real conf/ composed with a run's overrides (seed aside): (the resolved config, Hydra's schedule choice)."""
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["paths.data_dir=/nonexistent", *SIZE, *overrides], return_hydra_config=True)
+    choice = cfg.hydra.runtime.choices.window_schedule
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return OmegaConf.to_container(cfg, resolve=True), choice
+
+
+def run_results(overrides: list[str], status: str, val: float | None, test: float | None, error=None) -> dict:
+    """results.json (schema 1) of a run as train.py writes it, from the real composed config of its overrides."""
+    seed = int(overrides[-1].split("=")[1])
+    config, choice = compose_run(tuple(overrides[:-1]))
+    config = {**copy.deepcopy(config), "seed": seed}
+    ws = config["window_schedule"]
+    w = None if ws.get("kind", ws["name"]) == "full" else W  # a config holds the rule in kind, or (older) in name
+    schedule = make_schedule(ws.get("kind", ws["name"]), w=w, n_layer=N_LAYER, n_head=N_HEAD,
+                             head_ratios=ws["head_ratios"], layer_ratios=ws["layer_ratios"])
+    return {
         "schema": 1,
         "status": status,
         "error": error,
         "run_name": ",".join(overrides),
         "variant": ",".join(overrides[:-1]),
-        "seed": int(overrides[-1].split("=")[1]),
+        "seed": seed,
         "overrides": overrides,
-        "run_dir": str(job_dir),
-        "config": {"model": {"name": model}},
-        "dataset": "synthetic",
+        "config": config,
+        "dataset": config["dataset"]["name"],
         "unit": "byte",
         "metric": "bpc",
-        "model": model,
-        "schedule": schedule.name,
-        "window": W,
+        "model": config["model"]["name"],
+        "schedule": choice,
+        "window": w,
         "windows": schedule.as_lists(),
         "budget": schedule.budget(SEQ_LEN),
         "n_params": 12345,
@@ -72,6 +91,13 @@ def write_run(job_dir: Path, overrides: list[str], status: str, val: float | Non
         "git_commit": "abc123",
         "wandb": {"id": "x", "mode": "disabled", "group": "g", "project": "p"},
     }
+
+
+def write_run(job_dir: Path, overrides: list[str], status: str, val: float | None, test: float | None, error=None):
+    """A Hydra job folder holding results.json and a sparse Lightning metrics.csv."""
+    (job_dir / ".hydra").mkdir(parents=True)
+    (job_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    results = run_results(overrides, status, val, test, error) | {"run_dir": str(job_dir)}
     (job_dir / "results.json").write_text(json.dumps(results))
     with open(job_dir / "metrics.csv", "w", newline="") as f:
         writer = csv.writer(f)
@@ -176,61 +202,45 @@ def test_bad_inputs_fail_before_work_with_a_clear_message(tmp_path: Path, monkey
     assert not (tmp_path / "reports").exists()
 
 
-def finished_row(overrides: list[str], model: str, schedule: str, val: float, dataset: str = "synthetic") -> dict:
-    results = {
-        "run_name": ",".join(overrides),
-        "variant": ",".join(report.without_seed(overrides)),
-        "seed": 1,
-        "overrides": overrides,
-        "status": "finished",
-        "dataset": dataset,
-        "metric": "bpc",
-        "model": model,
-        "schedule": schedule,
-        "metrics": {"val/bpc": val, "test/bpc": val},
-    }
-    return report.row_from_results(results, path="-", history=None)
+def finished_row(overrides: list[str], val: float) -> dict:
+    """A finished run's row from the real config of ``overrides`` (val and test metric ``val``)."""
+    return report.row_from_results(run_results(overrides, "finished", val, val), path=",".join(overrides), history=None)
 
 
-def test_reference_is_the_closest_swa_variant_on_the_same_data():
+def test_reference_is_swa_at_w_of_the_same_config_found_from_the_stored_configs():
     base_window = report.runs_frame(
         [
-            finished_row([f"model={model}", f"window={w}", "seed=1"], model, schedule, val)
-            for model, schedule, w, val in [
-                ("swa", "uniform", 32, 2.0),
-                ("swa", "uniform", 64, 1.9),
-                ("mswa", "mswa", 32, 1.8),
-                ("mswa", "mswa", 64, 1.5),
-            ]
+            finished_row([f"model={model}", f"window={w}", "seed=1"], val)
+            for model, w, val in [("swa", 32, 2.0), ("swa", 64, 1.9), ("mswa", 32, 1.8), ("mswa", 64, 1.5)]
         ]
     )
     table = report.summary_table(base_window).set_index("variant")
     assert table.loc["model=mswa,window=64", "reference"] == "model=swa,window=64"
     assert table.loc["model=mswa,window=64", "delta_val"] == pytest.approx(1.5 - 1.9)
     assert table.loc["model=mswa,window=32", "reference"] == "model=swa,window=32"
+    assert table.loc["model=swa,window=32", "reference"] == "model=swa,window=32"  # SWA is its own: Δ = 0
 
-    # no model=swa: the uniform schedule is the reference; two equally close candidates leave Δ empty
-    schedules = report.runs_frame(
-        [
-            finished_row(["model=mswa", f"window_schedule={schedule}", "seed=1"], "mswa", schedule, val)
-            for schedule, val in [("uniform", 2.0), ("mswa_h", 1.9)]
-        ]
-        + [finished_row(["model=mswa", "window_schedule=uniform", "dataset=x", "seed=1"], "mswa", "uniform", 2.1, "x")]
-    )
-    table = report.summary_table(schedules).set_index("variant")
+    # whatever the model is called, the uniform schedule of the same config is the reference, on the same data only
+    schedules = [(["model=mswa", f"window_schedule={schedule}"], val) for schedule, val in [("uniform", 2.0), ("mswa_h", 1.9)]]
+    schedules.append((["model=mswa", "window_schedule=uniform", "dataset=enwik8"], 2.1))
+    table = report.summary_table(report.runs_frame([finished_row([*o, "seed=1"], val) for o, val in schedules]))
+    table = table.set_index("variant")
     assert table.loc["model=mswa,window_schedule=mswa_h", "reference"] == "model=mswa,window_schedule=uniform"
     assert table.loc["model=mswa,window_schedule=mswa_h", "delta_test"] == pytest.approx(1.9 - 2.0)
-    ambiguous = report.summary_table(schedules.assign(dataset="synthetic", overrides=[["a"], ["b"], ["c"]]))
-    assert ambiguous.reference.str.startswith("ambiguous").sum() == 1 and ambiguous.delta_val.isna().sum() == 1
+    on_enwik8 = "model=mswa,window_schedule=uniform,dataset=enwik8"
+    assert table.loc[on_enwik8, "reference"] == on_enwik8
+    # a second SWA at w of the same config (ratio 1 spelled out): the reference names both and Δ stays empty
+    again = ["model=mswa", "window_schedule=uniform", "window_schedule.head_ratios=[1.0]"]
+    both = report.runs_frame([finished_row([*o, "seed=1"], val) for o, val in [*schedules, (again, 2.2)]])
+    row = report.summary_table(both).set_index("variant").loc["model=mswa,window_schedule=mswa_h"]
+    assert row.reference == "ambiguous: model=mswa,window_schedule=uniform | " + ",".join(again)
+    assert pd.isna(row.delta_val) and pd.isna(row.swa_diff)
 
     # hybrids: each layout is compared with the same hybrid under SWA, not with the other layout
     hybrids = report.runs_frame(
         [
-            finished_row([f"model={model}", "seed=1"], model, schedule, val)
-            for model, schedule, val in [
-                ("swa_linear", "uniform", 2.0), ("swa_linear_parallel", "uniform", 1.9),
-                ("mswa_linear", "mswa", 1.8), ("mswa_linear_parallel", "mswa", 1.6),
-            ]
+            finished_row([f"model={model}", "seed=1"], val)
+            for model, val in [("swa_linear", 2.0), ("swa_linear_parallel", 1.9), ("mswa_linear", 1.8), ("mswa_linear_parallel", 1.6)]
         ]
     )
     table = report.summary_table(hybrids).set_index("variant")
@@ -314,16 +324,14 @@ def test_a_run_still_marked_running_reads_stopped_once_its_process_is_gone_or_si
 
 
 def test_variant_names_leave_out_overrides_common_to_all_runs(sweep: Path):
-    shared = ["trainer.max_steps=100", "window_schedule.head_ratios=[1,2]"]
-    rows = [
-        finished_row([f"model={model}", *shared, "seed=1"], model, schedule, val)
-        for model, schedule, val in [("swa", "uniform", 2.0), ("mswa", "mswa", 1.9)]
-    ]
+    shared = ["trainer.max_steps=100", "optim.betas=[0.9,0.99]"]
+    rows = [finished_row([f"model={model}", *shared, "seed=1"], val) for model, val in [("swa", 2.0), ("mswa", 1.9)]]
     runs = report.runs_frame(rows)
     markdown = report.summary_markdown(runs, report.summary_table(runs), report.failed_runs(runs), "t")
     assert "Overrides common to all runs (left out of the variant names below): `trainer.max_steps=100`, " \
-           "`window_schedule.head_ratios=[1,2]`" in markdown
-    table_rows = [line for line in markdown.splitlines() if line.startswith("| model=")]
+           "`optim.betas=[0.9,0.99]`" in markdown
+    variants_table = markdown.split("## Paired differences over seeds")[0]
+    table_rows = [line for line in variants_table.splitlines() if line.startswith("| model=")]
     assert [row.split(" | ")[0] for row in table_rows] == ["| model=mswa", "| model=swa"]
     assert "| model=swa |" in table_rows[0]  # the SWA reference column, shortened the same way
     assert report.split_overrides('a=1,b=[2,3],c="x,y"') == ["a=1", "b=[2,3]", 'c="x,y"']
