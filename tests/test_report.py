@@ -347,3 +347,41 @@ def test_refused_attempts_are_listed_and_the_run_kept(sweep: Path):
     refused = markdown.split("## Refused attempts (each left its run folder as it was)")[1]
     assert attempt["error"] in refused and "model=swa,seed=1" in refused
     assert (runs.status == "finished").sum() == 4  # the run the attempt found is still counted as finished
+
+
+COMMITTED = [REPO / "sweep" / "results" / "cpu_main", REPO / "sweep" / "results" / "cpu_budget"]
+
+
+def test_both_config_layouts_give_the_same_references_from_the_schedule_rule(tmp_path: Path):
+    """The committed runs hold the older layout (window_schedule.name = the rule, Hydra's choice in results'
+    `schedule`); copies in today's (name = the file, kind = the rule, no `schedule`) read the same."""
+    legacy = report.summary_table(report.load_runs(COMMITTED)).set_index("schedule")
+    swa, mswa, budget = (legacy.loc[name, "variant"] for name in ("uniform", "mswa", "uniform_mswa_budget"))
+    assert legacy.loc["uniform_mswa_budget", "schedule_rule"] == "uniform"
+    assert (legacy.loc["mswa", "swa_reference"], legacy.loc["mswa", "budget_reference"]) == (swa, budget)
+    assert legacy.loc["uniform_mswa_budget", "swa_reference"] == swa and legacy.loc["full", "reference"] == swa
+    assert legacy.loc["mswa", "swa_n_pairs"] == 3 and pd.isna(legacy.loc["uniform", "swa_reference"])
+    for path in (p for folder in COMMITTED for p in folder.rglob("results.json")):
+        results = json.loads(path.read_text())
+        schedule = results["config"]["window_schedule"]
+        schedule.update(name=results.pop("schedule"), kind=schedule["name"])
+        copy_dir = tmp_path / path.parent.relative_to(REPO)
+        copy_dir.mkdir(parents=True)
+        (copy_dir / "results.json").write_text(json.dumps(results))
+    current = report.summary_table(report.load_runs([tmp_path])).set_index("schedule")
+    pd.testing.assert_frame_equal(current, legacy)  # variant ids too: one config, one variant, in either layout
+
+
+def test_legends_sit_outside_the_panels_and_colour_bar_labels_apart():
+    runs = report.load_runs(COMMITTED)
+    for plot in (report.plot_curves, report.plot_budget, report.plot_distance, report.plot_kinds):
+        fig = plot(runs)
+        renderer = fig.canvas.get_renderer()
+        fig.draw(renderer)
+        (legend,) = fig.legends
+        box = legend.get_window_extent(renderer)
+        assert all(box.y1 <= ax.get_window_extent(renderer).y0 for ax in fig.axes), plot.__name__
+        assert len(legend.get_texts()) == len({t.get_text() for t in legend.get_texts()}) >= 4, plot.__name__
+    colour_bar = report.plot_windows(runs).axes[-1]
+    ticks = sorted(float(t.get_text()) for t in colour_bar.get_yticklabels())
+    assert ticks[0] == 4 and ticks[-1] == 256 and all(b / a >= 1.25 for a, b in zip(ticks, ticks[1:]))  # 56, not 64

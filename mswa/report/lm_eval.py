@@ -17,7 +17,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from mswa.report.markdown import fmt, markdown_table
-from mswa.report.plots import finish_axes, new_figure
+from mswa.report.plots import add_legend, finish_axes, new_figure
 from mswa.report.runs import (
     LM_EVAL_FILE, RESULTS_FILE, ReportError, by_variant_and_seed, outermost_folders, read_results, schedule_of,
 )
@@ -172,7 +172,7 @@ def plot_lm_eval(table: pd.DataFrame) -> Figure:
     """Grouped bars: one group per task and the average, one bar per row of ``lm_eval_table``; error bars are
     the table's ± (stderr, or std over seeds)."""
     columns = accuracy_columns(table)
-    fig, (ax,) = new_figure(1, (max(6.0, 0.25 * len(columns) * len(table) + 2.0), 4.5))
+    fig, (ax,) = new_figure(1, (max(6.0, 0.25 * len(columns) * len(table) + 2.0), 4.5), legend_rows=len(table))
     width, x = 0.8 / len(table), np.arange(len(columns))
     several_shots = table.num_fewshot.nunique() > 1
     for i, (_, row) in enumerate(table.iterrows()):
@@ -188,6 +188,6 @@ def plot_lm_eval(table: pd.DataFrame) -> Figure:
         )
     ax.set_xticks(x, [c.replace("/", "\n") for c in columns], fontsize=8)
     finish_axes(ax, "lm_eval accuracy (error bars: stderr, or std over seeds)", "task", "accuracy (%)")
-    return fig
+    return add_legend(fig)
 
 

@@ -218,7 +218,14 @@ def heading(runs: pd.DataFrame, failed: pd.DataFrame, title: str, common: Sequen
 
 
 def variants_markdown(table: pd.DataFrame) -> str:
-    return markdown_table(summary_markdown_frame(table)) if len(table) else "No finished runs."
+    """The variant table, and a line naming the variants left without an SWA reference (their Δ stays empty)."""
+    if not len(table):
+        return "No finished runs."
+    parts = [markdown_table(summary_markdown_frame(table))]
+    if len(alone := table.variant[table.reference.isna()]):
+        parts.append(f"No SWA reference for {', '.join(f'`{v}`' for v in alone)}: no finished variant of the same "
+                     "config otherwise has a `uniform` schedule at mean window 1 (or the stored config is missing).")
+    return "\n\n".join(parts)
 
 
 def unfinished_markdown(runs: pd.DataFrame, failed: pd.DataFrame) -> list[str]:

@@ -1,6 +1,6 @@
 """Run rows -> figures: training curves, metric against attention budget, window schedules, metric by context
 offered, bpc by byte kind. Each is a pyplot-free Agg figure (no global state, safe in scripts and notebooks);
-legends sit beside the panel, so they never cover the data."""
+legends sit below the panels, in room added for them, so they never cover the data."""
 
 from __future__ import annotations
 
@@ -17,13 +17,18 @@ from matplotlib.figure import Figure
 from mswa.report.tables import distance_table, finished_runs, kind_table, summary_table
 
 TITLE_WIDTH = 40  # characters per line of a window panel's title (variant names wrap at commas)
+LEGEND_ROW_INCHES = 0.16  # height of one legend entry at LEGEND_FONT_SIZE, added to the figure below its panels
+LEGEND_FONT_SIZE = 7
 
 
-def new_figure(n_panels: int, panel_size: tuple[float, float], ncols: int | None = None) -> tuple[Figure, list]:
-    """An Agg figure with a row-major grid of ``n_panels`` panels of ``panel_size`` inches."""
+def new_figure(n_panels: int, panel_size: tuple[float, float], ncols: int | None = None,
+               legend_rows: int = 0) -> tuple[Figure, list]:
+    """An Agg figure with a row-major grid of ``n_panels`` panels of ``panel_size`` inches, and room below them
+    for a legend of ``legend_rows`` entries (``add_legend``)."""
     ncols = ncols or n_panels
     nrows = -(-n_panels // ncols)
-    fig = Figure(figsize=(panel_size[0] * ncols, panel_size[1] * nrows), layout="constrained")
+    height = panel_size[1] * nrows + (LEGEND_ROW_INCHES * (legend_rows + 1) if legend_rows else 0)
+    fig = Figure(figsize=(panel_size[0] * ncols, height), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax in axes[n_panels:]:
@@ -32,13 +37,19 @@ def new_figure(n_panels: int, panel_size: tuple[float, float], ncols: int | None
 
 
 def finish_axes(ax, title: str, xlabel: str, ylabel: str) -> None:
-    """Title, labels and grid; the legend beside the panel, or a "no data" note when nothing was drawn."""
+    """Title, labels and grid; a "no data" note when nothing labelled was drawn."""
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
-    else:
+    if not ax.get_legend_handles_labels()[0]:
         ax.text(0.5, 0.5, "no data (no finished run logged it)", ha="center", va="center", transform=ax.transAxes)
+
+
+def add_legend(fig: Figure) -> Figure:
+    """One legend of every labelled artist of the figure's panels, below them (outside the data)."""
+    entries = {label: handle for ax in fig.axes for handle, label in zip(*ax.get_legend_handles_labels())}
+    if entries:
+        fig.legend(list(entries.values()), list(entries), loc="outside lower center", fontsize=LEGEND_FONT_SIZE)
+    return fig
 
 
 def metrics_of(frame: pd.DataFrame) -> list[str]:
@@ -50,7 +61,8 @@ def plot_curves(runs: pd.DataFrame) -> Figure:
     converted: bpc = loss / ln 2, ppl = exp(loss)): mean over the finished seeds of each variant, band ± std."""
     finished = finished_runs(runs)
     metrics = metrics_of(finished) or ["bpc"]
-    fig, axes = new_figure(len(metrics), (6.0, 4.2))
+    legend_rows = 2 * finished.variant.nunique() + finished.entropy_floor_bpb.nunique()
+    fig, axes = new_figure(len(metrics), (6.0, 4.2), legend_rows=legend_rows)
     for ax, metric in zip(axes, metrics):
         for variant, group in finished[finished.metric == metric].groupby("variant", sort=False):
             color = None
@@ -60,7 +72,7 @@ def plot_curves(runs: pd.DataFrame) -> Figure:
             for floor in finished.entropy_floor_bpb.dropna().unique():
                 ax.axhline(floor, color="black", linestyle=":", linewidth=1, label=f"entropy floor {floor:.3f}")
         finish_axes(ax, f"{metric}: val (solid), train (dashed)", "step", metric)
-    return fig
+    return add_legend(fig)
 
 
 def _mean_curve(ax, variant: str, histories: pd.Series, column: str, metric: str, style: str, color):
@@ -92,7 +104,7 @@ def plot_budget(runs: pd.DataFrame, split: str = "test") -> Figure:
     """
     table = summary_table(runs)
     metrics = metrics_of(table)
-    fig, axes = new_figure(max(1, len(metrics)), (6.0, 4.5))
+    fig, axes = new_figure(max(1, len(metrics)), (6.0, 4.5), legend_rows=len(table))
     for ax, metric in zip(axes, metrics):
         for row in table[table.metric == metric].itertuples():
             spread = getattr(row, f"{split}_std")
@@ -102,7 +114,7 @@ def plot_budget(runs: pd.DataFrame, split: str = "test") -> Figure:
         finish_axes(ax, f"{split} {metric} vs attention budget", "attended pairs / full attention", f"{split} {metric}")
     if not metrics:
         finish_axes(axes[0], f"{split} metric vs attention budget", "attended pairs / full attention", split)
-    return fig
+    return add_legend(fig)
 
 
 def plot_windows(runs: pd.DataFrame) -> Figure:
@@ -186,21 +198,22 @@ def plot_distance(runs: pd.DataFrame, split: str = "test") -> Figure:
     """The metric by context offered (log axis), one curve per variant and one panel per metric."""
     table = distance_table(runs, split)
     metrics = metrics_of(table) or ["bpc"]
-    fig, axes = new_figure(len(metrics), (6.0, 4.2))
+    fig, axes = new_figure(len(metrics), (6.0, 4.2), legend_rows=table.variant.nunique())
     for ax, metric in zip(axes, metrics):
         for variant, group in table[table.metric == metric].groupby("variant", sort=False):
             centre = np.sqrt(group.context_lo.astype(float) * group.context_hi.astype(float))
             ax.plot(centre, group.value, "o-", label=f"{variant} (n={group.n_seeds.max()})")
         ax.set_xscale("log", base=2)
         finish_axes(ax, f"{split} {metric} by context offered", "tokens before the target in its chunk", metric)
-    return fig
+    return add_legend(fig)
 
 
 def plot_kinds(runs: pd.DataFrame, split: str = "test") -> Figure:
     """Grouped bars: one group per byte kind, one bar per variant; the kind's entropy floor marked in black."""
     table = kind_table(runs, split)
     kinds, variants = list(dict.fromkeys(table.kind)), list(dict.fromkeys(table.variant))
-    fig, (ax,) = new_figure(1, (max(6.0, 0.3 * len(kinds) * max(1, len(variants)) + 2.0), 4.5))
+    legend_rows = len(variants) + 1 if variants else 0  # the floor's marker too
+    fig, (ax,) = new_figure(1, (max(6.0, 0.3 * len(kinds) * max(1, len(variants)) + 2.0), 4.5), legend_rows=legend_rows)
     width = 0.8 / max(1, len(variants))
     for i, variant in enumerate(variants):
         rows = table[table.variant == variant].set_index("kind").reindex(kinds)
@@ -210,4 +223,4 @@ def plot_kinds(runs: pd.DataFrame, split: str = "test") -> Figure:
                    label="entropy floor" if i == 0 else None)
     ax.set_xticks(np.arange(len(kinds)), kinds)
     finish_axes(ax, f"{split} bits per byte by byte kind", "byte kind", "bpc")
-    return fig
+    return add_legend(fig)
