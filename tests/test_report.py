@@ -235,6 +235,15 @@ def test_reference_is_swa_at_w_of_the_same_config_found_from_the_stored_configs(
     row = report.summary_table(both).set_index("variant").loc["model=mswa,window_schedule=mswa_h"]
     assert row.reference == "ambiguous: model=mswa,window_schedule=uniform | " + ",".join(again)
     assert pd.isna(row.delta_val) and pd.isna(row.swa_diff)
+    markdown = report.summary_markdown(both, report.summary_table(both), report.failed_runs(both), "t")
+    assert "No paired difference for `window_schedule=mswa_h` against SWA at w (`ambiguous: " in markdown
+
+    # seeds that do not meet: the reference is named, the pairing says why it has no numbers
+    apart = report.runs_frame([finished_row(["model=swa", "seed=1"], 2.0), finished_row(["model=mswa", "seed=2"], 1.9)])
+    table = report.summary_table(apart).set_index("variant")
+    assert table.loc["model=mswa", "swa_reference"] == "model=swa" and pd.isna(table.loc["model=mswa", "swa_n_pairs"])
+    markdown = report.summary_markdown(apart, table.reset_index(), report.failed_runs(apart), "t")
+    assert "No paired difference for `model=mswa` against SWA at w (`model=swa`): no seed in common." in markdown
 
     # hybrids: each layout is compared with the same hybrid under SWA, not with the other layout
     hybrids = report.runs_frame(

@@ -225,7 +225,18 @@ def variants_markdown(table: pd.DataFrame) -> str:
     if len(alone := table.variant[table.reference.isna()]):
         parts.append(f"No SWA reference for {', '.join(f'`{v}`' for v in alone)}: no finished variant of the same "
                      "config otherwise has a `uniform` schedule at mean window 1 (or the stored config is missing).")
-    return "\n\n".join(parts)
+    return "\n\n".join([*parts, *unpaired_notes(table)])
+
+
+def unpaired_notes(table: pd.DataFrame) -> list[str]:
+    """Why a variant with a reference has no paired difference: the reference is ambiguous, or no seed is shared."""
+    notes = []
+    for kind, against in PAIRED_AGAINST.items():
+        unpaired = table[table[f"{kind}_reference"].notna() & table[f"{kind}_n_pairs"].isna()]
+        for variant, reference in zip(unpaired.variant, unpaired[f"{kind}_reference"]):
+            why = "two candidates, so no numbers" if str(reference).startswith(AMBIGUOUS) else "no seed in common"
+            notes.append(f"No paired difference for `{variant}` against {against} (`{reference}`): {why}.")
+    return notes
 
 
 def unfinished_markdown(runs: pd.DataFrame, failed: pd.DataFrame) -> list[str]:
