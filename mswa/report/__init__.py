@@ -26,7 +26,7 @@ from mswa.report.plots import plot_budget, plot_curves, plot_distance, plot_kind
 from mswa.report.references import paired_references
 from mswa.report.runs import (
     DUPLICATE, NO_RESULTS, STOPPED, ReportError, load_runs, read_history, refused_attempts, row_from_results,
-    runs_frame, schedule_of, variant_name, why_stopped, without_seed,
+    runs_frame, schedule_of, variant_name, why_stopped,
 )
 from mswa.report.tables import distance_table, failed_runs, kind_table, load_evaluations, paired_table, summary_table
 from mswa.report.wandb import load_wandb_runs
@@ -37,5 +37,5 @@ __all__ = [
     "load_wandb_runs", "main", "paired_references", "paired_table", "plot_budget", "plot_curves", "plot_distance",
     "plot_kinds", "plot_lm_eval", "plot_windows", "read_history", "refused_attempts", "row_from_results",
     "runs_frame", "schedule_of", "split_overrides", "summary_markdown", "summary_table", "variant_name",
-    "why_stopped", "without_seed", "write_report",
+    "why_stopped", "write_report",
 ]

@@ -190,7 +190,8 @@ def summary_markdown(runs: pd.DataFrame, table: pd.DataFrame, failed: pd.DataFra
     refused attempts, the evaluation sections, and the plots."""
     common = common_overrides(runs.variant)
     paired = paired_markdown(runs, table, common)  # before the names are shortened: it reads the runs by variant
-    parts = [*heading(runs, failed, title, common), variants_markdown(shortened(table, common, ("variant", "reference")))]
+    names = ("variant", "reference", *(f"{kind}_reference" for kind in PAIRED_AGAINST))
+    parts = [*heading(runs, failed, title, common), variants_markdown(shortened(table, common, names))]
     no_curve = int(sum(h is None for h in runs.history[runs.status == "finished"]))
     if no_curve:
         parts.append(f"Note: {no_curve} finished run(s) have no metrics.csv, so they are missing from curves.png.")

@@ -14,7 +14,7 @@ import json
 import os
 import re
 import socket
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -138,23 +138,14 @@ def schedule_of(results: Mapping) -> tuple[str | None, str | None]:
     return results.get("schedule") or schedule.get("name"), schedule.get("name")
 
 
-def config_in_current_layout(results: Mapping) -> dict | None:
-    """The run's stored config with its schedule in today's layout (name = file, kind = rule), so that runs
-    written before and after ``kind`` existed get the same ``variant_id``; None when the config is too partial."""
+def config_columns(results: Mapping) -> dict:
+    """``CONFIG_COLUMNS`` and the schedule's name of a run, from its stored resolved config (ids None for a
+    config too partial to identify)."""
+    name, rule = schedule_of(results)
     config = results.get("config")
     if not isinstance(config, Mapping) or not {"model", "window_schedule", "dataset"} <= config.keys():
-        return None
-    name, kind = schedule_of(results)
-    return {**config, "window_schedule": {**config["window_schedule"], "name": name, "kind": kind}}
-
-
-def config_columns(results: Mapping) -> dict:
-    """``CONFIG_COLUMNS`` and the schedule's name of a run, from its stored resolved config."""
-    name, kind = schedule_of(results)
-    config = config_in_current_layout(results)
-    if config is None:
         return dict.fromkeys(CONFIG_COLUMNS) | {"schedule": name}
-    return {"variant_id": variant_id(config), "comparison_id": comparison_id(config), "schedule_rule": kind,
+    return {"variant_id": variant_id(config), "comparison_id": comparison_id(config), "schedule_rule": rule,
             "schedule": name}
 
 
@@ -185,14 +176,14 @@ def _alive(pid: int) -> bool:
 
 
 def row_from_hydra_job(job_dir: Path) -> dict:
-    """A job that never wrote results.json, named from the overrides Hydra saved for it."""
+    """A job that never wrote results.json, named from the overrides Hydra saved for it, as train.py names one."""
     overrides = yaml.safe_load((job_dir / ".hydra" / "overrides.yaml").read_text()) or []
     logs = sorted(p.name for p in job_dir.glob("*.log"))
     row = dict.fromkeys(RUN_COLUMNS)
     row.update(
         path=str(job_dir),
         run_name=",".join(overrides),
-        variant=variant_name(overrides),
+        variant=variant_name(overrides, not_in_variant(job_dir)),
         seed=seed_of(overrides),
         overrides=overrides,
         status=NO_RESULTS,
@@ -201,15 +192,19 @@ def row_from_hydra_job(job_dir: Path) -> dict:
     return row
 
 
-# TODO(i18 merge): the one variant naming function belongs in mswa.sweeps (core helper); call it from here
-# (train.py names a finished run's variant, this names a run that left no results.json under the same rule).
-def variant_name(overrides: Iterable[str]) -> str:
-    """A run's variant name from its overrides: all of them but the seed, joined by commas."""
-    return ",".join(without_seed(overrides))
+def not_in_variant(job_dir: Path) -> list[str]:
+    """The override keys the job's Hydra config leaves out of run names (paths, hardware, ...): none without one."""
+    path = job_dir / ".hydra" / "hydra.yaml"
+    hydra = (yaml.safe_load(path.read_text()) or {}).get("hydra", {}) if path.is_file() else {}
+    return ((hydra.get("job") or {}).get("config") or {}).get("override_dirname", {}).get("exclude_keys") or []
 
 
-def without_seed(overrides: Iterable[str]) -> list[str]:
-    return [o for o in overrides if o.split("=", 1)[0] not in SEED_KEYS]
+# TODO(i18 merge): the same function as mswa.sweeps.variant_name (core helper); import that one and delete this.
+def variant_name(overrides: Iterable[str], not_in_name: Collection[str] = ()) -> str:
+    """A run's variant as people read it: its overrides, sorted, without the seed and the keys that do not
+    make a variant (``not_in_name``: paths, hardware, ...), or ``default``."""
+    left_out = {"seed", *not_in_name}
+    return ",".join(o for o in sorted(overrides) if o.split("=")[0].lstrip("+~") not in left_out) or "default"
 
 
 def seed_of(overrides: Iterable[str]) -> int | None:
