@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import copy
 import csv
 import datetime
-import functools
 import json
-import math
 import os
 import socket
 import statistics
@@ -22,90 +19,15 @@ import numpy as np
 import pandas as pd
 import pytest
 from nbclient import NotebookClient
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 from PIL import Image
 
+from helpers.report_runs import FINISHED, N_HEAD, N_LAYER, SEQ_LEN, W, compose_run, run_results, write_run
 from mswa import report
 from mswa.windows import make_schedule
 
 REPO = Path(__file__).resolve().parents[1]
-SEQ_LEN, W, N_LAYER, N_HEAD = 64, 16, 4, 4
-
-# (overrides, final val bpc, final test bpc) of the finished runs
-FINISHED = [
-    (["model=swa", "seed=1"], 2.10, 2.15),
-    (["model=swa", "seed=2"], 2.20, 2.22),
-    (["model=mswa", "seed=1"], 2.00, 2.04),
-    (["model=mswa", "seed=2"], 2.05, 2.11),
-]
 FAILED_ERROR = "FloatingPointError: loss is NaN at step 40"
-SIZE = (f"window={W}", f"seq_len={SEQ_LEN}", f"model.n_layer={N_LAYER}", f"model.n_head={N_HEAD}")
-
-
-@functools.cache
-def compose_run(overrides: tuple[str, ...]) -> tuple[dict, str]:
-    """The real conf/ composed with a run's overrides (seed aside): (the resolved config, Hydra's schedule choice)."""
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=["paths.data_dir=/nonexistent", *SIZE, *overrides], return_hydra_config=True)
-    choice = cfg.hydra.runtime.choices.window_schedule
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return OmegaConf.to_container(cfg, resolve=True), choice
-
-
-def run_results(overrides: list[str], status: str, val: float | None, test: float | None, error=None) -> dict:
-    """results.json (schema 1) of a run as train.py writes it, from the real composed config of its overrides."""
-    seed = int(overrides[-1].split("=")[1])
-    config, choice = compose_run(tuple(overrides[:-1]))
-    config = {**copy.deepcopy(config), "seed": seed}
-    ws = config["window_schedule"]
-    w = None if ws.get("kind", ws["name"]) == "full" else W  # a config holds the rule in kind, or (older) in name
-    schedule = make_schedule(ws.get("kind", ws["name"]), w=w, n_layer=N_LAYER, n_head=N_HEAD,
-                             head_ratios=ws["head_ratios"], layer_ratios=ws["layer_ratios"])
-    return {
-        "schema": 1,
-        "status": status,
-        "error": error,
-        "run_name": ",".join(overrides),
-        "variant": ",".join(overrides[:-1]),
-        "seed": seed,
-        "overrides": overrides,
-        "config": config,
-        "dataset": config["dataset"]["name"],
-        "unit": "byte",
-        "metric": "bpc",
-        "model": config["model"]["name"],
-        "schedule": choice,
-        "window": w,
-        "windows": schedule.as_lists(),
-        "budget": schedule.budget(SEQ_LEN),
-        "n_params": 12345,
-        "metrics": {}
-        if val is None
-        else {"val/loss": val * math.log(2), "val/bpc": val, "test/loss": test * math.log(2), "test/bpc": test},
-        "entropy_floor_bpb": 1.5,
-        "tokens_per_s": 1000.0 + val * 100 if val else None,
-        "steps": 100,
-        "wall_time_s": 12.0,
-        "git_commit": "abc123",
-        "wandb": {"id": "x", "mode": "disabled", "group": "g", "project": "p"},
-    }
-
-
-def write_run(job_dir: Path, overrides: list[str], status: str, val: float | None, test: float | None, error=None):
-    """A Hydra job folder holding results.json and a sparse Lightning metrics.csv."""
-    (job_dir / ".hydra").mkdir(parents=True)
-    (job_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
-    results = run_results(overrides, status, val, test, error) | {"run_dir": str(job_dir)}
-    (job_dir / "results.json").write_text(json.dumps(results))
-    with open(job_dir / "metrics.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["epoch", "step", "train/loss", "val/loss", "val/bpc", "perf/tokens_per_s"])
-        for step in (10, 20, 30):
-            writer.writerow([0, step, 3.0 - step / 100, "", "", 1000])
-            final = (val or 3.0) + (30 - step) / 100
-            writer.writerow([0, step, "", final * math.log(2), final, ""])
 
 
 @pytest.fixture
@@ -385,12 +307,11 @@ def test_both_config_layouts_give_the_same_references_from_the_schedule_rule(tmp
 def test_a_job_that_died_is_named_as_train_py_names_its_variant(tmp_path: Path):
     """Sorted overrides without the seed and the keys Hydra's config leaves out of run names (hardware here)."""
     overrides = ["seed=3", "window=32", "hardware=cpu", "model=mswa"]
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        hydra = compose("train", overrides=overrides, return_hydra_config=True).hydra
+    hydra = compose_run(tuple(overrides))[1]
     job = tmp_path / "0" / ".hydra"
     job.mkdir(parents=True)
     (job / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
-    (job / "hydra.yaml").write_text(OmegaConf.to_yaml({"hydra": OmegaConf.to_container(hydra, resolve=False)}))
+    (job / "hydra.yaml").write_text(OmegaConf.to_yaml({"hydra": hydra}))
     (row,) = report.load_runs([tmp_path]).itertuples()
     assert (row.variant, row.seed, row.status) == ("model=mswa,window=32", 3, report.NO_RESULTS)
 

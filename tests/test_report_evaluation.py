@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from helpers.report_runs import FINISHED, write_run
 from mswa import report
-from test_report import FINISHED, write_run
 
 KINDS = ["word", "copy32", "copy1000"]
 FLOORS = [1.2, 0.3, 0.4]
