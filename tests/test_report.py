@@ -16,11 +16,13 @@ from types import SimpleNamespace
 import matplotlib
 import nbformat
 import numpy as np
+import pandas as pd
 import pytest
 from nbclient import NotebookClient
+from omegaconf import OmegaConf
 from PIL import Image
 
-from helpers.report_runs import FINISHED, N_HEAD, N_LAYER, SEQ_LEN, W, write_run
+from helpers.report_runs import FINISHED, N_HEAD, N_LAYER, SEQ_LEN, W, compose_run, run_results, write_run
 from mswa import report
 from mswa.windows import make_schedule
 
@@ -122,61 +124,54 @@ def test_bad_inputs_fail_before_work_with_a_clear_message(tmp_path: Path, monkey
     assert not (tmp_path / "reports").exists()
 
 
-def finished_row(overrides: list[str], model: str, schedule: str, val: float, dataset: str = "synthetic") -> dict:
-    results = {
-        "run_name": ",".join(overrides),
-        "variant": ",".join(report.without_seed(overrides)),
-        "seed": 1,
-        "overrides": overrides,
-        "status": "finished",
-        "dataset": dataset,
-        "metric": "bpc",
-        "model": model,
-        "schedule": schedule,
-        "metrics": {"val/bpc": val, "test/bpc": val},
-    }
-    return report.row_from_results(results, path="-", history=None)
+def finished_row(overrides: list[str], val: float) -> dict:
+    """A finished run's row from the real config of ``overrides`` (val and test metric ``val``)."""
+    return report.row_from_results(run_results(overrides, "finished", val, val), path=",".join(overrides), history=None)
 
 
-def test_reference_is_the_closest_swa_variant_on_the_same_data():
+def test_reference_is_swa_at_w_of_the_same_config_found_from_the_stored_configs():
     base_window = report.runs_frame(
         [
-            finished_row([f"model={model}", f"window={w}", "seed=1"], model, schedule, val)
-            for model, schedule, w, val in [
-                ("swa", "uniform", 32, 2.0),
-                ("swa", "uniform", 64, 1.9),
-                ("mswa", "mswa", 32, 1.8),
-                ("mswa", "mswa", 64, 1.5),
-            ]
+            finished_row([f"model={model}", f"window={w}", "seed=1"], val)
+            for model, w, val in [("swa", 32, 2.0), ("swa", 64, 1.9), ("mswa", 32, 1.8), ("mswa", 64, 1.5)]
         ]
     )
     table = report.summary_table(base_window).set_index("variant")
     assert table.loc["model=mswa,window=64", "reference"] == "model=swa,window=64"
     assert table.loc["model=mswa,window=64", "delta_val"] == pytest.approx(1.5 - 1.9)
     assert table.loc["model=mswa,window=32", "reference"] == "model=swa,window=32"
+    assert table.loc["model=swa,window=32", "reference"] == "model=swa,window=32"  # SWA is its own: Δ = 0
 
-    # no model=swa: the uniform schedule is the reference; two equally close candidates leave Δ empty
-    schedules = report.runs_frame(
-        [
-            finished_row(["model=mswa", f"window_schedule={schedule}", "seed=1"], "mswa", schedule, val)
-            for schedule, val in [("uniform", 2.0), ("mswa_h", 1.9)]
-        ]
-        + [finished_row(["model=mswa", "window_schedule=uniform", "dataset=x", "seed=1"], "mswa", "uniform", 2.1, "x")]
-    )
-    table = report.summary_table(schedules).set_index("variant")
+    # whatever the model is called, the uniform schedule of the same config is the reference, on the same data only
+    schedules = [(["model=mswa", f"window_schedule={schedule}"], val) for schedule, val in [("uniform", 2.0), ("mswa_h", 1.9)]]
+    schedules.append((["model=mswa", "window_schedule=uniform", "dataset=enwik8"], 2.1))
+    table = report.summary_table(report.runs_frame([finished_row([*o, "seed=1"], val) for o, val in schedules]))
+    table = table.set_index("variant")
     assert table.loc["model=mswa,window_schedule=mswa_h", "reference"] == "model=mswa,window_schedule=uniform"
     assert table.loc["model=mswa,window_schedule=mswa_h", "delta_test"] == pytest.approx(1.9 - 2.0)
-    ambiguous = report.summary_table(schedules.assign(dataset="synthetic", overrides=[["a"], ["b"], ["c"]]))
-    assert ambiguous.reference.str.startswith("ambiguous").sum() == 1 and ambiguous.delta_val.isna().sum() == 1
+    on_enwik8 = "model=mswa,window_schedule=uniform,dataset=enwik8"
+    assert table.loc[on_enwik8, "reference"] == on_enwik8
+    # a second SWA at w of the same config (ratio 1 spelled out): the reference names both and Δ stays empty
+    again = ["model=mswa", "window_schedule=uniform", "window_schedule.head_ratios=[1.0]"]
+    both = report.runs_frame([finished_row([*o, "seed=1"], val) for o, val in [*schedules, (again, 2.2)]])
+    row = report.summary_table(both).set_index("variant").loc["model=mswa,window_schedule=mswa_h"]
+    assert row.reference == "ambiguous: model=mswa,window_schedule=uniform | " + ",".join(again)
+    assert pd.isna(row.delta_val) and pd.isna(row.swa_diff)
+    markdown = report.summary_markdown(both, report.summary_table(both), report.failed_runs(both), "t")
+    assert "No paired difference for `window_schedule=mswa_h` against SWA at w (`ambiguous: window_schedule=uniform | " in markdown
+
+    # seeds that do not meet: the reference is named, the pairing says why it has no numbers
+    apart = report.runs_frame([finished_row(["model=swa", "seed=1"], 2.0), finished_row(["model=mswa", "seed=2"], 1.9)])
+    table = report.summary_table(apart).set_index("variant")
+    assert table.loc["model=mswa", "swa_reference"] == "model=swa" and pd.isna(table.loc["model=mswa", "swa_n_pairs"])
+    markdown = report.summary_markdown(apart, table.reset_index(), report.failed_runs(apart), "t")
+    assert "No paired difference for `model=mswa` against SWA at w (`model=swa`): no seed in common." in markdown
 
     # hybrids: each layout is compared with the same hybrid under SWA, not with the other layout
     hybrids = report.runs_frame(
         [
-            finished_row([f"model={model}", "seed=1"], model, schedule, val)
-            for model, schedule, val in [
-                ("swa_linear", "uniform", 2.0), ("swa_linear_parallel", "uniform", 1.9),
-                ("mswa_linear", "mswa", 1.8), ("mswa_linear_parallel", "mswa", 1.6),
-            ]
+            finished_row([f"model={model}", "seed=1"], val)
+            for model, val in [("swa_linear", 2.0), ("swa_linear_parallel", 1.9), ("mswa_linear", 1.8), ("mswa_linear_parallel", 1.6)]
         ]
     )
     table = report.summary_table(hybrids).set_index("variant")
@@ -260,16 +255,14 @@ def test_a_run_still_marked_running_reads_stopped_once_its_process_is_gone_or_si
 
 
 def test_variant_names_leave_out_overrides_common_to_all_runs(sweep: Path):
-    shared = ["trainer.max_steps=100", "window_schedule.head_ratios=[1,2]"]
-    rows = [
-        finished_row([f"model={model}", *shared, "seed=1"], model, schedule, val)
-        for model, schedule, val in [("swa", "uniform", 2.0), ("mswa", "mswa", 1.9)]
-    ]
+    shared = ["trainer.max_steps=100", "optim.betas=[0.9,0.99]"]
+    rows = [finished_row([f"model={model}", *shared, "seed=1"], val) for model, val in [("swa", 2.0), ("mswa", 1.9)]]
     runs = report.runs_frame(rows)
     markdown = report.summary_markdown(runs, report.summary_table(runs), report.failed_runs(runs), "t")
     assert "Overrides common to all runs (left out of the variant names below): `trainer.max_steps=100`, " \
-           "`window_schedule.head_ratios=[1,2]`" in markdown
-    table_rows = [line for line in markdown.splitlines() if line.startswith("| model=")]
+           "`optim.betas=[0.9,0.99]`" in markdown
+    variants_table = markdown.split("## Paired differences over seeds")[0]
+    table_rows = [line for line in variants_table.splitlines() if line.startswith("| model=")]
     assert [row.split(" | ")[0] for row in table_rows] == ["| model=mswa", "| model=swa"]
     assert "| model=swa |" in table_rows[0]  # the SWA reference column, shortened the same way
     assert report.split_overrides('a=1,b=[2,3],c="x,y"') == ["a=1", "b=[2,3]", 'c="x,y"']
@@ -285,3 +278,54 @@ def test_refused_attempts_are_listed_and_the_run_kept(sweep: Path):
     refused = markdown.split("## Refused attempts (each left its run folder as it was)")[1]
     assert attempt["error"] in refused and "model=swa,seed=1" in refused
     assert (runs.status == "finished").sum() == 4  # the run the attempt found is still counted as finished
+
+
+COMMITTED = [REPO / "sweep" / "results" / "cpu_main", REPO / "sweep" / "results" / "cpu_budget"]
+
+
+def test_both_config_layouts_give_the_same_references_from_the_schedule_rule(tmp_path: Path):
+    """The committed runs hold the older layout (window_schedule.name = the rule, Hydra's choice in results'
+    `schedule`); copies in today's (name = the file, kind = the rule, no `schedule`) read the same."""
+    legacy = report.summary_table(report.load_runs(COMMITTED)).set_index("schedule")
+    swa, mswa, budget = (legacy.loc[name, "variant"] for name in ("uniform", "mswa", "uniform_mswa_budget"))
+    assert legacy.loc["uniform_mswa_budget", "schedule_rule"] == "uniform"
+    assert (legacy.loc["mswa", "swa_reference"], legacy.loc["mswa", "budget_reference"]) == (swa, budget)
+    assert legacy.loc["uniform_mswa_budget", "swa_reference"] == swa and legacy.loc["full", "reference"] == swa
+    assert legacy.loc["mswa", "swa_n_pairs"] == 3 and pd.isna(legacy.loc["uniform", "swa_reference"])
+    for path in (p for folder in COMMITTED for p in folder.rglob("results.json")):
+        results = json.loads(path.read_text())
+        schedule = results["config"]["window_schedule"]
+        schedule.update(name=results.pop("schedule"), kind=schedule["name"])
+        copy_dir = tmp_path / path.parent.relative_to(REPO)
+        copy_dir.mkdir(parents=True)
+        (copy_dir / "results.json").write_text(json.dumps(results))
+    current = report.summary_table(report.load_runs([tmp_path])).set_index("schedule")
+    # variant ids aside: that both layouts are one variant is mswa.sweeps.variant_id's to say (and test)
+    pd.testing.assert_frame_equal(current.drop(columns="variant_id"), legacy.drop(columns="variant_id"))
+
+
+def test_a_job_that_died_is_named_as_train_py_names_its_variant(tmp_path: Path):
+    """Sorted overrides without the seed and the keys Hydra's config leaves out of run names (hardware here)."""
+    overrides = ["seed=3", "window=32", "hardware=cpu", "model=mswa"]
+    hydra = compose_run(tuple(overrides))[1]
+    job = tmp_path / "0" / ".hydra"
+    job.mkdir(parents=True)
+    (job / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    (job / "hydra.yaml").write_text(OmegaConf.to_yaml({"hydra": hydra}))
+    (row,) = report.load_runs([tmp_path]).itertuples()
+    assert (row.variant, row.seed, row.status) == ("model=mswa,window=32", 3, report.NO_RESULTS)
+
+
+def test_legends_sit_outside_the_panels_and_colour_bar_labels_apart():
+    runs = report.load_runs(COMMITTED)
+    for plot in (report.plot_curves, report.plot_budget, report.plot_distance, report.plot_kinds):
+        fig = plot(runs)
+        renderer = fig.canvas.get_renderer()
+        fig.draw(renderer)
+        (legend,) = fig.legends
+        box = legend.get_window_extent(renderer)
+        assert all(box.y1 <= ax.get_window_extent(renderer).y0 for ax in fig.axes), plot.__name__
+        assert len(legend.get_texts()) == len({t.get_text() for t in legend.get_texts()}) >= 4, plot.__name__
+    colour_bar = report.plot_windows(runs).axes[-1]
+    ticks = sorted(float(t.get_text()) for t in colour_bar.get_yticklabels())
+    assert ticks[0] == 4 and ticks[-1] == 256 and all(b / a >= 1.25 for a, b in zip(ticks, ticks[1:]))  # 56, not 64
