@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from data_fixtures import cache_files
 
-from mswa.data import bench_data, wikitext
+from mswa.bench import data as bench_data
+from mswa.data import wikitext
 from mswa.data.download import DataError
 
 SHARED_WIKITEXT2_VALID = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2" / "valid.txt"
