@@ -7,11 +7,11 @@ import warnings
 import pytest
 import torch
 
-from mswa import attention
-from mswa.attention import BACKENDS, blocked, flex, resolve_backend, validate_windows, window_attention
+from mswa.attention import BACKENDS, blocked, dispatch, flex, resolve_backend, window_attention
 from mswa.attention.blocked import block_size_for, blocked_window_attention
 from mswa.attention.dense import dense_window_attention, window_mask
 from mswa.attention.flex import BLOCK, _tile_visibility
+from mswa.windows import validate_windows
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
 
@@ -213,8 +213,8 @@ def test_auto_is_blocked_on_cpu_and_in_float64():
 
 
 def test_auto_on_cuda_without_compile_warns_once_and_uses_blocked(monkeypatch):
-    monkeypatch.setattr(attention, "flex_available", lambda device: False)
-    monkeypatch.setattr(attention, "_warned_flex_fallback", False)
+    monkeypatch.setattr(dispatch, "flex_available", lambda device: False)
+    monkeypatch.setattr(dispatch, "_warned_flex_fallback", False)
     with pytest.warns(UserWarning, match="blocked"):
         assert resolve_backend("auto", torch.device("cuda")) == "blocked"
     with warnings.catch_warnings():
