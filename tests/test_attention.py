@@ -11,6 +11,7 @@ from mswa.attention import BACKENDS, blocked, dispatch, flex, resolve_backend, w
 from mswa.attention.blocked import block_size_for, blocked_window_attention
 from mswa.attention.dense import dense_window_attention, window_mask
 from mswa.attention.flex import BLOCK, _tile_visibility
+from mswa.model import ModelConfig
 from mswa.windows import validate_windows
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
@@ -224,6 +225,18 @@ def test_auto_on_cuda_without_compile_warns_once_and_uses_blocked(monkeypatch):
 
 def test_validate_windows_normalises():
     assert validate_windows([torch.tensor(3), None, 7], 3) == (3, None, 7)
+
+
+@pytest.mark.parametrize("windows, message", [
+    ([[4, 4]], r"model.windows must be 2 layers x 2 heads"),
+    ([[4, 4], [4]], r"model.windows must be 2 layers x 2 heads"),
+    ([[4, 4], [0, 4]], r"model.windows\[1\]\[0\]=0: a window must be >= 1"),
+    ([[4, "4"], [4, 4]], r"model.windows\[0\]\[1\]='4': a window must be an int"),
+])
+def test_model_config_refuses_bad_window_tables_before_building(windows, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(n_layer=2, n_head=2, d_model=16, windows=windows)
+    assert ModelConfig(n_layer=2, n_head=2, d_model=16, windows=[[1, None], [3, 4]]).windows == [[1, None], [3, 4]]
 
 
 BAD_WINDOWS = {
