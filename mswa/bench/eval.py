@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from mswa.atomic import write_atomic
-from mswa.bench.model import variant_model
+from mswa.bench.model import add_shape_arguments, variant_model
 from mswa.bench.timing import interleaved_medians, set_threads
 
 EVAL_MODELS = ("full", "swa", "mswa")
@@ -22,10 +22,7 @@ def add_command(commands):
     bench.add_argument("--seq-len", type=int, default=512)
     bench.add_argument("--targets", type=int, default=16384, help="length of the (random) split evaluated")
     bench.add_argument("--models", nargs="+", choices=EVAL_MODELS, default=list(EVAL_MODELS))
-    bench.add_argument("--layers", type=int, default=4, help="a multiple of 4: mswa has 4 layer groups")
-    bench.add_argument("--d-model", type=int, default=256)
-    bench.add_argument("--heads", type=int, default=8)
-    bench.add_argument("--window", type=int, default=128)
+    add_shape_arguments(bench, layers=4)
     bench.add_argument("--batch-size", type=int, default=8)
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--threads", type=int, default=0)

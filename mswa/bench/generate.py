@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from mswa.atomic import write_atomic
-from mswa.bench.model import MODEL_VARIANTS, variant_model
+from mswa.bench.model import MODEL_VARIANTS, add_shape_arguments, variant_model
 from mswa.bench.timing import add_allocator_flag, interleaved_medians, peak_memory_mb, reuse_freed_memory, set_threads
 from mswa.windows import make_schedule
 
@@ -23,10 +23,7 @@ def add_command(commands):
     bench = commands.add_parser("generate", help="decoding: cache bytes, per-token latency and memory vs context length")
     bench.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 32768])
     bench.add_argument("--models", nargs="+", choices=tuple(MODEL_VARIANTS), default=["full", "swa", "mswa", "mswa_linear"])
-    bench.add_argument("--layers", type=int, default=8, help="a multiple of 4: mswa has 4 layer groups")
-    bench.add_argument("--d-model", type=int, default=256)
-    bench.add_argument("--heads", type=int, default=8)
-    bench.add_argument("--window", type=int, default=128)
+    add_shape_arguments(bench)
     bench.add_argument("--steps", type=int, default=20, help="timed decoding steps per context; the median is reported")
     bench.add_argument("--prefill-chunk", type=int, default=2048,
                        help="models with full-attention heads prefill in chunks of this many tokens (others in one call)")

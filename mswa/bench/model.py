@@ -39,10 +39,7 @@ def add_command(commands):
     bench = commands.add_parser("model", help="training-step tokens/s and peak memory of whole models")
     bench.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 8192])
     bench.add_argument("--models", nargs="+", choices=tuple(MODEL_VARIANTS), default=list(MODEL_VARIANTS))
-    bench.add_argument("--layers", type=int, default=8, help="a multiple of 4: mswa has 4 layer groups")
-    bench.add_argument("--d-model", type=int, default=256)
-    bench.add_argument("--heads", type=int, default=8)
-    bench.add_argument("--window", type=int, default=128)
+    add_shape_arguments(bench)
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--device", type=device_argument, default=torch.device("cpu"), help="cpu, cuda or cuda:N")
     bench.add_argument("--backend", choices=BACKENDS, default="auto", help="window_attention backend (auto: flex on CUDA, else blocked)")
@@ -52,6 +49,14 @@ def add_command(commands):
     add_allocator_flag(bench)
     bench.add_argument("--tiny", action="store_true", help="smoke run: lengths 64 128, 4 layers, d_model 32, window 16")
     bench.set_defaults(run=run)
+
+
+def add_shape_arguments(bench, layers=8):
+    """The shape of the MODEL_VARIANTS models (shared by the model, eval and generate benchmarks)."""
+    bench.add_argument("--layers", type=int, default=layers, help="a multiple of 4: mswa has 4 layer groups")
+    bench.add_argument("--d-model", type=int, default=256)
+    bench.add_argument("--heads", type=int, default=8)
+    bench.add_argument("--window", type=int, default=128)
 
 
 def run(args):
