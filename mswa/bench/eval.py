@@ -32,8 +32,7 @@ def add_command(commands):
 
 
 def run(args):
-    """Full evaluation passes (the project's EvalChunks and token_nll, no gradients) over one random split;
-    per model the two strides are timed interleaved, so their ratio is fair on a drifting machine."""
+    """Targets/s of each model at both strides, which are timed interleaved; the table, and the JSON."""
     if args.tiny:
         args.seq_len, args.targets, args.d_model, args.heads, args.window, args.repeats = 64, 1024, 32, 4, 16, 2
     set_threads(args.threads)
