@@ -24,8 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from mswa.attention.linear import mapped_feature_dim
-
-Window = int | None
+from mswa.windows import Window
 
 
 class KVStore:

@@ -13,9 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mswa.attention import window_attention
-from mswa.attention.linear import LinearAttention, cached_linear_attention
-
-Window = int | None
+from mswa.attention.linear import LinearAttentionState, causal_linear_attention, linear_attention_step, mapped_feature_dim
+from mswa.windows import Window, validate_window_table
 
 
 @dataclass
@@ -60,8 +59,8 @@ class ModelConfig:
             raise ValueError(f"model.layout={self.layout!r} is unknown; use interleave or parallel")
         if self.mixer == "hybrid" and self.layout == "interleave" and (not self.pattern or set(self.pattern) - {"linear", "window"}):
             raise ValueError(f"model.pattern={list(self.pattern)} must be a non-empty list of 'linear' and 'window'")
-        if self.windows is not None and (len(self.windows) != self.n_layer or any(len(w) != self.n_head for w in self.windows)):
-            raise ValueError(f"model windows must be {self.n_layer} layers x {self.n_head} heads")
+        if self.windows is not None:
+            validate_window_table(self.windows, self.n_layer, self.n_head, key="model.windows")
 
     def layer_windows(self, layer: int) -> list[Window]:
         return [None] * self.n_head if self.windows is None else list(self.windows[layer])
@@ -150,6 +149,57 @@ class ParallelHybridAttention(WindowedSelfAttention):
         return self.merge(gate * window_out + (1 - gate) * linear_out)
 
 
+class LinearAttention(nn.Module):
+    """Causal linear-attention token mixer: (B, N, d_model) -> (B, N, d_model).
+
+    q and k are projected to n_head x linear_feature_dim (small: the Taylor map squares it), v to n_head x head_dim
+    with head_dim = d_model // n_head, as in a softmax attention block. `chunk_size`: the chunked kernel's block."""
+
+    def __init__(self, cfg: ModelConfig, chunk_size: int = 64):
+        super().__init__()
+        for name, value in (("model.linear_feature_dim", cfg.linear_feature_dim), ("chunk_size", chunk_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive int.")
+        mapped_feature_dim(cfg.linear_feature_map, cfg.linear_feature_dim)  # refuses an unknown feature map
+        self.n_head, self.feature_dim, self.feature_map = cfg.n_head, cfg.linear_feature_dim, cfg.linear_feature_map
+        self.chunk_size = chunk_size
+        self.qkv_proj = nn.Linear(cfg.d_model, 2 * cfg.n_head * cfg.linear_feature_dim + cfg.d_model, bias=False)
+        self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, cache=None, start: int = 0) -> torch.Tensor:
+        """`cache`: a decoding cache (see `cached_linear_attention`); `start` is unused (no positions)."""
+        q, k, v = self._project(x)
+        y = cached_linear_attention(q, k, v, cache, self.feature_map, self.chunk_size)
+        return self.out_proj(y.transpose(1, 2).flatten(2))
+
+    def step(self, x_t: torch.Tensor, state: LinearAttentionState | None = None) -> tuple[torch.Tensor, LinearAttentionState]:
+        """Decode one token x_t (B, d_model); returns (y_t (B, d_model), new state). state None starts afresh."""
+        q, k, v = (t.squeeze(2) for t in self._project(x_t.unsqueeze(1)))
+        y, state = linear_attention_step(q, k, v, state, self.feature_map)
+        return self.out_proj(y.flatten(1)), state
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, N, d_model) -> q, k (B, H, N, feature_dim) and v (B, H, N, head_dim)."""
+        qk_width = self.n_head * self.feature_dim
+        q, k, v = self.qkv_proj(x).split([qk_width, qk_width, x.shape[-1]], dim=-1)
+        return tuple(t.unflatten(-1, (self.n_head, -1)).transpose(1, 2) for t in (q, k, v))
+
+
+def cached_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache=None, feature_map: str = "elu",
+                            chunk_size: int = 64) -> torch.Tensor:
+    """`causal_linear_attention`, continued across calls through `cache.linear_state` when a decoding cache is given
+    (`mswa.generate.LayerCache`): tokens are chunked from the running sums, a single token takes the recurrent step."""
+    if cache is None:
+        return causal_linear_attention(q, k, v, feature_map, chunk_size)
+    state = cache.linear_state
+    if state is not None and q.shape[-2] == 1:
+        out, cache.linear_state = linear_attention_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], state, feature_map)
+        return out.unsqueeze(-2)
+    out = causal_linear_attention(q, k, v, feature_map, chunk_size, state=state)
+    cache.linear_state = LinearAttentionState.from_prefix(k, v, feature_map, before=state)
+    return out
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -178,7 +228,7 @@ class Block(nn.Module):
 def make_mixer(cfg: ModelConfig, layer: int) -> nn.Module:
     kind = cfg.layer_mixer(layer)
     if kind == "linear":
-        return LinearAttention(cfg.d_model, cfg.n_head, cfg.linear_feature_dim, cfg.linear_feature_map)
+        return LinearAttention(cfg)
     mixer_class = ParallelHybridAttention if kind == "parallel" else WindowedSelfAttention
     return mixer_class(cfg, cfg.layer_windows(layer))
 

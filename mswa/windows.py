@@ -11,6 +11,7 @@ deep); head h of layer l gets ``max(1, round(w * layer_ratios[group(l)] * head_r
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -167,3 +168,49 @@ def make_schedule(
         for layer in range(n_layer)
     )
     return WindowSchedule(name, w, table)
+
+
+# ----------------------------------------------------------------------------- window values
+
+
+def validate_windows(windows, n_head: int, *, key: str = "windows") -> tuple[Window, ...]:
+    """Check a per-head window list (ints >= 1 or None) and return it as a tuple of ints/None.
+
+    `key` names the list in messages (e.g. "model.windows[2]" for a layer of a table)."""
+    if isinstance(windows, (str, bytes)) or not hasattr(windows, "__len__"):
+        raise ValueError(f"{key}={windows!r}: give a list with one window per head (ints >= 1, None = full causal).")
+    if len(windows) != n_head:
+        raise ValueError(f"{key} has {len(windows)} entries but there are {n_head} heads: give one window per head.")
+    return tuple(_check_window(f"{key}[{head}]", window) for head, window in enumerate(windows))
+
+
+def validate_window_table(table, n_layer: int, n_head: int, *, key: str = "windows") -> tuple[tuple[Window, ...], ...]:
+    """Check a per-layer list of per-head windows (n_layer x n_head) and return it as tuples."""
+    def is_list(value) -> bool:
+        return hasattr(value, "__len__") and not isinstance(value, (str, bytes))
+
+    if not is_list(table) or len(table) != n_layer or any(not is_list(row) or len(row) != n_head for row in table):
+        raise ValueError(
+            f"{key} must be {n_layer} layers x {n_head} heads; give one list of {n_head} windows per layer."
+        )
+    return tuple(validate_windows(row, n_head, key=f"{key}[{layer}]") for layer, row in enumerate(table))
+
+
+def fraction_to_tokens(fraction: float, seq_len: int | None, *, key: str = "window_fraction") -> int:
+    """A window given as a fraction of the sequence length, in tokens (the MSWA authors' way: 0.25 x 4096 = 1024)."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"{key}={fraction}: a fraction of seq_len must be in (0, 1]; give longer windows in tokens (an int).")
+    if seq_len is None or seq_len < 1:
+        raise ValueError(f"{key}={fraction} is a fraction of the sequence length: pass seq_len=<tokens> too.")
+    return max(1, round(fraction * seq_len))
+
+
+def _check_window(key: str, window) -> Window:
+    if window is None:
+        return None
+    if isinstance(window, bool) or not hasattr(type(window), "__index__"):
+        raise ValueError(f"{key}={window!r}: a window must be an int >= 1 or None (full causal).")
+    value = operator.index(window)
+    if value < 1:
+        raise ValueError(f"{key}={value}: a window must be >= 1 (1 = the query itself only).")
+    return value

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from helpers.attention import CASES, assert_case_matches_dense, assert_matches_dense, fixed_grad_out, make_inputs, output_and_grads
-from mswa import attention
-from mswa.attention import BACKENDS, blocked, flex, resolve_backend, validate_windows, window_attention
-from mswa.attention.blocked import blocked_window_attention
+from mswa.attention import BACKENDS, blocked, dispatch, flex, resolve_backend, window_attention
+from mswa.attention.blocked import block_size_for, blocked_window_attention
 from mswa.attention.dense import dense_window_attention, window_mask
 from mswa.attention.flex import BLOCK, _tile_visibility
+from mswa.model import ModelConfig
+from mswa.windows import validate_windows
 
 
 def textbook_attention(q, k, v, windows):
@@ -166,8 +167,8 @@ def test_auto_is_blocked_on_cpu_and_in_float64():
 
 
 def test_auto_on_cuda_without_compile_warns_once_and_uses_blocked(monkeypatch):
-    monkeypatch.setattr(attention, "flex_available", lambda device: False)
-    monkeypatch.setattr(attention, "_warned_flex_fallback", False)
+    monkeypatch.setattr(dispatch, "flex_available", lambda device: False)
+    monkeypatch.setattr(dispatch, "_warned_flex_fallback", False)
     with pytest.warns(UserWarning, match="blocked"):
         assert resolve_backend("auto", torch.device("cuda")) == "blocked"
     with warnings.catch_warnings():
@@ -177,6 +178,18 @@ def test_auto_on_cuda_without_compile_warns_once_and_uses_blocked(monkeypatch):
 
 def test_validate_windows_normalises():
     assert validate_windows([torch.tensor(3), None, 7], 3) == (3, None, 7)
+
+
+@pytest.mark.parametrize("windows, message", [
+    ([[4, 4]], r"model.windows must be 2 layers x 2 heads"),
+    ([[4, 4], [4]], r"model.windows must be 2 layers x 2 heads"),
+    ([[4, 4], [0, 4]], r"model.windows\[1\]\[0\]=0: a window must be >= 1"),
+    ([[4, "4"], [4, 4]], r"model.windows\[0\]\[1\]='4': a window must be an int"),
+])
+def test_model_config_refuses_bad_window_tables_before_building(windows, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(n_layer=2, n_head=2, d_model=16, windows=windows)
+    assert ModelConfig(n_layer=2, n_head=2, d_model=16, windows=[[1, None], [3, 4]]).windows == [[1, None], [3, 4]]
 
 
 BAD_WINDOWS = {

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mswa.bench import interleaved_medians
+from mswa.bench.timing import interleaved_medians
 
 ROOT = Path(__file__).resolve().parents[1]
 

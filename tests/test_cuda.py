@@ -67,3 +67,14 @@ def test_attention_bench_runs_on_cuda(tmp_path):
     rows = json.loads(output.read_text())["rows"]
     assert {r["backend"] for r in rows if r["time_s"]} == {"blocked", "dense", "flex", "causal"}
     assert all(r["mode"] == "fwd+bwd" for r in rows)  # flex trains on CUDA
+
+
+def test_model_bench_trains_on_cuda_in_bf16(tmp_path):
+    output = tmp_path / "model.json"
+    command = [sys.executable, "-m", "mswa.bench", "model", "--tiny", "--models", "full", "swa", "mswa", "--device", "cuda",
+               "--backend", "auto", "--dtype", "bfloat16", "--output", str(output)]
+    done = subprocess.run(command, check=False, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(output.read_text())
+    assert result["settings"]["resolved_backend"] == "flex" and result["settings"]["dtype"] == "bfloat16"
+    assert all(row["tokens_per_s"] > 0 and row["peak_mb"] > 0 for row in result["rows"])

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from helpers.data import SHARED_WIKITEXT2_VALID, cache_files
-from mswa.data import bench_data, wikitext
+from mswa.bench import data as bench_data
+from mswa.data import wikitext
 from mswa.data.corpus import DataError
 
 

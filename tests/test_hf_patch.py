@@ -3,6 +3,8 @@
 References are independent of the patch: the unpatched model, transformers' own Mistral sliding
 window, and a plain eager attention with an explicit per-head window mask (tests/helpers/hf.py)."""
 
+import json
+
 import pytest
 import torch
 
@@ -192,10 +194,12 @@ def test_tiny_tokenizer_round_trips_text_offline():
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (0, 1, 2)
 
 
-def test_memory_bench_runs_and_reports_every_row(capsys):
-    from mswa.hf.bench import main as bench
+def test_memory_bench_runs_and_reports_every_row(capsys, tmp_path):
+    from mswa.bench.cli import main as bench
 
-    rows = bench(["--lengths", "64", "96", "--cases", "sdpa", "mswa-blocked", "--window", "16", "--repeats", "1"])
+    rows = bench(["hf", "--lengths", "64", "96", "--cases", "sdpa", "mswa-blocked", "--window", "16", "--repeats", "1",
+                  "--output", str(tmp_path / "hf.json")])
     assert [(row["case"], row["n"]) for row in rows] == [("sdpa", 64), ("sdpa", 96), ("mswa-blocked", 64), ("mswa-blocked", 96)]
     assert all(row["peak_mb"] >= 0 and row["time_s"] > 0 for row in rows)
     assert "mswa-blocked" in capsys.readouterr().out
+    assert json.loads((tmp_path / "hf.json").read_text())["rows"] == rows

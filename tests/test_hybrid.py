@@ -6,8 +6,7 @@ import math
 import torch
 
 from helpers.runs import SCHEDULES, TINY_DATA, compose_config, run_train
-from mswa.attention.linear import LinearAttention
-from mswa.model import LanguageModel, ModelConfig, ParallelHybridAttention, WindowedSelfAttention
+from mswa.model import LanguageModel, LinearAttention, ModelConfig, ParallelHybridAttention, WindowedSelfAttention
 from mswa.run import build_schedule, model_kwargs
 from mswa.data.synthetic import load as load_synthetic
 

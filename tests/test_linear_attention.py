@@ -7,13 +7,13 @@ from torch.utils._pytree import tree_leaves
 
 from mswa.attention.linear import (
     FEATURE_MAPS,
-    LinearAttention,
     LinearAttentionState,
     causal_linear_attention,
     linear_attention_step,
     mapped_feature_dim,
     quadratic_linear_attention,
 )
+from mswa.model import LinearAttention, ModelConfig
 
 MAP_NAMES = ["elu", "taylor"]
 # (batch, heads, seq, feature_dim, head_dim, chunk_size): seq below, at, just past, and several times the chunk.
@@ -184,7 +184,8 @@ def test_long_sequence_runs_on_cpu():
 @pytest.mark.parametrize("feature_map", MAP_NAMES)
 def test_module_forward_shape_grads_and_step_decoding(feature_map):
     torch.manual_seed(0)
-    mixer = LinearAttention(d_model=24, n_head=3, feature_dim=4, feature_map=feature_map, chunk_size=8).double()
+    config = ModelConfig(d_model=24, n_head=3, linear_feature_dim=4, linear_feature_map=feature_map)
+    mixer = LinearAttention(config, chunk_size=8).double()
     x = torch.randn(2, 21, 24, dtype=torch.float64, requires_grad=True)
     y = mixer(x)
     assert y.shape == x.shape
@@ -199,7 +200,7 @@ def test_module_forward_shape_grads_and_step_decoding(feature_map):
 
 def test_module_is_causal():
     torch.manual_seed(0)
-    mixer = LinearAttention(d_model=16, n_head=2, feature_map="taylor", chunk_size=4)
+    mixer = LinearAttention(ModelConfig(d_model=16, n_head=2, linear_feature_map="taylor"), chunk_size=4)
     x = torch.randn(1, 19, 16)
     changed = x.clone()
     changed[:, 11:] = torch.randn(1, 8, 16)
@@ -237,14 +238,14 @@ def test_step_rejects_state_of_another_feature_map_and_whole_sequences():
 
 
 @pytest.mark.parametrize(
-    "kwargs, message",
+    "config, chunk_size, message",
     [
-        (dict(d_model=30, n_head=4), "not divisible by n_head=4"),
-        (dict(feature_map="softmax"), "feature_map='softmax' is unknown"),
-        (dict(feature_dim=0), "feature_dim=0"),
-        (dict(chunk_size=-1), "chunk_size=-1"),
+        (dict(d_model=30, n_head=4), 64, "not divisible by model.n_head=4"),  # ModelConfig, the one home of the fact
+        (dict(linear_feature_map="softmax"), 64, "feature_map='softmax' is unknown"),
+        (dict(linear_feature_dim=0), 64, "feature_dim=0"),
+        ({}, -1, "chunk_size=-1"),
     ],
 )
-def test_module_rejects_bad_sizes(kwargs, message):
+def test_module_rejects_bad_sizes(config, chunk_size, message):
     with pytest.raises(ValueError, match=message):
-        LinearAttention(**{"d_model": 32, "n_head": 4, **kwargs})
+        LinearAttention(ModelConfig(**{"d_model": 32, "n_head": 4, "mixer": "linear", **config}), chunk_size=chunk_size)

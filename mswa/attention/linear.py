@@ -1,4 +1,4 @@
-"""Causal linear attention: feature maps, chunked training form, recurrent decoding form, and a mixer module.
+"""Causal linear attention kernels: feature maps, chunked training form, recurrent decoding form.
 
 Linear attention replaces softmax(q.k) with a positive kernel phi(q).phi(k), so the causal output
 
@@ -12,8 +12,8 @@ Three forms compute exactly the same function:
   across chunks. Time O(N * M * D + N * chunk * (M + D)), memory O(N), where M is the mapped feature size.
 - `linear_attention_step`: the recurrent form for decoding, one token at a time against a `LinearAttentionState`.
 
-`cached_linear_attention` is what the model's mixers call: the chunked form, or, with a decoding cache, the chunked
-form continued from the cache's running sums (a prompt, or a chunk of one) and the recurrent step for single tokens.
+The model's linear mixers (`mswa.model.LinearAttention`, and the linear branch of the parallel hybrid) call them
+through `mswa.model.cached_linear_attention`, which continues them across the calls of a decoding cache.
 
 All three accumulate in fp32 (fp64 stays fp64) whatever the input dtype, with autocast turned off inside, and
 return the input dtype. The denominator is clamped at `eps`, so a query whose weights all underflow gets a
@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 DEFAULT_EPS = 1e-6
 
@@ -169,22 +169,6 @@ def linear_attention_step(
     return out.to(v_t.dtype), state
 
 
-def cached_linear_attention(
-    q: Tensor, k: Tensor, v: Tensor, cache=None, feature_map: str = "elu", chunk_size: int = 64, eps: float = DEFAULT_EPS
-) -> Tensor:
-    """`causal_linear_attention`, continued across calls through `cache.linear_state` when a decoding cache is given
-    (`mswa.generate.LayerCache`): tokens are chunked from the running sums, a single token takes the recurrent step."""
-    if cache is None:
-        return causal_linear_attention(q, k, v, feature_map, chunk_size, eps)
-    state = cache.linear_state
-    if state is not None and q.shape[-2] == 1:
-        out, cache.linear_state = linear_attention_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], state, feature_map, eps)
-        return out.unsqueeze(-2)
-    out = causal_linear_attention(q, k, v, feature_map, chunk_size, eps, state=state)
-    cache.linear_state = LinearAttentionState.from_prefix(k, v, feature_map, before=state)
-    return out
-
-
 def quadratic_linear_attention(
     q: Tensor, k: Tensor, v: Tensor, feature_map: str = "elu", eps: float = DEFAULT_EPS
 ) -> Tensor:
@@ -197,56 +181,6 @@ def quadratic_linear_attention(
         weights = (phi(_accum(q)) @ phi(_accum(k)).transpose(-1, -2)).masked_fill(~causal, 0)
         out = _normalise(weights @ _accum(v), weights.sum(-1), eps)
     return out.to(v.dtype)
-
-
-class LinearAttention(nn.Module):
-    """Causal linear-attention token mixer: (B, N, d_model) -> (B, N, d_model).
-
-    q and k are projected to n_head x feature_dim (small: the Taylor map squares it), v to n_head x head_dim
-    with head_dim = d_model // n_head, as in a softmax attention block.
-    """
-
-    def __init__(
-        self,
-        d_model: int,
-        n_head: int,
-        feature_dim: int = 16,
-        feature_map: str = "elu",
-        chunk_size: int = 64,
-        bias: bool = False,
-        eps: float = DEFAULT_EPS,
-    ):
-        super().__init__()
-        sizes = {"d_model": d_model, "n_head": n_head, "feature_dim": feature_dim, "chunk_size": chunk_size}
-        for name, value in sizes.items():
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive int.")
-        if d_model % n_head:
-            raise ValueError(f"d_model={d_model} is not divisible by n_head={n_head}; pick n_head dividing d_model.")
-        _check_feature_map(feature_map)
-        _check_eps(eps)
-        self.n_head, self.feature_dim, self.feature_map = n_head, feature_dim, feature_map
-        self.chunk_size, self.eps = chunk_size, eps
-        self.qkv_proj = nn.Linear(d_model, 2 * n_head * feature_dim + d_model, bias=bias)
-        self.out_proj = nn.Linear(d_model, d_model, bias=bias)
-
-    def forward(self, x: Tensor, cache=None, start: int = 0) -> Tensor:
-        """`cache`: a decoding cache (see `cached_linear_attention`); `start` is unused (no positions)."""
-        q, k, v = self._project(x)
-        y = cached_linear_attention(q, k, v, cache, self.feature_map, self.chunk_size, self.eps)
-        return self.out_proj(y.transpose(1, 2).flatten(2))
-
-    def step(self, x_t: Tensor, state: LinearAttentionState | None = None) -> tuple[Tensor, LinearAttentionState]:
-        """Decode one token x_t (B, d_model); returns (y_t (B, d_model), new state). state None starts afresh."""
-        q, k, v = (t.squeeze(2) for t in self._project(x_t.unsqueeze(1)))
-        y, state = linear_attention_step(q, k, v, state, self.feature_map, self.eps)
-        return self.out_proj(y.flatten(1)), state
-
-    def _project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(B, N, d_model) -> q, k (B, H, N, feature_dim) and v (B, H, N, head_dim)."""
-        qk_width = self.n_head * self.feature_dim
-        q, k, v = self.qkv_proj(x).split([qk_width, qk_width, x.shape[-1]], dim=-1)
-        return tuple(t.unflatten(-1, (self.n_head, -1)).transpose(1, 2) for t in (q, k, v))
 
 
 def _accum(x: Tensor) -> Tensor:

@@ -139,25 +139,17 @@ def _log(logger, summary: dict) -> None:
 def schedule_windows(config, schedule: str, *, window=None, window_fraction=None, seq_len=None, windows=None):
     """Per-layer, per-head windows of a named schedule (mswa.windows) for a model `config`; the base
     window in tokens, or as a fraction of seq_len (the authors' way: 0.25 x 4096 = 1024)."""
-    from mswa.windows import make_schedule
+    from mswa.windows import fraction_to_tokens, make_schedule
 
     if window is not None and window_fraction is not None:
         raise ValueError("give the base window either in tokens (window) or as window_fraction with seq_len, not both.")
     if window_fraction is not None:
-        window = _fraction_to_tokens(window_fraction, seq_len)
+        window = fraction_to_tokens(window_fraction, seq_len, key="window_fraction")
     config = config.get_text_config()
     built = make_schedule(
         schedule, w=window, n_layer=config.num_hidden_layers, n_head=config.num_attention_heads, windows=windows
     )
     return built.windows
-
-
-def _fraction_to_tokens(fraction: float, seq_len: int | None) -> int:
-    if not 0 < fraction <= 1:
-        raise ValueError(f"window_fraction={fraction}: give a fraction in (0, 1] of seq_len.")
-    if seq_len is None or seq_len < 1:
-        raise ValueError(f"window_fraction={fraction} needs seq_len=<tokens> (the sequence length the fraction refers to).")
-    return max(1, round(fraction * seq_len))
 
 
 def main(argv=None) -> dict:

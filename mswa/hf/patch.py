@@ -32,7 +32,6 @@ to save the original config.
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -41,8 +40,9 @@ from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, prepare_padding_mask
 
-from mswa.attention import BACKENDS, window_attention
+from mswa.attention import check_backend, window_attention
 from mswa.generate import KVStore, attend_past, window_groups
+from mswa.windows import Window, fraction_to_tokens, validate_window_table
 
 IMPLEMENTATION = "mswa"
 
@@ -64,7 +64,7 @@ class WindowAttentionHandle:
     """What `apply_window_attention` changed; `.remove()` (or leaving the `with` block) undoes it."""
 
     model: torch.nn.Module
-    windows: tuple[tuple[int | None, ...], ...]
+    windows: tuple[tuple[Window, ...], ...]
     backend: str
     previous_implementation: str
     saved_attributes: list[tuple[object, str, object]] = field(default_factory=list)
@@ -91,8 +91,7 @@ def apply_window_attention(model, windows, *, seq_len: int | None = None, backen
     config = hf_model.config.get_text_config()
     attentions = _attention_modules(hf_model)
     table = resolve_windows(windows, len(attentions), config.num_attention_heads, seq_len=seq_len)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is unknown: choose one of {', '.join(BACKENDS)}.")
+    check_backend(backend)
     _check_attention_modules(attentions, config)
     handle = getattr(hf_model, "_mswa_handle", None)
     if handle is None:
@@ -119,7 +118,7 @@ def remove_window_attention(model) -> None:
     del hf_model._mswa_handle
 
 
-def patched_windows(model) -> tuple[tuple[int | None, ...], ...] | None:
+def patched_windows(model) -> tuple[tuple[Window, ...], ...] | None:
     """The per-layer, per-head windows `model` currently runs with, or None if it is not patched."""
     handle = getattr(hf_base_model(model), "_mswa_handle", None)
     return None if handle is None else handle.windows
@@ -136,7 +135,7 @@ def window_cache(model) -> Cache:
     return Cache(layers=[PerHeadWindowLayer(kv_head_windows(layer, config.num_key_value_heads)) for layer in windows])
 
 
-def kv_head_windows(windows, n_kv_head: int) -> list[int | None]:
+def kv_head_windows(windows, n_kv_head: int) -> list[Window]:
     """The window each k/v head must serve: the largest of its query heads' (grouped-query attention:
     query head h uses k/v head h // (heads / kv heads)); None when one of them is full causal."""
     per_kv = len(windows) // n_kv_head
@@ -156,7 +155,7 @@ class PerHeadWindowLayer(CacheLayerMixin):
     is_croppable = False
     supports_early_init = False
 
-    def __init__(self, kv_windows: Sequence[int | None]):
+    def __init__(self, kv_windows: Sequence[Window]):
         super().__init__()
         self.kv_windows = list(kv_windows)
         self.reset()
@@ -214,40 +213,26 @@ class PerHeadWindowLayer(CacheLayerMixin):
         )
 
 
-def resolve_windows(windows, n_layer: int, n_head: int, *, seq_len: int | None = None):
-    """Windows as a (n_layer x n_head) tuple of ints >= 1 or None, fractions of `seq_len` turned into tokens."""
+def resolve_windows(windows, n_layer: int, n_head: int, *, seq_len: int | None = None) -> tuple[tuple[Window, ...], ...]:
+    """Windows as a (n_layer x n_head) tuple of ints >= 1 or None, fractions of `seq_len` turned into tokens.
+    One value (a window or a fraction) serves every head."""
     table = getattr(windows, "windows", windows)  # a WindowSchedule carries its table in .windows
     if table is None or isinstance(table, (int, float)):
         table = [[table] * n_head for _ in range(n_layer)]
-    if not _is_sequence(table) or len(table) != n_layer or any(not _is_sequence(row) or len(row) != n_head for row in table):
-        raise ValueError(
-            f"windows must be one window or {n_layer} layers x {n_head} heads; give one list of {n_head} windows per layer."
-        )
-    return tuple(
-        tuple(_window_tokens(f"windows[{layer}][{head}]", window, seq_len) for head, window in enumerate(row))
-        for layer, row in enumerate(table)
-    )
+    if _is_sequence(table):
+        table = [_fractions_in_tokens(row, f"windows[{layer}]", seq_len) for layer, row in enumerate(table)]
+    return validate_window_table(table, n_layer, n_head, key="windows")
+
+
+def _fractions_in_tokens(row, key: str, seq_len: int | None):
+    """A row with its float windows (fractions of seq_len) in tokens; anything else is left to validate_window_table."""
+    if not _is_sequence(row):
+        return row
+    return [fraction_to_tokens(w, seq_len, key=f"{key}[{head}]") if isinstance(w, float) else w for head, w in enumerate(row)]
 
 
 def _is_sequence(value) -> bool:
     return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
-
-
-def _window_tokens(key: str, window, seq_len: int | None) -> int | None:
-    kinds = "a window is an int >= 1 (tokens), a float in (0, 1] (fraction of seq_len) or None"
-    if window is None:
-        return None
-    if isinstance(window, bool):
-        raise ValueError(f"{key}={window!r}: {kinds}.")
-    if isinstance(window, float):
-        if not 0 < window <= 1:
-            raise ValueError(f"{key}={window}: a fractional window must be in (0, 1]; give token counts as ints.")
-        if seq_len is None or seq_len < 1:
-            raise ValueError(f"{key}={window} is a fraction of the sequence length: pass seq_len=<tokens> too.")
-        return max(1, round(window * seq_len))
-    if not hasattr(type(window), "__index__") or operator.index(window) < 1:
-        raise ValueError(f"{key}={window!r}: {kinds}.")
-    return operator.index(window)
 
 
 def hf_base_model(model):

@@ -1,4 +1,4 @@
-"""Speed of the benchmark loaders on full-size stand-ins: ``python -m mswa.data.bench_data``.
+"""Speed of the benchmark loaders on full-size stand-ins: ``python -m mswa.bench data``.
 
 - enwik8: a 10^8-byte pseudo-random file (its own checksums passed as the expected ones, so the
   full verification path runs) -> verified, split, cached; then a cached load.
@@ -15,7 +15,6 @@ bench_results/data.json).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mswa.atomic import write_atomic
+from mswa.bench.timing import timed
 from mswa.data import enwik8, wikitext
 from mswa.data.corpus import SPLITS
 
@@ -108,22 +109,15 @@ def write_hf_mirror(folder: Path, text_files: dict[str, Path], config: str) -> N
     (folder / "README.md").write_text(f"---\nconfigs:\n- config_name: {config}\n  data_files:\n{''.join(yaml_splits)}---\n")
 
 
-def _timed(function, *args, **kwargs) -> tuple[object, float, float]:
-    """Result, wall seconds, CPU seconds of this process (all threads): on a shared machine the two differ."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    result = function(*args, **kwargs)
-    return result, time.perf_counter() - wall, time.process_time() - cpu
-
-
 def bench_enwik8(work: Path, n_bytes: int) -> list[dict]:
     raw = work / "enwik8"
     raw.write_bytes(np.random.default_rng(0).bytes(n_bytes))
     content = raw.read_bytes()
     checks = {"md5": hashlib.md5(content).hexdigest(), "sha256": hashlib.sha256(content).hexdigest(), "expected_size": n_bytes}
     del content
-    corpus, build, build_cpu = _timed(enwik8.load, work / "cache", path=raw, **checks)
+    corpus, build, build_cpu = timed(enwik8.load, work / "cache", path=raw, **checks)
     assert sum(len(corpus.splits[s]) for s in SPLITS) == n_bytes
-    _, cached, cached_cpu = _timed(enwik8.load, work / "cache", path=raw, **checks)
+    _, cached, cached_cpu = timed(enwik8.load, work / "cache", path=raw, **checks)
     size = f"{n_bytes:,} bytes"
     return [
         _row("enwik8: raw file -> verified cached splits", size, build, build_cpu, f"{n_bytes / build / 1e6:.0f} MB/s", "< 30 s",
@@ -156,11 +150,11 @@ def bench_wikitext(work: Path, n_words: int, hf: bool) -> list[dict]:
 
 
 def _bench_word_source(label: str, data_dir: Path, **source) -> list[dict]:
-    corpus, build, build_cpu = _timed(wikitext.load, data_dir, **source)
+    corpus, build, build_cpu = timed(wikitext.load, data_dir, **source)
     tokens = sum(len(corpus.splits[s]) for s in SPLITS)
     words = tokens - sum(int((corpus.splits[s] == 0).sum()) for s in SPLITS)  # id 0 is <eos>
     rate = words / build
-    _, cached, cached_cpu = _timed(wikitext.load, data_dir, **source)
+    _, cached, cached_cpu = timed(wikitext.load, data_dir, **source)
     size = f"{words:,} words + {tokens - words:,} <eos>, vocab {corpus.vocab_size:,}"
     return [
         _row(f"wikitext ({label}): text -> cached ids", size, build, build_cpu, f"{rate / 1e6:.2f} M words/s", ">= 1M words/s",
@@ -181,16 +175,19 @@ def print_table(rows: list[dict]) -> None:
         print("  ".join(str(cells[c]).ljust(widths[c]) for c in columns))
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--enwik8-bytes", type=int, default=enwik8.SIZE, help="size of the enwik8 stand-in (0 skips it)")
-    parser.add_argument("--wikitext-words", type=int, default=100_000_000,
-                        help="words of the WikiText-103 stand-in's train split (0 skips it)")
-    parser.add_argument("--no-hf", action="store_true", help="skip the Hugging Face dataset source")
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="where the temporary folder goes (default: the system temp dir)")
-    parser.add_argument("--out", type=Path, default=Path("bench_results/data.json"))
-    args = parser.parse_args(argv)
+def add_command(commands):
+    bench = commands.add_parser("data", help="enwik8 split+cache and WikiText-103-sized tokenisation speed")
+    bench.add_argument("--enwik8-bytes", type=int, default=enwik8.SIZE, help="size of the enwik8 stand-in (0 skips it)")
+    bench.add_argument("--wikitext-words", type=int, default=100_000_000,
+                       help="words of the WikiText-103 stand-in's train split (0 skips it)")
+    bench.add_argument("--no-hf", action="store_true", help="skip the Hugging Face dataset source")
+    bench.add_argument("--workdir", type=Path, default=None,
+                       help="where the temporary folder goes (default: the system temp dir)")
+    bench.add_argument("--output", "--out", type=Path, default=Path("bench_results/data.json"))
+    bench.set_defaults(run=run)
+
+
+def run(args) -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="mswa-bench-data-", dir=args.workdir) as work:
         if args.enwik8_bytes:
@@ -200,11 +197,6 @@ def main(argv: list[str] | None = None) -> None:
     print_table(rows)
     machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "load_average_1min": os.getloadavg()[0],
                "python": platform.python_version()}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"args": {k: str(v) for k, v in vars(args).items()}, "machine": machine, "results": rows}
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
-
-
-if __name__ == "__main__":
-    main()
+    settings = {k: str(v) for k, v in vars(args).items() if k != "run"}
+    write_atomic(args.output, json.dumps({"args": settings, "machine": machine, "results": rows}, indent=2))
+    print(f"wrote {args.output}")

@@ -1,0 +1,3 @@
+from mswa.bench.cli import main
+
+main()
