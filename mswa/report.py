@@ -48,7 +48,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
 from mswa.stats import PairedDifference, paired_difference
-from mswa.sweeps import comparison_id, variant_id
+from mswa.sweeps import comparison_id, schedule_rule, variant_id
 
 SCHEMA = 1
 NO_RESULTS = "no results"  # status of a Hydra job folder that never wrote results.json
@@ -269,7 +269,7 @@ def config_columns(config: Mapping | None) -> dict:
     if not isinstance(config, Mapping) or not {"model", "window_schedule", "dataset"} <= config.keys():
         return dict.fromkeys(CONFIG_COLUMNS)
     return {"variant_id": variant_id(config), "comparison_id": comparison_id(config),
-            "schedule_rule": config["window_schedule"].get("name")}
+            "schedule_rule": schedule_rule(config)}
 
 
 def merge_identical_variants(runs: pd.DataFrame) -> pd.DataFrame:

@@ -11,8 +11,8 @@ from omegaconf import OmegaConf
 
 from conftest import REPO, run_train
 from mswa.data.synthetic import SyntheticSettings
-from mswa.model import LanguageModel, ModelConfig
-from mswa.run import MODEL_KEYS, build_schedule, check_config
+from mswa.checks import check_config
+from mswa.factory import build_model, build_schedule, model_spec
 from mswa.sweeps import comparison_id, repetition_warning, training_tokens, variant_id
 
 SWEEPS = sorted(p.stem for p in (REPO / "sweep").glob("*.yaml"))
@@ -34,11 +34,8 @@ def sweep_jobs(name, *extra):
 def test_cpu_experiment_composes_checks_and_builds_with_every_sweep(name):
     for job in sweep_jobs(name, "experiment=cpu"):
         cfg = compose_plain(["experiment=cpu", f"+sweep={name}", *job])
-        check_config(cfg)
-        schedule = build_schedule(cfg)
-        kwargs = {key: cfg["model"][key] for key in MODEL_KEYS}
-        model = LanguageModel(ModelConfig(**kwargs, vocab_size=256, max_seq_len=cfg["seq_len"],
-                                          windows=None if schedule.is_full else schedule.as_lists()))
+        settings = check_config(cfg)
+        model = build_model(settings.model, model_spec(settings, 256, build_schedule(settings)))
         assert model.n_params() > 0
         assert cfg["dataset"]["name"] == "synthetic"
         # one pass at most: the corpus is sized for the run (see conf/experiment/cpu.yaml)
@@ -109,7 +106,7 @@ def test_report_finds_swa_at_w_and_at_budget_from_the_configs_and_pairs_by_seed(
     for name, values in test_bpc.items():
         cfg = compose_plain(["experiment=cpu", *spelled[name]])
         ws = cfg["window_schedule"]
-        schedule = make_schedule(ws["name"], w=64, n_layer=4, n_head=4, head_ratios=ws["head_ratios"])
+        schedule = make_schedule(ws["kind"], w=64, n_layer=4, n_head=4, head_ratios=ws["head_ratios"])
         for seed, value in enumerate(values):
             results = {"schema": 1, "status": "finished", "variant": name, "seed": seed,
                        "config": {**cfg, "seed": seed}, "dataset": "synthetic", "metric": "bpc", "model": "swa",

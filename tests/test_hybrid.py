@@ -8,7 +8,8 @@ import torch
 from conftest import TINY_DATA, compose_config, run_train
 from mswa.attention.linear import LinearAttention
 from mswa.model import LanguageModel, ModelConfig, ParallelHybridAttention, WindowedSelfAttention
-from mswa.run import build_schedule, model_kwargs
+from mswa.config import parse_config
+from mswa.factory import build_model, build_schedule, model_spec
 from mswa.data.synthetic import load as load_synthetic
 from test_train import SCHEDULES
 
@@ -21,7 +22,8 @@ def test_every_hybrid_and_schedule_composes_and_builds(tmp_path):
     for model, schedule in combos:
         picked = [f"window_schedule={schedule}"] if schedule else []
         cfg = compose_config([f"model={model}", *picked, "model.n_layer=8", "model.d_model=32", "seq_len=32"], tmp_path)
-        lm = LanguageModel(ModelConfig(**model_kwargs(cfg, corpus, build_schedule(cfg))))
+        settings = parse_config(cfg)
+        lm = build_model(settings.model, model_spec(settings, corpus.vocab_size, build_schedule(settings)))
         assert torch.isfinite(lm(torch.randint(0, 256, (2, 32)))).all(), (model, schedule)
 
 
