@@ -22,7 +22,7 @@ from typing import Any
 import lightning as L
 from lightning.fabric.connector import _PRECISION_INPUT
 from omegaconf import MISSING, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from mswa.attention import BACKENDS
 from mswa.attention.linear import FEATURE_MAPS
@@ -308,6 +308,8 @@ def parse_config(cfg: Mapping) -> RunConfig:
     plain = {**cfg, "window_schedule": {**ws, "kind": schedule_rule(cfg)}} if "name" in ws else cfg
     try:
         return OmegaConf.to_object(OmegaConf.merge(schema, plain))
+    except MissingMandatoryValue as error:
+        raise ConfigError(f"{error.full_key} is not set; give it a value") from None
     except OmegaConfBaseException as error:  # a type the rules do not cover (e.g. window=abc)
         why = str(error.msg).splitlines()[0]
         raise ConfigError(f"{error.full_key}={getattr(error, 'value', None)!r} has the wrong type ({why}); give a value of its type") from None

@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mswa.data.corpus import Corpus
 from mswa.data.loading import eval_context
-from mswa.config import RunConfig, parse_config
+from mswa.config import RunConfig, WandbConfig, parse_config
 from mswa.factory import build_model, build_schedule, model_spec, with_pretrained_shape
 from mswa.lit import CorpusDataModule, LanguageModelTask
 from mswa.run import git_commit, load_corpus
@@ -185,13 +185,13 @@ def _write_json(path: Path, record: dict) -> None:
 
 def _mirror_to_wandb(cfg: dict, run_dir: Path, name: str, record: dict) -> None:
     """The record into the summary of the run's own W&B run (offline unless the run was online)."""
-    id_file, logger = run_dir / "wandb_id", cfg.get("logger") or {}
-    if logger.get("name") != "wandb" or not id_file.is_file():
+    id_file, logger = run_dir / "wandb_id", parse_config(cfg).logger
+    if not isinstance(logger, WandbConfig) or not id_file.is_file():
         return
     import wandb
 
-    run = wandb.init(project=logger["project"], entity=logger.get("entity"), id=id_file.read_text().strip(),
-                     resume="allow", mode=os.environ.get("WANDB_MODE", logger["mode"]), dir=str(run_dir))
+    run = wandb.init(project=logger.project, entity=logger.entity, id=id_file.read_text().strip(),
+                     resume="allow", mode=os.environ.get("WANDB_MODE", logger.mode), dir=str(run_dir))
     run.summary[f"evaluate/{name}"] = {key: record[key] for key in ("metrics", "evaluation", "checkpoint")}
     run.finish()
 

@@ -9,6 +9,7 @@ filled in); checkpoints record it, so a resume can tell a checkpoint of another 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import torch
 
@@ -54,6 +55,25 @@ def build_model(model: Model, spec: dict) -> torch.nn.Module:
 
         return PretrainedCausalLM(**spec)
     return LanguageModel(ModelConfig(**spec))
+
+
+def finish_pretrained(cfg: RunConfig, model: torch.nn.Module, folder: Path, wandb_run, record: dict) -> dict | None:
+    """Save the fine-tuned adapter of the evaluated (best) weights to `adapter/`; then, when `lm_eval`
+    is configured, score common-sense reasoning with them (`lm_eval.json`, and W&B)."""
+    model.save_adapter(folder / "adapter")
+    options = cfg.lm_eval
+    if not options:
+        return None
+    from transformers import AutoTokenizer
+
+    from mswa.hf.evaluate import evaluate_commonsense
+    from mswa.hf.patch import hf_base_model
+
+    return evaluate_commonsense(
+        hf_base_model(model.lm).eval(), AutoTokenizer.from_pretrained(cfg.model.pretrained), folder, tasks=options.tasks,
+        num_fewshot=options.num_fewshot, batch_size=options.batch_size, limit=options.limit, include_path=options.include_path,
+        include_defaults=options.include_defaults, max_length=cfg.seq_len, logger=wandb_run, extra=record,
+    )
 
 
 def plain(value):

@@ -38,7 +38,7 @@ from mswa.checks import check_checkpoint, check_config
 from mswa.config import ConfigError, DatasetConfig, RunConfig, WandbConfig
 from mswa.data.corpus import Corpus
 from mswa.data.loading import eval_context
-from mswa.factory import build_model, build_schedule, model_spec, with_pretrained_shape
+from mswa.factory import build_model, build_schedule, finish_pretrained, model_spec, with_pretrained_shape
 from mswa.lit import (AtomicCheckpointIO, CorpusDataModule, FolderCheckpoint, GracefulInterrupt, Heartbeat, LanguageModelTask,
                       NonFiniteLossError, RunError, RunInterrupted, StepProgressBar, Throughput)
 from mswa.sweeps import warn_if_repeating
@@ -392,7 +392,8 @@ class Attempt:
         if self.cfg.pretrained and rank_zero_only.rank == 0:
             record = {"schedule": results["schedule"], "pretrained": self.cfg.model.pretrained,
                       "checkpoint": results["evaluated_checkpoint"]}
-            results["lm_eval"] = finish_pretrained(self.cfg, task, self.folder, self.loggers, record)
+            wandb_run = next((logger.experiment for logger in self.loggers if isinstance(logger, WandbLogger)), None)
+            results["lm_eval"] = finish_pretrained(self.cfg, task.model, self.folder.path, wandb_run, record)
 
     def beat(self) -> None:
         """Training has started, so a resumed checkpoint has loaded: the folder is this run's."""
@@ -481,28 +482,6 @@ def summary_lines(results: dict, folder: RunFolder) -> str:
     if results["config"]["logger"]["name"] == "wandb" and results["config"]["logger"]["mode"] == "offline":
         lines.append(f"W&B (offline): upload with wandb sync {shlex.quote(str(folder.path / 'wandb'))}/offline-run-*")
     return "\n".join(lines)
-
-
-def finish_pretrained(cfg: RunConfig, task: LanguageModelTask, folder: RunFolder, loggers: list, record: dict) -> dict | None:
-    """Save the fine-tuned adapter of the evaluated (best) weights to `adapter/`; then, when `lm_eval`
-    is configured, score common-sense reasoning with them (`lm_eval.json`, and W&B)."""
-    task.model.save_adapter(folder.path / "adapter")
-    if not cfg.lm_eval:
-        return None
-    from transformers import AutoTokenizer
-
-    from mswa.hf.evaluate import evaluate_commonsense
-    from mswa.hf.patch import hf_base_model
-
-    options = cfg.lm_eval
-    wandb_run = next((logger.experiment for logger in loggers if isinstance(logger, WandbLogger)), None)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.pretrained)
-    return evaluate_commonsense(
-        hf_base_model(task.model.lm).eval(), tokenizer, folder.path, tasks=options.tasks, num_fewshot=options.num_fewshot,
-        batch_size=options.batch_size, limit=options.limit, include_path=options.include_path,
-        include_defaults=options.include_defaults, max_length=cfg.seq_len, logger=wandb_run,
-        extra=record,
-    )
 
 
 def optimised_metric(results: dict) -> float:

@@ -13,7 +13,7 @@ from conftest import REPO, run_train
 from mswa.data.synthetic import SyntheticSettings
 from mswa.checks import check_config
 from mswa.factory import build_model, build_schedule, model_spec
-from mswa.sweeps import comparison_id, repetition_warning, training_tokens, variant_id
+from mswa.sweeps import comparison_id, continue_job, repetition_warning, training_tokens, variant_id, variant_name
 
 SWEEPS = sorted(p.stem for p in (REPO / "sweep").glob("*.yaml"))
 
@@ -91,6 +91,32 @@ def test_variant_identity_ignores_spelling_seed_and_places_not_settings():
                                                      ["model=swa", "window_schedule=uniform_mswa_budget"])}
     assert len(ids) == 1
     assert comparison_id(swa) != comparison_id(compose_plain(["model=swa", "window=64"]))
+
+
+STORED_RUNS = sorted((REPO / "sweep" / "results").glob("*/*seed=0*/results.json"))  # one per variant
+
+
+@pytest.mark.parametrize("path", STORED_RUNS, ids=lambda p: p.parent.name.split("_")[0] + "_" + p.parent.parent.name)
+def test_a_run_stored_before_schedules_had_a_kind_is_the_same_variant_now(path, tmp_path):
+    """sweep/results/ holds runs whose schedules had only `name` (= the rule, `uniform` for uniform_mswa_budget):
+    the same overrides composed now (name = the file, kind = the rule) are the same variant, of the same name, and
+    a rerun sweep skips the finished job instead of refusing it as another config."""
+    import json
+    import shutil
+
+    stored = json.loads(path.read_text())
+    assert "kind" not in stored["config"]["window_schedule"]  # the old layout
+    now = compose_plain(stored["overrides"], hydra=True)
+    excluded = now.hydra.job.config.override_dirname.exclude_keys
+    plain = compose_plain(stored["overrides"])
+    assert plain["window_schedule"]["name"] == stored["schedule"] != "" and "kind" in plain["window_schedule"]
+    assert variant_id(plain) == variant_id(stored["config"])
+    assert variant_name(stored["overrides"], excluded) == stored["variant"]
+    shutil.copy(path, tmp_path / "results.json")
+    assert continue_job(plain, tmp_path) == stored
+    plain["window_schedule"]["kind"] = "mswa_h" if plain["window_schedule"]["kind"] != "mswa_h" else "mswa"  # another rule
+    with pytest.raises(ValueError, match="holds a finished run of another config"):
+        continue_job(plain, tmp_path)
 
 
 def test_report_finds_swa_at_w_and_at_budget_from_the_configs_and_pairs_by_seed():
