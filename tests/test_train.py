@@ -193,7 +193,7 @@ def test_bad_config_stops_before_training_with_one_sentence(tmp_path):
     [
         (["model.n_head=6", "model.d_model=48"], ScheduleError, "6 heads"),
         (["window=0"], ScheduleError, "window=0"),
-        (["window_schedule.name=swirly"], ScheduleError, "'swirly'"),
+        (["window_schedule.kind=swirly"], ScheduleError, "'swirly'"),  # the rule; name only labels
         (["seq_len=300000"], ConfigError, "seq_len=300000"),
         (["model=full", "window_schedule=mswa"], ConfigError, "model=full cannot use window_schedule=mswa"),
         (["model=swa", "window_schedule=full"], ConfigError, "model=swa cannot use window_schedule=full"),
