@@ -14,7 +14,7 @@ from omegaconf.errors import MissingMandatoryValue
 from mswa.checks import check_launcher
 from mswa.lit import RunError, RunInterrupted
 from mswa.run import RunInfo, folder_name, hydra_value, optimised_metric, train
-from mswa.sweeps import continue_job
+from mswa.sweeps import continue_job, variant_name
 
 OmegaConf.register_new_resolver("folder_name", folder_name, replace=True)
 
@@ -29,9 +29,7 @@ def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     overrides = list(hydra_cfg.overrides.task)
     run_name = hydra_cfg.job.override_dirname or "default"
-    # seeds of one variant are aggregated by the report and W&B; paths and hardware do not make a variant
-    not_in_name = {*hydra_cfg.job.config.override_dirname.exclude_keys, "seed"}
-    variant = ",".join(o for o in sorted(overrides) if o.split("=")[0].lstrip("+~") not in not_in_name) or "default"
+    variant = variant_name(overrides, hydra_cfg.job.config.override_dirname.exclude_keys)  # paths, hardware: not a variant
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     group = hydra_cfg.sweep.dir.rstrip("/").split("/")[-1] if multirun else None
     # a resume must find this folder again: a multirun job's, or one the command named
@@ -42,8 +40,7 @@ def main(cfg: DictConfig) -> float:
         plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
         if multirun and (earlier := continue_job(plain, hydra_cfg.runtime.output_dir)) is not None:
             return optimised_metric(earlier)  # a rerun sweep skips its finished jobs and resumes the others
-        run = RunInfo(hydra_cfg.runtime.output_dir, run_name, variant, overrides, group,
-                      hydra_cfg.runtime.choices.get("window_schedule"), run_dir)
+        run = RunInfo(hydra_cfg.runtime.output_dir, run_name, variant, overrides, group, run_dir)
         results = train(plain, run)
     except (ValueError, MissingMandatoryValue, RunError) as error:  # ConfigError, ScheduleError are ValueErrors
         if multirun:  # the sweep records this job as failed and goes on with the others

@@ -31,9 +31,11 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from mswa.data.corpus import Corpus
+from mswa.config import RunConfig, WandbConfig, parse_config
 from mswa.data.batches import eval_context
+from mswa.factory import build_model, build_schedule, model_spec, with_pretrained_shape
 from mswa.lit import CorpusDataModule, LanguageModelTask
-from mswa.run import build_schedule, git_commit, is_pretrained, load_corpus, model_kwargs, read_pretrained_shape
+from mswa.run import git_commit, load_corpus
 
 # command-line keys of conf/evaluate.yaml; any other key (model.*, dataset.*, seq_len, ...) is refused
 EVALUATE_KEYS = ("run_dir", "ckpt", "eval.seq_len", "eval.stride", "batch_size", "torch_threads", "hardware")
@@ -56,8 +58,10 @@ def load_run(run_dir: str | os.PathLike, checkpoint: str = "best", key: str = "c
     cfg = run_config(run_dir)
     path = checkpoint_file(run_dir, checkpoint, key)
     state = _checkpoint_state(path, checkpoint, key)
-    corpus = load_corpus(cfg)
-    task = LanguageModelTask(model_kwargs(cfg, corpus, build_schedule(cfg)), cfg["optim"], corpus.unit)
+    settings = run_settings(cfg)
+    corpus = load_corpus(settings.dataset)
+    spec = model_spec(settings, corpus.vocab_size, build_schedule(settings))
+    task = LanguageModelTask(build_model(settings.model, spec), settings.optim, corpus.unit, spec=spec)
     try:
         task.load_state_dict(state, strict=task.strict_loading)
     except RuntimeError as error:
@@ -79,12 +83,19 @@ def run_config(run_dir: str | os.PathLike) -> dict:
         raise ValueError(f"run_dir={run_dir}: results.json is not valid JSON ({error}); restore it or point run_dir elsewhere") from None
     if cfg is None and (folder / ".hydra" / "config.yaml").is_file():
         cfg = OmegaConf.to_container(OmegaConf.load(folder / ".hydra" / "config.yaml"), resolve=True)
-        if is_pretrained(cfg):
-            read_pretrained_shape(cfg)
     if cfg is None:
         raise ValueError(f"run_dir={run_dir} holds neither results.json with a config nor .hydra/config.yaml; "
                          "pass the folder train.py wrote for the run")
     return cfg
+
+
+def run_settings(cfg: dict) -> RunConfig:
+    """The typed form of a run's saved config; a pretrained model's shape is read from its checkpoint's config when
+    the run did not record it (a run that stopped before results.json)."""
+    settings = parse_config(cfg)
+    if settings.pretrained and settings.model.n_layer is None:
+        settings.model = with_pretrained_shape(settings.model)
+    return settings
 
 
 def checkpoint_file(run_dir: str | os.PathLike, checkpoint: str, key: str = "ckpt=") -> Path:
@@ -174,13 +185,13 @@ def _write_json(path: Path, record: dict) -> None:
 
 def _mirror_to_wandb(cfg: dict, run_dir: Path, name: str, record: dict) -> None:
     """The record into the summary of the run's own W&B run (offline unless the run was online)."""
-    id_file, logger = run_dir / "wandb_id", cfg.get("logger") or {}
-    if logger.get("name") != "wandb" or not id_file.is_file():
+    id_file, logger = run_dir / "wandb_id", parse_config(cfg).logger
+    if not isinstance(logger, WandbConfig) or not id_file.is_file():
         return
     import wandb
 
-    run = wandb.init(project=logger["project"], entity=logger.get("entity"), id=id_file.read_text().strip(),
-                     resume="allow", mode=os.environ.get("WANDB_MODE", logger["mode"]), dir=str(run_dir))
+    run = wandb.init(project=logger.project, entity=logger.entity, id=id_file.read_text().strip(),
+                     resume="allow", mode=os.environ.get("WANDB_MODE", logger.mode), dir=str(run_dir))
     run.summary[f"evaluate/{name}"] = {key: record[key] for key in ("metrics", "evaluation", "checkpoint")}
     run.finish()
 

@@ -1,7 +1,9 @@
-"""Lightning glue: the training task, the data module and the callbacks a run needs."""
+"""Lightning glue: the training task (around a model built elsewhere: it knows no model family), the data
+module and the callbacks a run needs."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import os
@@ -19,9 +21,9 @@ from torch.utils.data import DataLoader
 
 from mswa.atomic import write_atomic
 from mswa.data.corpus import Corpus
+from mswa.config import OptimConfig
 from mswa.data.batches import IGNORE, EvalChunks, RandomCrops
 from mswa.metrics import SummedNLL, by_distance, by_kind, metrics_from_sums
-from mswa.model import LanguageModel, ModelConfig
 
 
 class RunError(RuntimeError):
@@ -44,20 +46,14 @@ def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: fl
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_language_model(model: dict) -> torch.nn.Module:
-    """`mswa.model.LanguageModel` from its config keys, or a pretrained HF model when `pretrained` is given."""
-    if "pretrained" in model:
-        from mswa.hf.backbone import PretrainedCausalLM  # needs the `hf` extra
-
-        return PretrainedCausalLM(**model)
-    return LanguageModel(ModelConfig(**model))
-
-
 class LanguageModelTask(L.LightningModule):
-    def __init__(self, model: dict, optim: dict, unit: str, compile: bool = False):
+    """Trains and evaluates ``model`` (``token_nll(x, y)``, ``n_params()``); ``spec``, the keywords it was built
+    from, is saved with every checkpoint so that a resume can check it is of the same model."""
+
+    def __init__(self, model: torch.nn.Module, optim: OptimConfig | None, unit: str, compile: bool = False, spec: dict | None = None):
         super().__init__()
-        self.save_hyperparameters()
-        self.model = build_language_model(model)
+        self.save_hyperparameters({"model": spec, "optim": optim and dataclasses.asdict(optim), "unit": unit, "compile": compile})
+        self.model = model
         self.frozen = {name for name, p in self.named_parameters() if not p.requires_grad}
         self.strict_loading = not self.frozen  # checkpoints of a partly frozen model hold only what trains
         self.unit, self.optim = unit, optim
@@ -114,10 +110,10 @@ class LanguageModelTask(L.LightningModule):
         optim.* replace them (moments and step count are kept), so a run resumed with a lower optim.lr uses it.
         On a fresh run, or a resume with the same settings, this sets the values they already hold."""
         optimizer, scheduler = self.optimizers(use_pl_optimizer=False), self.lr_schedulers()
-        lr = self.optim["lr"]
-        factor = warmup_cosine(scheduler.last_epoch, self.optim["warmup_steps"], self.trainer.max_steps, self.optim["min_lr_ratio"])
-        for group, decay in zip(optimizer.param_groups, (self.optim["weight_decay"], 0.0)):
-            group.update(initial_lr=lr, lr=lr * factor, betas=tuple(self.optim["betas"]), weight_decay=decay)
+        lr = self.optim.lr
+        factor = warmup_cosine(scheduler.last_epoch, self.optim.warmup_steps, self.trainer.max_steps, self.optim.min_lr_ratio)
+        for group, decay in zip(optimizer.param_groups, (self.optim.weight_decay, 0.0)):
+            group.update(initial_lr=lr, lr=lr * factor, betas=tuple(self.optim.betas), weight_decay=decay)
         scheduler.base_lrs = [lr] * len(optimizer.param_groups)
         scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
@@ -125,13 +121,13 @@ class LanguageModelTask(L.LightningModule):
         """AdamW; matrices decay, norms, biases and the 1-D rest do not."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": self.optim["weight_decay"]},
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": self.optim.weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        optimizer = torch.optim.AdamW(groups, lr=self.optim["lr"], betas=tuple(self.optim["betas"]))
+        optimizer = torch.optim.AdamW(groups, lr=self.optim.lr, betas=tuple(self.optim.betas))
         max_steps = self.trainer.max_steps
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, self.optim["warmup_steps"], max_steps, self.optim["min_lr_ratio"])
+            optimizer, lambda step: warmup_cosine(step, self.optim.warmup_steps, max_steps, self.optim.min_lr_ratio)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 

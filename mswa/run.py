@@ -1,7 +1,8 @@
-"""One training run from a plain config dict: validate, build, fit, evaluate, write results.json.
+"""One training run of a composed config: check, build, fit, evaluate, write results.json.
 
-train.py composes the config with Hydra and calls :func:`train`; nothing here imports Hydra, so
-the same function serves tests, notebooks and other launchers.
+train.py composes the config with Hydra and calls :func:`train` with it (a plain dict: it is what
+results.json records); the run checks it into its typed form (mswa/config.py) and hands each part of
+the house its settings. Tests, notebooks and other launchers call :func:`train` the same way.
 """
 
 from __future__ import annotations
@@ -33,13 +34,14 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from mswa.atomic import write_atomic
-from mswa.checks import MODEL_KEYS, PRETRAINED_KEYS, ConfigError, check_checkpoint, check_config
+from mswa.checks import check_checkpoint, check_config
+from mswa.config import ConfigError, DatasetConfig, RunConfig, WandbConfig
 from mswa.data.corpus import Corpus
 from mswa.data.batches import eval_context
+from mswa.factory import build_model, build_schedule, finish_pretrained, model_spec, with_pretrained_shape
 from mswa.lit import (AtomicCheckpointIO, CorpusDataModule, FolderCheckpoint, GracefulInterrupt, Heartbeat, LanguageModelTask,
                       NonFiniteLossError, RunError, RunInterrupted, StepProgressBar, Throughput)
 from mswa.sweeps import warn_if_repeating
-from mswa.windows import WindowSchedule, make_schedule
 
 HEARTBEAT_EVERY_S = 60.0  # how often a live run rewrites results.json; the report reads it from there
 # Lightning's output that is not ours to act on (matched by message: other warnings stay on)
@@ -48,60 +50,28 @@ QUIET_WARNINGS = (r"Experiment logs directory .* exists and is not empty", r"Che
 QUIET_INFO = ("💡 Tip: For seamless cloud logging",)
 
 
-def build_schedule(cfg: dict) -> WindowSchedule:
-    ws, model = cfg["window_schedule"], cfg["model"]
-    w = None if ws["name"] == "full" else cfg["window"]
-    return make_schedule(
-        ws["name"], w=w, n_layer=model["n_layer"], n_head=model["n_head"],
-        head_ratios=ws.get("head_ratios"), layer_ratios=ws.get("layer_ratios"), windows=ws.get("windows"),
-    )
-
-
-def is_pretrained(cfg: dict) -> bool:
-    return "pretrained" in cfg["model"]
-
-
-def read_pretrained_shape(cfg: dict) -> None:
-    """A pretrained model's layers and heads come from its checkpoint; the schedule needs them."""
-    from mswa.hf.backbone import pretrained_shape
-
-    try:
-        cfg["model"].update(pretrained_shape(cfg["model"]["pretrained"]))
-    except ValueError as error:
-        raise ConfigError(str(error)) from error
-
-
-def check_corpus(cfg: dict, corpus: Corpus) -> None:
-    if is_pretrained(cfg) and corpus.vocab_size > cfg["model"]["vocab_size"]:
+def check_corpus(cfg: RunConfig, corpus: Corpus) -> None:
+    if cfg.pretrained and corpus.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
-            f"dataset {corpus.name!r} has {corpus.vocab_size} token ids but model.pretrained has {cfg['model']['vocab_size']}; "
+            f"dataset {corpus.name!r} has {corpus.vocab_size} token ids but model.pretrained has {cfg.model.vocab_size}; "
             "tokenise with the model's tokenizer (dataset=packed_text does)"
         )
-    seq_len = cfg["seq_len"]
     for split, tokens in corpus.splits.items():
-        needed = seq_len + 1 if split == "train" else 2
+        needed = cfg.seq_len + 1 if split == "train" else 2
         if len(tokens) < needed:
             raise ConfigError(
-                f"seq_len={seq_len} needs at least {needed} tokens in the {split} split of {corpus.name!r}, "
+                f"seq_len={cfg.seq_len} needs at least {needed} tokens in the {split} split of {corpus.name!r}, "
                 f"which has {len(tokens)}; lower seq_len or use a larger dataset"
             )
 
 
-def load_corpus(cfg: dict) -> Corpus:
+def load_corpus(dataset: DatasetConfig) -> Corpus:
     try:
-        return instantiate(cfg["dataset"]["loader"])
+        return instantiate(dataset.loader)
     except InstantiationException as error:
         if isinstance(error.__cause__, ValueError):  # the loader's own one-sentence DataError, not Hydra's wrapping
             raise error.__cause__ from None
         raise
-
-
-def model_kwargs(cfg: dict, corpus: Corpus, schedule: WindowSchedule) -> dict:
-    windows = None if schedule.is_full else schedule.as_lists()
-    if is_pretrained(cfg):
-        return {key: cfg["model"][key] for key in PRETRAINED_KEYS} | {"windows": windows}
-    kwargs = {key: cfg["model"][key] for key in MODEL_KEYS if key in cfg["model"]}
-    return {**kwargs, "vocab_size": corpus.vocab_size, "max_seq_len": cfg["seq_len"], "windows": windows}
 
 
 def folder_name(name: str, limit: int = 200) -> str:
@@ -229,21 +199,29 @@ def checkpoint_step(path: Path) -> int | None:
         return None
 
 
-def build_loggers(cfg: dict, folder: RunFolder, run: RunInfo, schedule: str) -> list:
+def build_loggers(cfg: RunConfig, folder: RunFolder, run: RunInfo, plain: dict) -> list:
+    """The CSV log every run writes, and W&B when logger=wandb (its run config: ``plain``, as results.json has it)."""
     loggers = [CSVLogger(save_dir=str(folder.path), name="", version="")]
-    log_cfg = cfg["logger"]
-    if log_cfg["name"] == "wandb":
+    log = cfg.logger
+    if isinstance(log, WandbConfig):
         import wandb
 
-        tags = [f"dataset={cfg['dataset']['name']}", f"model={cfg['model']['name']}", f"schedule={schedule}", *log_cfg.get("tags", [])]
-        wandb_logger = WandbLogger(
-            project=log_cfg["project"], entity=log_cfg.get("entity"), name=run.name, group=log_cfg.get("group") or run.group,
-            job_type=log_cfg.get("job_type", "train"), tags=tags, mode=log_cfg["mode"], save_dir=str(folder.path),
-            id=folder.wandb_id(), resume="allow", config=cfg,
+        tags = [f"dataset={cfg.dataset.name}", f"model={cfg.model.name}", f"schedule={cfg.window_schedule.name}", *log.tags]
+        loggers.append(WandbLogger(
+            project=log.project, entity=log.entity, name=run.name, group=log.group or run.group, job_type=log.job_type,
+            tags=tags, mode=log.mode, save_dir=str(folder.path), id=folder.wandb_id(), resume="allow", config=plain,
             settings=wandb.Settings(quiet=True),  # its history table repeats metrics.csv; the summary says where the run is
-        )
-        loggers.append(wandb_logger)
+        ))
     return loggers
+
+
+def build_trainer(cfg: RunConfig, folder: RunFolder, loggers: list, callbacks: list) -> L.Trainer:
+    """Lightning's Trainer: one endless epoch stopped by trainer.max_steps, validated every val_check_interval steps."""
+    return L.Trainer(
+        **{"enable_model_summary": False, **cfg.hardware, **cfg.trainer}, logger=loggers, max_epochs=-1,
+        check_val_every_n_epoch=None, plugins=[AtomicCheckpointIO()], callbacks=callbacks,
+        default_root_dir=str(folder.path), use_distributed_sampler=False, deterministic=False,
+    )
 
 
 def summarise_wandb(loggers: list, metric: str, entropy_floor: float | None) -> None:
@@ -273,10 +251,9 @@ class RunInfo:
 
     dir: str
     name: str = "default"
-    variant: str = "default"  # the name without the seed: seeds of one variant are aggregated
+    variant: str = "default"  # the name without the seed: seeds of one variant are aggregated (mswa.sweeps.variant_name)
     overrides: list[str] = field(default_factory=list)
     group: str | None = None  # W&B group: the sweep folder of a multirun
-    schedule: str | None = None  # the window_schedule choice; defaults to the schedule's name
     hydra_overrides: list[str] = field(default_factory=list)  # hydra.* ones a resume needs (e.g. hydra.run.dir=)
 
 
@@ -304,109 +281,119 @@ def now() -> str:
 
 
 def train(cfg: dict, run: RunInfo) -> dict:
-    """Fit, evaluate the best checkpoint on valid and test, and return (and write) the results. Faults a user
-    can act on come out as one sentence: ConfigError, RunError (NaN, full disk, unloadable checkpoint),
+    """Check, build, fit, evaluate the best checkpoint on valid and test, and write (and return) the results. Faults a
+    user can act on come out as one sentence: ConfigError, RunError (NaN, full disk, unloadable checkpoint),
     RunInterrupted (Ctrl-C, with the resume command)."""
     attempt = Attempt(cfg, run)
     quiet_lightning()
     try:
         with GracefulInterrupt(str(attempt.folder.last)) as interrupt:
-            attempt.run(interrupt)
-        attempt.end()  # a finished run's results that cannot be saved are its error
+            attempt.check()
+            attempt.build()
+            attempt.fit(interrupt)
+            attempt.evaluate()
+        attempt.write()  # a finished run's results that cannot be saved are its error
         return attempt.results
     except BaseException as error:  # noqa: BLE001 - Ctrl-C and crashes are recorded, then re-raised
         stop = explain(error, attempt.folder, run)
         if not attempt.ended:
             attempt.stopped(stop)
-            attempt.end(after=stop)
+            attempt.write(after=stop)
         if stop is error:
             raise
         raise stop from None
 
 
 class Attempt:
-    """One call of train() on a run folder: its results, and what it records and cleans up however it ends."""
+    """One call of train() on a run folder: its steps, its results, and what it records and cleans up however it ends.
+    Each step leaves what the next one needs on the attempt."""
 
     def __init__(self, cfg: dict, run: RunInfo):
-        self.cfg, self.run_info, self.folder = cfg, run, RunFolder(Path(run.dir))
+        self.plain, self.run_info, self.folder = cfg, run, RunFolder(Path(run.dir))
         self.process = {"pid": os.getpid(), "host": socket.gethostname(), "started": now(), "heartbeat_every_s": HEARTBEAT_EVERY_S}
         self.results = {
             "schema": 1, "status": "running", "error": None, "run_name": run.name, "variant": run.variant,
             "seed": cfg["seed"], "overrides": run.overrides, "config": cfg, "dataset": cfg["dataset"]["name"],
-            "model": cfg["model"]["name"], "schedule": run.schedule or cfg["window_schedule"]["name"],
+            "model": cfg["model"]["name"], "schedule": cfg["window_schedule"]["name"],
             "git_commit": git_commit(), "process": self.process,
         }
         self.loggers: list = []
         self.earlier_metrics: Path | None = None
         self.started, self.ended = time.time(), False
 
-    def run(self, interrupt: GracefulInterrupt) -> None:
-        cfg, folder, results = self.cfg, self.folder, self.results
-        corpus, schedule, task, resume = self.prepare()
-        data = CorpusDataModule(corpus, cfg["seq_len"], cfg["data"]["batch_size"], cfg["data"]["eval_batch_size"],
-                                cfg["seed"], cfg["data"]["val_max_tokens"], cfg["data"]["aligned_chunks"], *self.eval_context)
-        self.loggers = build_loggers(cfg, folder, self.run_info, results["schedule"])
-        best = FolderCheckpoint(dirpath=folder.checkpoints, filename="best", monitor="val/loss", mode="min", save_top_k=1)
-        last = FolderCheckpoint(dirpath=folder.checkpoints, save_top_k=0, save_last=True,
-                                every_n_train_steps=cfg["checkpoint"]["every_n_train_steps"])
-        throughput = Throughput(cfg["data"]["batch_size"] * cfg["seq_len"])
-        trainer = L.Trainer(
-            **{"enable_model_summary": False, **cfg["hardware"], **cfg["trainer"]}, logger=self.loggers, max_epochs=-1,
-            check_val_every_n_epoch=None, plugins=[AtomicCheckpointIO()],
-            callbacks=[best, last, throughput, interrupt, Heartbeat(self.beat, HEARTBEAT_EVERY_S), StepProgressBar()],
-            default_root_dir=str(folder.path), use_distributed_sampler=False, deterministic=False,
+    def check(self) -> None:
+        """Every check that needs no model, the data loaded on the way; nothing in the folder is touched but the
+        metrics of a run to resume, set aside to merge back."""
+        self.cfg = cfg = check_config(self.plain)
+        if cfg.pretrained:  # its shape is recorded with the run's config
+            cfg.model = with_pretrained_shape(cfg.model)
+            self.plain["model"].update(n_layer=cfg.model.n_layer, n_head=cfg.model.n_head, vocab_size=cfg.model.vocab_size)
+        self.eval_context = eval_context(self.plain)
+        self.schedule = build_schedule(cfg)
+        self.resume = self.folder.resolve_resume(cfg.ckpt_path, cfg.overwrite)
+        self.earlier_metrics = self.folder.set_aside_metrics() if self.resume else None
+        self.corpus = load_corpus(cfg.dataset)
+        check_corpus(cfg, self.corpus)
+
+    def build(self) -> None:
+        """The model (a checkpoint to resume must be of it) and its task; a fresh run then takes the folder."""
+        cfg, corpus, schedule = self.cfg, self.corpus, self.schedule
+        if cfg.torch_threads:
+            torch.set_num_threads(cfg.torch_threads)
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        spec = model_spec(cfg, corpus.vocab_size, schedule)
+        check_checkpoint(self.resume, spec)
+        self.task = task = LanguageModelTask(build_model(cfg.model, spec), cfg.optim, corpus.unit, cfg.compile, spec)
+        self.results.update(
+            unit=corpus.unit, metric=corpus.metric, window=schedule.w, windows=schedule.as_lists(),
+            budget=schedule.budget(cfg.seq_len), n_params=task.model.n_params(),
+            n_trainable=sum(p.numel() for p in task.parameters() if p.requires_grad),
+            entropy_floor_bpb=corpus.entropy_floor_bpb, evaluation=dict(zip(("seq_len", "stride"), self.eval_context)),
         )
-        summarise_wandb(self.loggers, corpus.metric, corpus.entropy_floor_bpb)
+        if not self.resume:
+            self.folder.start_over()
+        self.folder.write(self.results)
+
+    def fit(self, interrupt: GracefulInterrupt) -> None:
+        """Train to trainer.max_steps (from the checkpoint to resume), checkpointing the best and the last weights."""
+        cfg, folder, data_cfg = self.cfg, self.folder, self.cfg.data
+        self.data = CorpusDataModule(self.corpus, cfg.seq_len, data_cfg.batch_size, data_cfg.eval_batch_size, cfg.seed,
+                                     data_cfg.val_max_tokens, data_cfg.aligned_chunks, *self.eval_context)
+        self.best = FolderCheckpoint(dirpath=folder.checkpoints, filename="best", monitor="val/loss", mode="min", save_top_k=1)
+        last = FolderCheckpoint(dirpath=folder.checkpoints, save_top_k=0, save_last=True,
+                                every_n_train_steps=cfg.checkpoint.every_n_train_steps)
+        self.throughput = Throughput(data_cfg.batch_size * cfg.seq_len)
+        self.loggers = build_loggers(cfg, folder, self.run_info, self.plain)
+        self.trainer = build_trainer(cfg, folder, self.loggers, [self.best, last, self.throughput, interrupt,
+                                                                 Heartbeat(self.beat, HEARTBEAT_EVERY_S), StepProgressBar()])
+        summarise_wandb(self.loggers, self.corpus.metric, self.corpus.entropy_floor_bpb)
         if rank_zero_only.rank == 0:
-            print(schedule.describe(cfg["seq_len"]))
-            print(f"{results['n_params']:,} parameters, {results['n_trainable']:,} trained")
-            warn_if_repeating(cfg, len(corpus.splits["train"]))
-        fit(trainer, task, data, resume, folder)
+            print(self.schedule.describe(cfg.seq_len))
+            print(f"{self.results['n_params']:,} parameters, {self.results['n_trainable']:,} trained")
+            warn_if_repeating(self.plain, len(self.corpus.splits["train"]))
+        fit_from(self.resume, self.trainer, self.task, self.data, folder)
         folder.owned = True  # a resume that had nothing left to train (max_steps reached) loaded fine too
         if interrupt.requested:
             raise RunInterrupted("Ctrl-C")
+
+    def evaluate(self) -> None:
+        """The best checkpoint (else the final weights) on full passes of valid and test; a pretrained model's adapter
+        saved, and lm_eval run when configured."""
+        trainer, task, data, results = self.trainer, self.task, self.data, self.results
         data.val_max_tokens = None  # the final numbers are full passes over each split
-        evaluated = best.best_model_path or None
+        evaluated = self.best.best_model_path or None
         trainer.validate(task, datamodule=data, ckpt_path=evaluated, verbose=False)
         trainer.test(task, datamodule=data, ckpt_path=evaluated, verbose=False)
         results.update(
             status="finished", metrics=dict(task.eval_results), steps=trainer.global_step,
-            tokens_per_s=throughput.mean_tokens_per_s, evaluated_checkpoint=folder.relative(evaluated),
+            tokens_per_s=self.throughput.mean_tokens_per_s, evaluated_checkpoint=self.folder.relative(evaluated),
             evaluated_step=evaluated and checkpoint_step(Path(evaluated)), evaluation={**data.eval_settings, **task.eval_details},
         )
-        if is_pretrained(cfg) and rank_zero_only.rank == 0:
-            record = {"schedule": results["schedule"], "pretrained": cfg["model"]["pretrained"],
+        if self.cfg.pretrained and rank_zero_only.rank == 0:
+            record = {"schedule": results["schedule"], "pretrained": self.cfg.model.pretrained,
                       "checkpoint": results["evaluated_checkpoint"]}
-            results["lm_eval"] = finish_pretrained(cfg, task, folder, self.loggers, record)
-
-    def prepare(self) -> tuple[Corpus, WindowSchedule, LanguageModelTask, str | None]:
-        """Every check, the data and the model; a fresh run then takes the folder."""
-        cfg, folder = self.cfg, self.folder
-        check_config(cfg)  # before the pretrained shape: its model.n_layer / n_head must still be unset
-        if is_pretrained(cfg):
-            read_pretrained_shape(cfg)
-        self.eval_context = eval_context(cfg)
-        schedule = build_schedule(cfg)
-        resume = folder.resolve_resume(cfg["ckpt_path"], cfg["overwrite"])
-        self.earlier_metrics = folder.set_aside_metrics() if resume else None
-        corpus = load_corpus(cfg)
-        check_corpus(cfg, corpus)
-        if cfg.get("torch_threads"):
-            torch.set_num_threads(cfg["torch_threads"])
-        L.seed_everything(cfg["seed"], workers=True, verbose=False)
-        model = model_kwargs(cfg, corpus, schedule)
-        check_checkpoint(resume, model)
-        task = LanguageModelTask(model, cfg["optim"], corpus.unit, cfg["compile"])
-        self.results.update(
-            unit=corpus.unit, metric=corpus.metric, window=schedule.w, windows=schedule.as_lists(),
-            budget=schedule.budget(cfg["seq_len"]), n_params=task.model.n_params(),
-            n_trainable=sum(p.numel() for p in task.parameters() if p.requires_grad),
-            entropy_floor_bpb=corpus.entropy_floor_bpb, evaluation=dict(zip(("seq_len", "stride"), self.eval_context)),
-        )
-        if not resume:
-            folder.start_over()
-        folder.write(self.results)
-        return corpus, schedule, task, resume
+            wandb_run = next((logger.experiment for logger in self.loggers if isinstance(logger, WandbLogger)), None)
+            results["lm_eval"] = finish_pretrained(self.cfg, task.model, self.folder.path, wandb_run, record)
 
     def beat(self) -> None:
         """Training has started, so a resumed checkpoint has loaded: the folder is this run's."""
@@ -420,7 +407,7 @@ class Attempt:
         self.results.update(status="interrupted" if interrupted else "failed",
                             error=str(stop) if one_sentence else f"{type(stop).__name__}: {stop}")
 
-    def end(self, after: BaseException | None = None) -> None:
+    def write(self, after: BaseException | None = None) -> None:
         """results.json (if this attempt owns the folder), the attempts log, W&B, metrics.csv, the summary.
         ``after`` an error, a write that fails too (the same full disk) is reported, not raised over it."""
         self.ended = True
@@ -445,8 +432,8 @@ class Attempt:
             print(summary_lines(results, folder))
 
 
-def fit(trainer: L.Trainer, task: LanguageModelTask, data: CorpusDataModule, resume: str | None, folder: RunFolder) -> None:
-    """trainer.fit; a checkpoint that fails to load is refused in one sentence, the run's files kept."""
+def fit_from(resume: str | None, trainer: L.Trainer, task: LanguageModelTask, data: CorpusDataModule, folder: RunFolder) -> None:
+    """trainer.fit from the checkpoint ``resume``; one that fails to load is refused in one sentence, the run's files kept."""
     try:
         trainer.fit(task, datamodule=data, ckpt_path=resume)
     except Exception as error:
@@ -495,28 +482,6 @@ def summary_lines(results: dict, folder: RunFolder) -> str:
     if results["config"]["logger"]["name"] == "wandb" and results["config"]["logger"]["mode"] == "offline":
         lines.append(f"W&B (offline): upload with wandb sync {shlex.quote(str(folder.path / 'wandb'))}/offline-run-*")
     return "\n".join(lines)
-
-
-def finish_pretrained(cfg: dict, task: LanguageModelTask, folder: RunFolder, loggers: list, record: dict) -> dict | None:
-    """Save the fine-tuned adapter of the evaluated (best) weights to `adapter/`; then, when `lm_eval`
-    is configured, score common-sense reasoning with them (`lm_eval.json`, and W&B)."""
-    task.model.save_adapter(folder.path / "adapter")
-    if not cfg.get("lm_eval"):
-        return None
-    from transformers import AutoTokenizer
-
-    from mswa.hf.evaluate import evaluate_commonsense
-    from mswa.hf.patch import hf_base_model
-
-    options = cfg["lm_eval"]
-    wandb_run = next((logger.experiment for logger in loggers if isinstance(logger, WandbLogger)), None)
-    tokenizer = AutoTokenizer.from_pretrained(cfg["model"]["pretrained"])
-    return evaluate_commonsense(
-        hf_base_model(task.model.lm).eval(), tokenizer, folder.path, tasks=options["tasks"], num_fewshot=options["num_fewshot"],
-        batch_size=options["batch_size"], limit=options["limit"], include_path=options["include_path"],
-        include_defaults=options["include_defaults"], max_length=cfg["seq_len"], logger=wandb_run,
-        extra=record,
-    )
 
 
 def optimised_metric(results: dict) -> float:

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
+from mswa.config import parse_config
 from mswa.evaluate import load_run, run_config
 from mswa.generate import check_prompt, check_sampling, generate
-from mswa.run import is_pretrained
 
 EOS_WORD = "<eos>"
 
@@ -60,10 +60,10 @@ def sample(run_dir, prompt: str, max_new_tokens: int, *, checkpoint: str = "best
            top_k: int | None = None, top_p: float = 1.0, seed: int | None = 0) -> str:
     """The prompt and its continuation, as text."""
     check_sampling(max_new_tokens, temperature, top_k, top_p)
-    cfg = run_config(run_dir)
-    if is_pretrained(cfg):
+    settings = parse_config(run_config(run_dir))
+    if settings.pretrained:
         raise ValueError(
-            f"{run_dir} fine-tuned the pretrained model {cfg['model']['pretrained']}: sample it with transformers' "
+            f"{run_dir} fine-tuned the pretrained model {settings.model.pretrained}: sample it with transformers' "
             "generate (mswa.hf.window_cache gives the per-head cache), not mswa.sample"
         )
     cfg, task, corpus = load_run(run_dir, checkpoint, key="--checkpoint ")

@@ -1,9 +1,10 @@
 """What makes two runs one experiment, and what a run reads against what its data holds.
 
 A *variant* is a resolved config minus what does not change the numbers a run produces (its seed,
-where it writes and logs, the hardware it runs on, labels): ``model=swa`` and ``model=swa
-window_schedule=uniform`` are one variant, and so are ``model=mswa`` and ``model=swa
-window_schedule=mswa``, whichever sweep folder they ran in. The report pairs runs by it; a rerun
+where it writes and logs, the hardware it runs on, labels such as the model's and the schedule file's
+names): ``model=swa`` and ``model=swa window_schedule=uniform`` are one variant, and so are
+``model=mswa`` and ``model=swa window_schedule=mswa``, whichever sweep folder they ran in, and a run
+written before schedules had a ``kind`` is the variant of the same run written after. The report pairs runs by it; a rerun
 sweep uses it to tell a finished job of the same config from a stale folder.
 
 Plain Python on plain dicts (the config as ``results.json`` stores it): no torch, no Hydra.
@@ -15,7 +16,7 @@ import copy
 import hashlib
 import json
 import sys
-from collections.abc import Mapping
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 
 # top-level keys that never change a run's numbers, and dotted keys inside groups that only label or locate
@@ -24,6 +25,21 @@ NOT_IDENTITY = ("seed", "paths", "hardware", "logger", "launcher", "torch_thread
 NOT_IDENTITY_DOTTED = ("model.name", "dataset.loader.data_dir")
 # what may differ between a variant and the SWA run it is compared with: its attention
 ATTENTION_KEYS = ("window_schedule", "model.windowed")
+
+
+def schedule_rule(cfg: Mapping) -> str:
+    """The rule of a config's window schedule (mswa, uniform, ...): its ``kind``; runs written before
+    schedules were named by their file have only ``name``, which was the rule."""
+    schedule = cfg["window_schedule"]
+    return schedule.get("kind") or schedule["name"]
+
+
+def variant_name(overrides: Iterable[str], not_in_name: Collection[str] = ()) -> str:
+    """A run's variant as people read it: its overrides, sorted, without the seed and the keys that do not
+    make a variant (``not_in_name``: paths, hardware, ...), or ``default``. Seeds of one variant are
+    aggregated under it (W&B's and the report's rows)."""
+    left_out = {"seed", *not_in_name}
+    return ",".join(o for o in sorted(overrides) if o.split("=")[0].lstrip("+~") not in left_out) or "default"
 
 
 def _without(cfg: Mapping, top: tuple[str, ...], dotted: tuple[str, ...]) -> dict:
@@ -43,8 +59,14 @@ def _digest(value: Mapping) -> str:
 
 
 def variant_config(cfg: Mapping) -> dict:
-    """The config minus seed, paths, hardware, logging and labels: what a variant is."""
-    return _without(cfg, NOT_IDENTITY, NOT_IDENTITY_DOTTED)
+    """The config minus seed, paths, hardware, logging and labels: what a variant is. The schedule is
+    named by its rule, as runs before ``kind`` named it, so that both layouts give one variant."""
+    plain = _without(cfg, NOT_IDENTITY, NOT_IDENTITY_DOTTED)
+    if isinstance(plain.get("window_schedule"), dict) and "name" in plain["window_schedule"]:
+        rule = schedule_rule(plain)
+        plain["window_schedule"].pop("kind", None)
+        plain["window_schedule"]["name"] = rule
+    return plain
 
 
 def variant_id(cfg: Mapping) -> str:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 Window = int | None  # None = full causal attention
 
-# name -> (head ratios, layer ratios shallow->deep, source)
+# rule (a schedule's `kind`) -> (head ratios, layer ratios shallow->deep, source)
 NAMED_RATIOS: dict[str, tuple[tuple[float, ...], tuple[float, ...], str]] = {
     "uniform": ((1.0,), (1.0,), "SWA baseline"),
     "mswa": ((0.25, 0.5, 1.0, 2.0), (0.25, 0.5, 1.0, 2.0), "paper's text: windows w/4..2w"),
@@ -42,7 +42,7 @@ def attended_pairs(window: Window, seq_len: int) -> int:
 
 @dataclass(frozen=True)
 class WindowSchedule:
-    name: str
+    name: str  # the schedule file's name (conf/window_schedule/<name>.yaml), or its rule
     w: int | None  # base window; None for full attention
     windows: tuple[tuple[Window, ...], ...]  # [layer][head]
 
@@ -136,7 +136,7 @@ def _custom_windows(windows, n_layer: int, n_head: int) -> tuple[tuple[Window, .
 
 
 def make_schedule(
-    name: str,
+    kind: str,
     *,
     w: int | None,
     n_layer: int,
@@ -144,19 +144,22 @@ def make_schedule(
     head_ratios: Sequence[float] | None = None,
     layer_ratios: Sequence[float] | None = None,
     windows: Sequence[Sequence[Window]] | None = None,
+    name: str | None = None,
 ) -> WindowSchedule:
-    """Build a schedule by name; ``head_ratios``/``layer_ratios`` override a named schedule's ratios."""
+    """Build a schedule by its rule ``kind`` (one of SCHEDULES); ``head_ratios``/``layer_ratios`` override a
+    rule's ratios. ``name`` (default: the rule) is what the schedule is called, its file's name."""
     if n_layer < 1 or n_head < 1:
         raise ScheduleError(f"model needs n_layer >= 1 and n_head >= 1, got n_layer={n_layer}, n_head={n_head}")
-    if name == "full":
-        return WindowSchedule("full", None, tuple((None,) * n_head for _ in range(n_layer)))
-    if name == "custom":
-        return WindowSchedule("custom", w, _custom_windows(windows, n_layer, n_head))
-    if name not in NAMED_RATIOS:
-        raise ScheduleError(f"window_schedule.name={name!r} is unknown; choose one of {', '.join(SCHEDULES)}")
+    name = name or kind
+    if kind == "full":
+        return WindowSchedule(name, None, tuple((None,) * n_head for _ in range(n_layer)))
+    if kind == "custom":
+        return WindowSchedule(name, w, _custom_windows(windows, n_layer, n_head))
+    if kind not in NAMED_RATIOS:
+        raise ScheduleError(f"window_schedule.kind={kind!r} is unknown; choose one of {', '.join(SCHEDULES)}")
     if isinstance(w, bool) or not isinstance(w, int) or w < 1:
         raise ScheduleError(f"window={w!r} is not a valid base window; set window to an integer >= 1")
-    default_heads, default_layers, _ = NAMED_RATIOS[name]
+    default_heads, default_layers, _ = NAMED_RATIOS[kind]
     heads = _check_ratios("head_ratios", head_ratios if head_ratios is not None else default_heads, n_head, "heads")
     layers = _check_ratios("layer_ratios", layer_ratios if layer_ratios is not None else default_layers, n_layer, "layers")
     per_head_group, per_layer_group = n_head // len(heads), n_layer // len(layers)

@@ -13,8 +13,10 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 
 from helpers.runs import REPO, TINY_DATA, compose_config, run_train
-from mswa.checks import PRETRAINED_KEYS, ConfigError, check_checkpoint, check_config, check_launcher
-from mswa.run import RunInfo, build_schedule, model_kwargs, train
+from mswa.checks import ConfigError, check_checkpoint, check_config, check_launcher
+from mswa.config import PRETRAINED_KEYS, parse_config
+from mswa.factory import build_schedule, model_spec
+from mswa.run import RunInfo, train
 
 CHECKED = ["debug=smoke", "logger=none"]  # composed and checked; no data is loaded
 SMOKE = [*CHECKED, *TINY_DATA]  # runs
@@ -169,7 +171,8 @@ def planned_model(overrides: list[str], finished_run: Path) -> dict:
 
     cfg = compose_config([*SMOKE, *overrides], finished_run.parent)
     corpus = load(**{k: v for k, v in cfg["dataset"]["loader"].items() if k != "_target_"})
-    return model_kwargs(cfg, corpus, build_schedule(cfg))
+    settings = parse_config(cfg)
+    return model_spec(settings, corpus.vocab_size, build_schedule(settings))
 
 
 @pytest.mark.parametrize("overrides, words", [

@@ -11,9 +11,9 @@ from omegaconf import OmegaConf
 
 from helpers.runs import REPO, run_train
 from mswa.data.synthetic import SyntheticSettings
-from mswa.model import LanguageModel, ModelConfig
-from mswa.run import MODEL_KEYS, build_schedule, check_config
-from mswa.sweeps import comparison_id, repetition_warning, training_tokens, variant_id
+from mswa.checks import check_config
+from mswa.factory import build_model, build_schedule, model_spec
+from mswa.sweeps import comparison_id, continue_job, repetition_warning, training_tokens, variant_id, variant_name
 
 SWEEPS = sorted(p.stem for p in (REPO / "sweep").glob("*.yaml"))
 
@@ -34,11 +34,8 @@ def sweep_jobs(name, *extra):
 def test_cpu_experiment_composes_checks_and_builds_with_every_sweep(name):
     for job in sweep_jobs(name, "experiment=cpu"):
         cfg = compose_plain(["experiment=cpu", f"+sweep={name}", *job])
-        check_config(cfg)
-        schedule = build_schedule(cfg)
-        kwargs = {key: cfg["model"][key] for key in MODEL_KEYS}
-        model = LanguageModel(ModelConfig(**kwargs, vocab_size=256, max_seq_len=cfg["seq_len"],
-                                          windows=None if schedule.is_full else schedule.as_lists()))
+        settings = check_config(cfg)
+        model = build_model(settings.model, model_spec(settings, 256, build_schedule(settings)))
         assert model.n_params() > 0
         assert cfg["dataset"]["name"] == "synthetic"
         # one pass at most: the corpus is sized for the run (see conf/experiment/cpu.yaml)
@@ -96,6 +93,32 @@ def test_variant_identity_ignores_spelling_seed_and_places_not_settings():
     assert comparison_id(swa) != comparison_id(compose_plain(["model=swa", "window=64"]))
 
 
+STORED_RUNS = sorted((REPO / "sweep" / "results").glob("*/*seed=0*/results.json"))  # one per variant
+
+
+@pytest.mark.parametrize("path", STORED_RUNS, ids=lambda p: p.parent.name.split("_")[0] + "_" + p.parent.parent.name)
+def test_a_run_stored_before_schedules_had_a_kind_is_the_same_variant_now(path, tmp_path):
+    """sweep/results/ holds runs whose schedules had only `name` (= the rule, `uniform` for uniform_mswa_budget):
+    the same overrides composed now (name = the file, kind = the rule) are the same variant, of the same name, and
+    a rerun sweep skips the finished job instead of refusing it as another config."""
+    import json
+    import shutil
+
+    stored = json.loads(path.read_text())
+    assert "kind" not in stored["config"]["window_schedule"]  # the old layout
+    now = compose_plain(stored["overrides"], hydra=True)
+    excluded = now.hydra.job.config.override_dirname.exclude_keys
+    plain = compose_plain(stored["overrides"])
+    assert plain["window_schedule"]["name"] == stored["schedule"] != "" and "kind" in plain["window_schedule"]
+    assert variant_id(plain) == variant_id(stored["config"])
+    assert variant_name(stored["overrides"], excluded) == stored["variant"]
+    shutil.copy(path, tmp_path / "results.json")
+    assert continue_job(plain, tmp_path) == stored
+    plain["window_schedule"]["kind"] = "mswa_h" if plain["window_schedule"]["kind"] != "mswa_h" else "mswa"  # another rule
+    with pytest.raises(ValueError, match="holds a finished run of another config"):
+        continue_job(plain, tmp_path)
+
+
 def test_report_finds_swa_at_w_and_at_budget_from_the_configs_and_pairs_by_seed():
     """Rows as train.py writes them, from the real composed configs: mswa's references are SWA at w and SWA at
     its mean window (0.875 w to the nearest whole window for mswa's 0.879 w), whatever the folder names."""
@@ -109,7 +132,7 @@ def test_report_finds_swa_at_w_and_at_budget_from_the_configs_and_pairs_by_seed(
     for name, values in test_bpc.items():
         cfg = compose_plain(["experiment=cpu", *spelled[name]])
         ws = cfg["window_schedule"]
-        schedule = make_schedule(ws["name"], w=64, n_layer=4, n_head=4, head_ratios=ws["head_ratios"])
+        schedule = make_schedule(ws["kind"], w=64, n_layer=4, n_head=4, head_ratios=ws["head_ratios"])
         for seed, value in enumerate(values):
             results = {"schema": 1, "status": "finished", "variant": name, "seed": seed,
                        "config": {**cfg, "seed": seed}, "dataset": "synthetic", "metric": "bpc", "model": "swa",

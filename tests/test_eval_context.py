@@ -99,7 +99,7 @@ def corpus(tmp_path_factory):
 
 def tiny_task(corpus) -> LanguageModelTask:
     torch.manual_seed(0)
-    return LanguageModelTask({**TINY, "max_seq_len": 64}, optim={}, unit=corpus.unit)
+    return LanguageModelTask(LanguageModel(ModelConfig(**TINY, max_seq_len=64)), optim=None, unit=corpus.unit)
 
 
 def test_stride_equal_to_seq_len_reproduces_the_non_overlapping_numbers_exactly(corpus):

@@ -134,3 +134,18 @@ def test_a_file_that_is_not_a_checkpoint_or_of_another_shape_is_refused(run_dir,
     (copy / "results.json").write_text(json.dumps(results))
     with pytest.raises(ValueError, match="ckpt=best does not fit the model of .*copy's config"):
         load_run(copy)
+
+
+def test_a_run_written_before_schedules_had_a_kind_still_evaluates_and_samples(run_dir, tmp_path):
+    """Older results.json hold only window_schedule.name (then the rule): evaluate and sample read it as the rule."""
+    from mswa.sample import sample
+
+    old = tmp_path / RUN_NAME
+    shutil.copytree(run_dir, old, ignore=shutil.ignore_patterns("wandb", "wandb_id", "evaluation_*.json"))
+    results = json.loads((old / "results.json").read_text())
+    assert results["config"]["window_schedule"].pop("kind") == "mswa"
+    (old / "results.json").write_text(json.dumps(results))
+    record = evaluate(options(old))
+    for key in ("val/bpc", "test/bpc"):
+        assert record["metrics"][key] == results["metrics"][key], key
+    assert sample(old, "ab", 4, temperature=0).startswith("ab")

@@ -22,7 +22,9 @@ from mswa.data.corpus import DataError  # noqa: E402
 from mswa.data.packed import load as load_packed  # noqa: E402
 from mswa.hf import apply_window_attention  # noqa: E402
 from mswa.hf.tiny import SAMPLE_TEXT, save_tiny  # noqa: E402
-from mswa.run import RunInfo, build_schedule, train  # noqa: E402
+from mswa.config import parse_config  # noqa: E402
+from mswa.factory import build_schedule  # noqa: E402
+from mswa.run import RunInfo, train  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +128,7 @@ def test_llama2_7b_experiments_hold_the_authors_recipe(tmp_path, experiment, sch
     assert "piqa" in cfg["lm_eval"]["tasks"] and len(cfg["lm_eval"]["tasks"]) == 7
     # Llama-2-7B's 32 layers x 32 heads (read from its config at run time)
     cfg["model"].update(n_layer=32, n_head=32)
-    windows = build_schedule(cfg).windows
+    windows = build_schedule(parse_config(cfg)).windows
     if schedule == "uniform":
         assert set(w for layer in windows for w in layer) == {1024}
     else:

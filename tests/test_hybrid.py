@@ -6,8 +6,9 @@ import math
 import torch
 
 from helpers.runs import SCHEDULES, TINY_DATA, compose_config, run_train
+from mswa.config import parse_config
+from mswa.factory import build_model, build_schedule, model_spec
 from mswa.model import LanguageModel, LinearAttention, ModelConfig, ParallelHybridAttention, WindowedSelfAttention
-from mswa.run import build_schedule, model_kwargs
 from mswa.data.synthetic import load as load_synthetic
 
 HYBRIDS = ["swa_linear", "mswa_linear", "swa_linear_parallel", "mswa_linear_parallel"]
@@ -19,7 +20,8 @@ def test_every_hybrid_and_schedule_composes_and_builds(tmp_path):
     for model, schedule in combos:
         picked = [f"window_schedule={schedule}"] if schedule else []
         cfg = compose_config([f"model={model}", *picked, "model.n_layer=8", "model.d_model=32", "seq_len=32"], tmp_path)
-        lm = LanguageModel(ModelConfig(**model_kwargs(cfg, corpus, build_schedule(cfg))))
+        settings = parse_config(cfg)
+        lm = build_model(settings.model, model_spec(settings, corpus.vocab_size, build_schedule(settings)))
         assert torch.isfinite(lm(torch.randint(0, 256, (2, 32)))).all(), (model, schedule)
 
 

@@ -49,7 +49,7 @@ def test_adaptive_softmax_perplexity_is_exp_of_mean_nll(tmp_path):
     tokens = np.random.default_rng(0).integers(0, vocab, size=3000).astype(np.int32)
     corpus = Corpus("words", {"train": tokens, "valid": tokens[:1001], "test": tokens[:500]}, vocab, "word")
     cfg = dict(vocab_size=vocab, n_layer=2, n_head=4, d_model=32, max_seq_len=64, output="adaptive", adaptive_cutoffs=[50, 150])
-    task = LanguageModelTask(cfg, {"lr": 1e-3, "weight_decay": 0.0, "betas": [0.9, 0.95], "warmup_steps": 1, "min_lr_ratio": 0.1}, "word")
+    task = LanguageModelTask(LanguageModel(ModelConfig(**cfg)), None, "word")
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False)
     trainer.validate(task, datamodule=CorpusDataModule(corpus, 64, 4, 7, seed=0), verbose=False)
 

@@ -15,7 +15,8 @@ from nbclient import NotebookClient
 from omegaconf import OmegaConf
 
 from helpers.runs import REPO, run_train
-from mswa.run import build_schedule
+from mswa.config import parse_config
+from mswa.factory import build_schedule
 
 SWEEPS = sorted(p.stem for p in (REPO / "sweep").glob("*.yaml"))
 
@@ -40,8 +41,9 @@ def test_every_job_of_every_sweep_composes_and_builds_its_windows(name):
     assert len(jobs) >= 3
     for job in jobs:
         cfg = OmegaConf.to_container(compose_with_hydra([f"+sweep={name}", *job]), resolve=False)
-        cfg["window"] = OmegaConf.create(cfg)["window"]
-        schedule = build_schedule(cfg)  # raises for a job whose windows cannot be built
+        del cfg["hydra"]  # its resolvers live only in a Hydra run
+        cfg = OmegaConf.to_container(OmegaConf.create(cfg), resolve=True)
+        schedule = build_schedule(parse_config(cfg))  # raises for a job whose windows cannot be built
         assert schedule.is_full == (not cfg["model"]["windowed"]), job
 
 

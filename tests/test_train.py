@@ -18,7 +18,9 @@ from helpers.runs import REPO, SCHEDULES, TINY_DATA, compose_config, results_und
 from mswa.data.synthetic import load as load_synthetic
 from mswa.lit import CorpusDataModule, LanguageModelTask, NonFiniteLossError
 from mswa.model import LanguageModel, ModelConfig
-from mswa.run import ConfigError, RunInfo, build_schedule, model_kwargs, train
+from mswa.config import parse_config
+from mswa.factory import build_model, build_schedule, model_spec
+from mswa.run import ConfigError, RunInfo, train
 from mswa.windows import ScheduleError
 
 SMOKE = ["debug=smoke", *TINY_DATA]
@@ -33,8 +35,10 @@ def test_every_model_schedule_and_cpu_hardware_composes_and_builds(tmp_path):
         overrides = [f"model={model}", f"window_schedule={schedule}", "hardware=cpu", "model.n_layer=8",
                      "model.d_model=32", "seq_len=32", *extra]
         cfg = compose_config(overrides if schedule != "full" else overrides[:1] + overrides[2:], tmp_path)
-        assert cfg["window_schedule"]["name"] in (schedule, "mswa", "mswa_l", "uniform")
-        lm = LanguageModel(ModelConfig(**model_kwargs(cfg, corpus, build_schedule(cfg))))
+        assert cfg["window_schedule"]["name"] == schedule  # a schedule is named by its file
+        settings = parse_config(cfg)
+        lm = build_model(settings.model, model_spec(settings, corpus.vocab_size, build_schedule(settings)))
+        assert isinstance(lm, LanguageModel)
         logits = lm(torch.randint(0, 256, (2, 32)))
         assert logits.shape == (2, 32, 256) and torch.isfinite(logits).all(), (model, schedule)
 
@@ -44,7 +48,17 @@ def test_model_names_pick_their_schedules(tmp_path):
     assert compose_config(["model=mswa"], tmp_path)["window_schedule"]["name"] == "mswa"
     assert compose_config(["model=full"], tmp_path)["window_schedule"]["name"] == "full"
     switched = compose_config(["model=mswa", "window_schedule=mswa_official", "window=64"], tmp_path)
-    assert build_schedule(switched).windows[0][0] == 64  # 64 * layer 1/2 * head 2
+    assert build_schedule(parse_config(switched)).windows[0][0] == 64  # 64 * layer 1/2 * head 2
+
+
+def test_schedule_files_are_named_by_their_file_and_apply_their_kind(tmp_path):
+    rules = {"mswa_g2": "mswa", "mswa_g8": "mswa", "mswa_l_shrinking": "mswa_l", "uniform_mswa_budget": "uniform",
+             "uniform_mswa_l_budget": "uniform", "full": "full", "custom": "custom"}
+    for path in sorted((REPO / "conf" / "window_schedule").glob("*.yaml")):
+        ws = compose_config([f"window_schedule={path.stem}"], tmp_path)["window_schedule"]
+        assert ws["name"] == path.stem and ws["kind"] == rules.get(path.stem, path.stem), ws
+    budget = build_schedule(parse_config(compose_config(["model=swa", "window_schedule=uniform_mswa_budget", "window=64"], tmp_path)))
+    assert budget.name == "uniform_mswa_budget" and set(budget.windows[0]) == {56}  # round(0.8789 * 64), the uniform rule
 
 
 def test_smoke_multirun_of_full_swa_mswa_writes_results(tmp_path):
@@ -76,7 +90,9 @@ def test_tiny_overfit_loss_falls_well_below_start(tmp_path):
 def test_uniform_predictor_scores_exactly_8_bpc(tmp_path):
     cfg = compose_config(["debug=smoke", *TINY_DATA], tmp_path)
     corpus = load_synthetic(**{k: v for k, v in cfg["dataset"]["loader"].items() if k != "_target_"})
-    task = LanguageModelTask(model_kwargs(cfg, corpus, build_schedule(cfg)), cfg["optim"], corpus.unit)
+    settings = parse_config(cfg)
+    spec = model_spec(settings, corpus.vocab_size, build_schedule(settings))
+    task = LanguageModelTask(build_model(settings.model, spec), settings.optim, corpus.unit, spec=spec)
     for p in task.parameters():
         torch.nn.init.zeros_(p)  # zero embeddings -> zero logits -> uniform over 256 bytes
     data = CorpusDataModule(corpus, cfg["seq_len"], 4, 16, seed=0)
@@ -171,7 +187,7 @@ def test_bad_config_stops_before_training_with_one_sentence(tmp_path):
     [
         (["model.n_head=6", "model.d_model=48"], ScheduleError, "6 heads"),
         (["window=0"], ScheduleError, "window=0"),
-        (["window_schedule.name=swirly"], ScheduleError, "'swirly'"),
+        (["window_schedule.kind=swirly"], ScheduleError, "'swirly'"),  # the rule; name only labels
         (["seq_len=300000"], ConfigError, "seq_len=300000"),
         (["model=full", "window_schedule=mswa"], ConfigError, "model=full cannot use window_schedule=mswa"),
         (["model=swa", "window_schedule=full"], ConfigError, "model=swa cannot use window_schedule=full"),

@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from mswa.sweeps import comparison_id, variant_id
+from mswa.sweeps import comparison_id, schedule_rule, variant_id, variant_name
 
 SCHEMA = 1
 RESULTS_FILE, HISTORY_FILE, ATTEMPTS_FILE = "results.json", "metrics.csv", "attempts.jsonl"
@@ -133,9 +133,8 @@ def schedule_of(results: Mapping) -> tuple[str | None, str | None]:
     schedule = (results.get("config") or {}).get("window_schedule")
     if not isinstance(schedule, Mapping):
         return results.get("schedule"), None
-    if "kind" in schedule:
-        return schedule.get("name"), schedule["kind"]
-    return results.get("schedule") or schedule.get("name"), schedule.get("name")
+    name = schedule.get("name") if "kind" in schedule else results.get("schedule") or schedule.get("name")
+    return name, schedule_rule(results["config"])
 
 
 def config_columns(results: Mapping) -> dict:
@@ -197,14 +196,6 @@ def not_in_variant(job_dir: Path) -> list[str]:
     path = job_dir / ".hydra" / "hydra.yaml"
     hydra = (yaml.safe_load(path.read_text()) or {}).get("hydra", {}) if path.is_file() else {}
     return ((hydra.get("job") or {}).get("config") or {}).get("override_dirname", {}).get("exclude_keys") or []
-
-
-# TODO(i18 merge): the same function as mswa.sweeps.variant_name (core helper); import that one and delete this.
-def variant_name(overrides: Iterable[str], not_in_name: Collection[str] = ()) -> str:
-    """A run's variant as people read it: its overrides, sorted, without the seed and the keys that do not
-    make a variant (``not_in_name``: paths, hardware, ...), or ``default``."""
-    left_out = {"seed", *not_in_name}
-    return ",".join(o for o in sorted(overrides) if o.split("=")[0].lstrip("+~") not in left_out) or "default"
 
 
 def seed_of(overrides: Iterable[str]) -> int | None:
