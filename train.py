@@ -33,8 +33,11 @@ def main(cfg: DictConfig) -> float:
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     group = hydra_cfg.sweep.dir.rstrip("/").split("/")[-1] if multirun else None
     # a resume must find this folder again: a multirun job's, or one the command named
-    run_dir = [hydra_value("hydra.run.dir", hydra_cfg.runtime.output_dir)] if multirun else [
-        o for o in hydra_cfg.overrides.hydra if o.startswith("hydra.run.dir=")]
+    run_dir = (
+        [hydra_value("hydra.run.dir", hydra_cfg.runtime.output_dir)]
+        if multirun
+        else [o for o in hydra_cfg.overrides.hydra if o.startswith("hydra.run.dir=")]
+    )
     try:
         check_launcher(hydra_cfg.runtime.choices.get("launcher"), multirun)
         plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)

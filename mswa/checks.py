@@ -29,8 +29,11 @@ def check_config(cfg: dict) -> RunConfig:
     check_hardware(settings)
     check_model(settings)
     check_lm_eval(settings)
-    for key, path in (("paths.data_dir", settings.paths.data_dir), ("paths.log_dir", settings.paths.log_dir),
-                      ("dataset.loader.data_dir", settings.dataset.loader.get("data_dir"))):
+    for key, path in (
+        ("paths.data_dir", settings.paths.data_dir),
+        ("paths.log_dir", settings.paths.log_dir),
+        ("dataset.loader.data_dir", settings.dataset.loader.get("data_dir")),
+    ):
         if path is not None:
             check_folder(key, path)
     return settings
@@ -151,8 +154,7 @@ def check_checkpoint(path: str | None, model: dict) -> None:
             name = f"{key} (from {FILLED_BY_RUN[key]})" if key in FILLED_BY_RUN else f"model.{key}"
             values = f"{shown(there)} there, {shown(here)} here" if len(shown(there) + shown(here)) < 120 else "differs from this config"
             raise ConfigError(
-                f"ckpt_path={path} belongs to another model: {name} {values}; "
-                "resume with the checkpoint's settings or start a fresh run"
+                f"ckpt_path={path} belongs to another model: {name} {values}; resume with the checkpoint's settings or start a fresh run"
             )
 
 

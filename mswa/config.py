@@ -62,8 +62,7 @@ RATE = Rule("a finite number >= 0", lambda v: is_number(v) and v >= 0)
 RATE_OR_NULL = Rule("a finite number >= 0, or null (no clipping)", lambda v: v is None or RATE.ok(v))
 FRACTION = Rule("a number in [0, 1]", lambda v: is_number(v) and 0 <= v <= 1)
 PROBABILITY = Rule("a number in [0, 1)", lambda v: is_number(v) and 0 <= v < 1)
-BETAS = Rule("two numbers in [0, 1), e.g. [0.9, 0.95]",
-             lambda v: isinstance(v, list) and len(v) == 2 and all(PROBABILITY.ok(b) for b in v))
+BETAS = Rule("two numbers in [0, 1), e.g. [0.9, 0.95]", lambda v: isinstance(v, list) and len(v) == 2 and all(PROBABILITY.ok(b) for b in v))
 BOOLEAN = Rule("true or false", lambda v: isinstance(v, bool))
 WANDB_MODES = ("offline", "online", "disabled")
 PRECISIONS = tuple(value for literal in typing.get_args(_PRECISION_INPUT) for value in typing.get_args(literal))
@@ -180,8 +179,14 @@ class SlurmConfig:
 # window and window_schedule.
 FILLED_BY_RUN = {"vocab_size": "the dataset", "max_seq_len": "seq_len", "windows": "window and window_schedule"}
 MODEL_RULES = {  # values of mswa.model's settings that ModelConfig itself does not check
-    "n_layer": POSITIVE, "n_head": POSITIVE, "d_model": POSITIVE, "mlp_ratio": POSITIVE, "linear_feature_dim": POSITIVE,
-    "dropout": PROBABILITY, "linear_feature_map": one_of(FEATURE_MAPS), "attn_backend": one_of(BACKENDS),
+    "n_layer": POSITIVE,
+    "n_head": POSITIVE,
+    "d_model": POSITIVE,
+    "mlp_ratio": POSITIVE,
+    "linear_feature_dim": POSITIVE,
+    "dropout": PROBABILITY,
+    "linear_feature_map": one_of(FEATURE_MAPS),
+    "attn_backend": one_of(BACKENDS),
 }
 
 
@@ -280,8 +285,16 @@ class RunConfig:
 
 
 # Trainer keywords that the run passes itself; the hardware group's keys go to the Trainer as well.
-TRAINER_KEYS_SET_BY_RUN = ("logger", "callbacks", "max_epochs", "check_val_every_n_epoch", "default_root_dir",
-                           "use_distributed_sampler", "deterministic", "plugins")
+TRAINER_KEYS_SET_BY_RUN = (
+    "logger",
+    "callbacks",
+    "max_epochs",
+    "check_val_every_n_epoch",
+    "default_root_dir",
+    "use_distributed_sampler",
+    "deterministic",
+    "plugins",
+)
 TRAINER_KEYWORDS = tuple(name for name in inspect.signature(L.Trainer.__init__).parameters if name != "self")
 TRAINER_RULES = {  # the Trainer keywords a run relies on (Lightning checks the others)
     "trainer.max_steps": POSITIVE,
@@ -312,7 +325,9 @@ def parse_config(cfg: Mapping) -> RunConfig:
         raise ConfigError(f"{error.full_key} is not set; give it a value") from None
     except OmegaConfBaseException as error:  # a type the rules do not cover (e.g. window=abc)
         why = str(error.msg).splitlines()[0]
-        raise ConfigError(f"{error.full_key}={getattr(error, 'value', None)!r} has the wrong type ({why}); give a value of its type") from None
+        raise ConfigError(
+            f"{error.full_key}={getattr(error, 'value', None)!r} has the wrong type ({why}); give a value of its type"
+        ) from None
 
 
 def check_group(group: str, values: Mapping, schema: type, chosen: Mapping[str, type] | None = None) -> None:
@@ -326,8 +341,9 @@ def check_group(group: str, values: Mapping, schema: type, chosen: Mapping[str, 
         rule = fields[name].metadata.get("rule")
         if rule is not None and not rule.ok(value):
             raise ConfigError(f"{prefix}{name}={value!r} must be {rule.must_be}")
-        inner = (chosen or {}).get(name) or next((t for t in typing.get_args(hints[name]) or (hints[name],)
-                                                  if dataclasses.is_dataclass(t)), None)
+        inner = (chosen or {}).get(name) or next(
+            (t for t in typing.get_args(hints[name]) or (hints[name],) if dataclasses.is_dataclass(t)), None
+        )
         if inner is not None and isinstance(value, Mapping):
             check_group(f"{prefix}{name}", value, inner)
 
@@ -361,6 +377,9 @@ def check_trainer_keys(cfg: Mapping) -> None:
 _FROM_PRETRAINED = "model.pretrained's config"
 SET_ELSEWHERE = {  # known keys a user may not set, and where their value comes from
     NativeModel: FILLED_BY_RUN,
-    PretrainedModel: {f.name: _FROM_PRETRAINED for f in dataclasses.fields(NativeModel)
-                      if f.name not in {f.name for f in dataclasses.fields(PretrainedModel)}},
+    PretrainedModel: {
+        f.name: _FROM_PRETRAINED
+        for f in dataclasses.fields(NativeModel)
+        if f.name not in {f.name for f in dataclasses.fields(PretrainedModel)}
+    },
 }

@@ -30,9 +30,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from mswa.data.corpus import Corpus
 from mswa.config import RunConfig, WandbConfig, parse_config
 from mswa.data.batches import eval_context
+from mswa.data.corpus import Corpus
 from mswa.factory import build_model, build_schedule, model_spec, with_pretrained_shape
 from mswa.lit import CorpusDataModule, LanguageModelTask
 from mswa.run import git_commit, load_corpus
@@ -66,8 +66,9 @@ def load_run(run_dir: str | os.PathLike, checkpoint: str = "best", key: str = "c
         task.load_state_dict(state, strict=task.strict_loading)
     except RuntimeError as error:
         first = str(error).strip().splitlines()[-1].strip()
-        raise ValueError(f"{key}{checkpoint} does not fit the model of {run_dir}'s config ({first}); "
-                         "pass a checkpoint written by this run") from None
+        raise ValueError(
+            f"{key}{checkpoint} does not fit the model of {run_dir}'s config ({first}); pass a checkpoint written by this run"
+        ) from None
     return cfg, task.eval(), corpus
 
 
@@ -84,8 +85,9 @@ def run_config(run_dir: str | os.PathLike) -> dict:
     if cfg is None and (folder / ".hydra" / "config.yaml").is_file():
         cfg = OmegaConf.to_container(OmegaConf.load(folder / ".hydra" / "config.yaml"), resolve=True)
     if cfg is None:
-        raise ValueError(f"run_dir={run_dir} holds neither results.json with a config nor .hydra/config.yaml; "
-                         "pass the folder train.py wrote for the run")
+        raise ValueError(
+            f"run_dir={run_dir} holds neither results.json with a config nor .hydra/config.yaml; pass the folder train.py wrote for the run"
+        )
     return cfg
 
 
@@ -116,8 +118,10 @@ def _checkpoint_state(path: Path, checkpoint: str, key: str) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
     except Exception as error:  # noqa: BLE001 - unpickling fails in many ways; all mean "not a checkpoint"
-        raise ValueError(f"{key}{checkpoint} ({path}) is not a Lightning checkpoint ({type(error).__name__}); "
-                         f"pass {key}best, {key}last or a .ckpt written by train.py") from None
+        raise ValueError(
+            f"{key}{checkpoint} ({path}) is not a Lightning checkpoint ({type(error).__name__}); "
+            f"pass {key}best, {key}last or a .ckpt written by train.py"
+        ) from None
 
 
 def check_overrides(overrides: list[str]) -> None:
@@ -157,17 +161,30 @@ def evaluate(options: dict) -> dict:
     if options.get("torch_threads"):
         torch.set_num_threads(options["torch_threads"])
     cfg, task, corpus = load_run(run_dir, checkpoint)
-    data = CorpusDataModule(corpus, cfg["seq_len"], cfg["data"]["batch_size"], batch_size, cfg["seed"],
-                            eval_seq_len=seq_len, eval_stride=stride)
-    trainer = L.Trainer(**(options.get("hardware") or cfg["hardware"]), logger=False, enable_checkpointing=False,
-                        enable_model_summary=False, use_distributed_sampler=False)
+    data = CorpusDataModule(
+        corpus, cfg["seq_len"], cfg["data"]["batch_size"], batch_size, cfg["seed"], eval_seq_len=seq_len, eval_stride=stride
+    )
+    trainer = L.Trainer(
+        **(options.get("hardware") or cfg["hardware"]),
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+    )
     trainer.validate(task, datamodule=data, verbose=False)
     trainer.test(task, datamodule=data, verbose=False)
     name = f"L{seq_len}_stride{stride}_{Path(checkpoint).stem}"
     record = {
-        "schema": 1, "setting": name, "checkpoint": checkpoint, "unit": corpus.unit, "metric": corpus.metric,
-        "metrics": dict(task.eval_results), "evaluation": {**data.eval_settings, **task.eval_details},
-        "train_seq_len": cfg["seq_len"], "batch_size": batch_size, "wall_time_s": time.time() - started,
+        "schema": 1,
+        "setting": name,
+        "checkpoint": checkpoint,
+        "unit": corpus.unit,
+        "metric": corpus.metric,
+        "metrics": dict(task.eval_results),
+        "evaluation": {**data.eval_settings, **task.eval_details},
+        "train_seq_len": cfg["seq_len"],
+        "batch_size": batch_size,
+        "wall_time_s": time.time() - started,
         "git_commit": git_commit(),
     }
     if trainer.global_rank == 0:
@@ -190,8 +207,14 @@ def _mirror_to_wandb(cfg: dict, run_dir: Path, name: str, record: dict) -> None:
         return
     import wandb
 
-    run = wandb.init(project=logger.project, entity=logger.entity, id=id_file.read_text().strip(),
-                     resume="allow", mode=os.environ.get("WANDB_MODE", logger.mode), dir=str(run_dir))
+    run = wandb.init(
+        project=logger.project,
+        entity=logger.entity,
+        id=id_file.read_text().strip(),
+        resume="allow",
+        mode=os.environ.get("WANDB_MODE", logger.mode),
+        dir=str(run_dir),
+    )
     run.summary[f"evaluate/{name}"] = {key: record[key] for key in ("metrics", "evaluation", "checkpoint")}
     run.finish()
 
@@ -209,6 +232,7 @@ def _hydra_entry(cfg: DictConfig) -> None:
 def quote_run_dir(args: list[str]) -> list[str]:
     """Run folders are named by their overrides (``model=mswa,seed=0``), which Hydra's override grammar
     would parse: an existing folder is passed quoted, so it can be pasted as it is."""
+
     def quoted(arg: str) -> str:
         key, _, value = arg.partition("=")
         if key.lstrip("+") != "run_dir" or value[:1] in ("'", '"') or not Path(value).is_dir():

@@ -24,8 +24,14 @@ def build_schedule(cfg: RunConfig) -> WindowSchedule:
     """The window of every head of every layer, by the schedule's rule (full takes no base window)."""
     ws, model = cfg.window_schedule, cfg.model
     return make_schedule(
-        ws.kind, name=ws.name, w=None if ws.kind == "full" else cfg.window, n_layer=model.n_layer, n_head=model.n_head,
-        head_ratios=ws.head_ratios, layer_ratios=ws.layer_ratios, windows=ws.windows,
+        ws.kind,
+        name=ws.name,
+        w=None if ws.kind == "full" else cfg.window,
+        n_layer=model.n_layer,
+        n_head=model.n_head,
+        head_ratios=ws.head_ratios,
+        layer_ratios=ws.layer_ratios,
+        windows=ws.windows,
     )
 
 
@@ -70,9 +76,18 @@ def finish_pretrained(cfg: RunConfig, model: torch.nn.Module, folder: Path, wand
     from mswa.hf.patch import hf_base_model
 
     return evaluate_commonsense(
-        hf_base_model(model.lm).eval(), AutoTokenizer.from_pretrained(cfg.model.pretrained), folder, tasks=options.tasks,
-        num_fewshot=options.num_fewshot, batch_size=options.batch_size, limit=options.limit, include_path=options.include_path,
-        include_defaults=options.include_defaults, max_length=cfg.seq_len, logger=wandb_run, extra=record,
+        hf_base_model(model.lm).eval(),
+        AutoTokenizer.from_pretrained(cfg.model.pretrained),
+        folder,
+        tasks=options.tasks,
+        num_fewshot=options.num_fewshot,
+        batch_size=options.batch_size,
+        limit=options.limit,
+        include_path=options.include_path,
+        include_defaults=options.include_defaults,
+        max_length=cfg.seq_len,
+        logger=wandb_run,
+        extra=record,
     )
 
 

@@ -101,12 +101,15 @@ def window_groups(windows: Sequence[Window]) -> list[tuple[Window, slice | torch
     groups: dict[Window, list[int]] = {}
     for head, window in enumerate(windows):
         groups.setdefault(window, []).append(head)
-    return [(window, slice(heads[0], heads[-1] + 1) if heads == list(range(heads[0], heads[-1] + 1)) else torch.tensor(heads))
-            for window, heads in groups.items()]
+    return [
+        (window, slice(heads[0], heads[-1] + 1) if heads == list(range(heads[0], heads[-1] + 1)) else torch.tensor(heads))
+        for window, heads in groups.items()
+    ]
 
 
-def attend_past(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: Sequence[Window],
-                key_padding: torch.Tensor | None = None) -> torch.Tensor:
+def attend_past(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: Sequence[Window], key_padding: torch.Tensor | None = None
+) -> torch.Tensor:
     """Attention for queries that are the newest q.shape[2] of the k.shape[2] keys (decoding; grouped-query k/v
     allowed): head h sees the keys within `windows[h]` of its query (one window: every head; None: all).
 
@@ -132,8 +135,9 @@ class LayerCache:
     linear and parallel-hybrid layers, `linear_state` (kept by `cached_linear_attention`)."""
 
     def __init__(self, windows: Sequence[Window] | None, reserve: int = 0):
-        self.groups = [(heads, window, KVStore(None if window is None else window - 1, reserve))
-                       for window, heads in window_groups(windows or [])]
+        self.groups = [
+            (heads, window, KVStore(None if window is None else window - 1, reserve)) for window, heads in window_groups(windows or [])
+        ]
         self.linear_state = None
 
     def store(self, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -217,8 +221,9 @@ def check_prompt(cfg, prompt_tokens: int, max_new_tokens: int) -> None:
         )
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Next token ids (batch,) from last-position logits (batch, vocab): argmax at temperature 0, else a draw
     from softmax(logits / temperature) restricted to the top_k likeliest and to the smallest set of likeliest
     tokens whose probability reaches top_p."""
@@ -238,8 +243,16 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 
 
 @torch.no_grad()
-def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
-             top_p: float = 1.0, seed: int | None = None) -> torch.Tensor:
+def generate(
+    model,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float = 1.0,
+    seed: int | None = None,
+) -> torch.Tensor:
     """The prompt (batch, P) token ids followed by `max_new_tokens` sampled ones: (batch, P + max_new_tokens).
 
     The prompt is prefilled in one forward pass; each new token then costs one step against the cache. The

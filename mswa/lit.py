@@ -20,9 +20,9 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader
 
 from mswa.atomic import write_atomic
-from mswa.data.corpus import Corpus
 from mswa.config import OptimConfig
 from mswa.data.batches import IGNORE, EvalChunks, RandomCrops
+from mswa.data.corpus import Corpus
 from mswa.metrics import SummedNLL, by_distance, by_kind, metrics_from_sums
 
 
@@ -139,9 +139,18 @@ class CorpusDataModule(L.LightningDataModule):
 
     STAGE_SPLITS = {"val": "valid", "test": "test"}
 
-    def __init__(self, corpus: Corpus, seq_len: int, batch_size: int, eval_batch_size: int, seed: int,
-                 val_max_tokens: int | None = None, aligned_chunks: bool = False,
-                 eval_seq_len: int | None = None, eval_stride: int | None = None):
+    def __init__(
+        self,
+        corpus: Corpus,
+        seq_len: int,
+        batch_size: int,
+        eval_batch_size: int,
+        seed: int,
+        val_max_tokens: int | None = None,
+        aligned_chunks: bool = False,
+        eval_seq_len: int | None = None,
+        eval_stride: int | None = None,
+    ):
         super().__init__()
         self.corpus, self.seq_len, self.seed, self.aligned_chunks = corpus, seq_len, seed, aligned_chunks
         self.batch_size, self.eval_batch_size, self.val_max_tokens = batch_size, eval_batch_size, val_max_tokens

@@ -185,8 +185,9 @@ class LinearAttention(nn.Module):
         return tuple(t.unflatten(-1, (self.n_head, -1)).transpose(1, 2) for t in (q, k, v))
 
 
-def cached_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache=None, feature_map: str = "elu",
-                            chunk_size: int = 64) -> torch.Tensor:
+def cached_linear_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache=None, feature_map: str = "elu", chunk_size: int = 64
+) -> torch.Tensor:
     """`causal_linear_attention`, continued across calls through `cache.linear_state` when a decoding cache is given
     (`mswa.generate.LayerCache`): tokens are chunked from the running sums, a single token takes the recurrent step."""
     if cache is None:

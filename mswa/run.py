@@ -36,17 +36,31 @@ from lightning.pytorch.utilities import rank_zero_only
 from mswa.atomic import write_atomic
 from mswa.checks import check_checkpoint, check_config
 from mswa.config import ConfigError, DatasetConfig, RunConfig, WandbConfig
-from mswa.data.corpus import Corpus
 from mswa.data.batches import eval_context
+from mswa.data.corpus import Corpus
 from mswa.factory import build_model, build_schedule, finish_pretrained, model_spec, with_pretrained_shape
-from mswa.lit import (AtomicCheckpointIO, CorpusDataModule, FolderCheckpoint, GracefulInterrupt, Heartbeat, LanguageModelTask,
-                      NonFiniteLossError, RunError, RunInterrupted, StepProgressBar, Throughput)
+from mswa.lit import (
+    AtomicCheckpointIO,
+    CorpusDataModule,
+    FolderCheckpoint,
+    GracefulInterrupt,
+    Heartbeat,
+    LanguageModelTask,
+    NonFiniteLossError,
+    RunError,
+    RunInterrupted,
+    StepProgressBar,
+    Throughput,
+)
 from mswa.sweeps import warn_if_repeating
 
 HEARTBEAT_EVERY_S = 60.0  # how often a live run rewrites results.json; the report reads it from there
 # Lightning's output that is not ours to act on (matched by message: other warnings stay on)
-QUIET_WARNINGS = (r"Experiment logs directory .* exists and is not empty", r"Checkpoint directory .* exists and is not empty",
-                  r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+QUIET_WARNINGS = (
+    r"Experiment logs directory .* exists and is not empty",
+    r"Checkpoint directory .* exists and is not empty",
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated",
+)
 QUIET_INFO = ("💡 Tip: For seamless cloud logging",)
 
 
@@ -136,8 +150,7 @@ class RunFolder:
             return ckpt_path
         if self.last.exists() and not overwrite:
             raise ConfigError(
-                f"{self.path} already holds a run (checkpoints/last.ckpt); resume it with ckpt_path=last "
-                "or start over with overwrite=true"
+                f"{self.path} already holds a run (checkpoints/last.ckpt); resume it with ckpt_path=last or start over with overwrite=true"
             )
         if self.holds_run() and not overwrite:
             raise ConfigError(f"{self.path} already holds a finished run (results.json); start over with overwrite=true")
@@ -207,20 +220,37 @@ def build_loggers(cfg: RunConfig, folder: RunFolder, run: RunInfo, plain: dict) 
         import wandb
 
         tags = [f"dataset={cfg.dataset.name}", f"model={cfg.model.name}", f"schedule={cfg.window_schedule.name}", *log.tags]
-        loggers.append(WandbLogger(
-            project=log.project, entity=log.entity, name=run.name, group=log.group or run.group, job_type=log.job_type,
-            tags=tags, mode=log.mode, save_dir=str(folder.path), id=folder.wandb_id(), resume="allow", config=plain,
-            settings=wandb.Settings(quiet=True),  # its history table repeats metrics.csv; the summary says where the run is
-        ))
+        loggers.append(
+            WandbLogger(
+                project=log.project,
+                entity=log.entity,
+                name=run.name,
+                group=log.group or run.group,
+                job_type=log.job_type,
+                tags=tags,
+                mode=log.mode,
+                save_dir=str(folder.path),
+                id=folder.wandb_id(),
+                resume="allow",
+                config=plain,
+                settings=wandb.Settings(quiet=True),  # its history table repeats metrics.csv; the summary says where the run is
+            )
+        )
     return loggers
 
 
 def build_trainer(cfg: RunConfig, folder: RunFolder, loggers: list, callbacks: list) -> L.Trainer:
     """Lightning's Trainer: one endless epoch stopped by trainer.max_steps, validated every val_check_interval steps."""
     return L.Trainer(
-        **{"enable_model_summary": False, **cfg.hardware, **cfg.trainer}, logger=loggers, max_epochs=-1,
-        check_val_every_n_epoch=None, plugins=[AtomicCheckpointIO()], callbacks=callbacks,
-        default_root_dir=str(folder.path), use_distributed_sampler=False, deterministic=False,
+        **{"enable_model_summary": False, **cfg.hardware, **cfg.trainer},
+        logger=loggers,
+        max_epochs=-1,
+        check_val_every_n_epoch=None,
+        plugins=[AtomicCheckpointIO()],
+        callbacks=callbacks,
+        default_root_dir=str(folder.path),
+        use_distributed_sampler=False,
+        deterministic=False,
     )
 
 
@@ -277,7 +307,7 @@ def not_ours(record: logging.LogRecord) -> bool:
 
 
 def now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 def train(cfg: dict, run: RunInfo) -> dict:
@@ -312,10 +342,19 @@ class Attempt:
         self.plain, self.run_info, self.folder = cfg, run, RunFolder(Path(run.dir))
         self.process = {"pid": os.getpid(), "host": socket.gethostname(), "started": now(), "heartbeat_every_s": HEARTBEAT_EVERY_S}
         self.results = {
-            "schema": 1, "status": "running", "error": None, "run_name": run.name, "variant": run.variant,
-            "seed": cfg["seed"], "overrides": run.overrides, "config": cfg, "dataset": cfg["dataset"]["name"],
-            "model": cfg["model"]["name"], "schedule": cfg["window_schedule"]["name"],
-            "git_commit": git_commit(), "process": self.process,
+            "schema": 1,
+            "status": "running",
+            "error": None,
+            "run_name": run.name,
+            "variant": run.variant,
+            "seed": cfg["seed"],
+            "overrides": run.overrides,
+            "config": cfg,
+            "dataset": cfg["dataset"]["name"],
+            "model": cfg["model"]["name"],
+            "schedule": cfg["window_schedule"]["name"],
+            "git_commit": git_commit(),
+            "process": self.process,
         }
         self.loggers: list = []
         self.earlier_metrics: Path | None = None
@@ -345,10 +384,15 @@ class Attempt:
         check_checkpoint(self.resume, spec)
         self.task = task = LanguageModelTask(build_model(cfg.model, spec), cfg.optim, corpus.unit, cfg.compile, spec)
         self.results.update(
-            unit=corpus.unit, metric=corpus.metric, window=schedule.w, windows=schedule.as_lists(),
-            budget=schedule.budget(cfg.seq_len), n_params=task.model.n_params(),
+            unit=corpus.unit,
+            metric=corpus.metric,
+            window=schedule.w,
+            windows=schedule.as_lists(),
+            budget=schedule.budget(cfg.seq_len),
+            n_params=task.model.n_params(),
             n_trainable=sum(p.numel() for p in task.parameters() if p.requires_grad),
-            entropy_floor_bpb=corpus.entropy_floor_bpb, evaluation=dict(zip(("seq_len", "stride"), self.eval_context)),
+            entropy_floor_bpb=corpus.entropy_floor_bpb,
+            evaluation=dict(zip(("seq_len", "stride"), self.eval_context)),
         )
         if not self.resume:
             self.folder.start_over()
@@ -357,15 +401,28 @@ class Attempt:
     def fit(self, interrupt: GracefulInterrupt) -> None:
         """Train to trainer.max_steps (from the checkpoint to resume), checkpointing the best and the last weights."""
         cfg, folder, data_cfg = self.cfg, self.folder, self.cfg.data
-        self.data = CorpusDataModule(self.corpus, cfg.seq_len, data_cfg.batch_size, data_cfg.eval_batch_size, cfg.seed,
-                                     data_cfg.val_max_tokens, data_cfg.aligned_chunks, *self.eval_context)
+        self.data = CorpusDataModule(
+            self.corpus,
+            cfg.seq_len,
+            data_cfg.batch_size,
+            data_cfg.eval_batch_size,
+            cfg.seed,
+            data_cfg.val_max_tokens,
+            data_cfg.aligned_chunks,
+            *self.eval_context,
+        )
         self.best = FolderCheckpoint(dirpath=folder.checkpoints, filename="best", monitor="val/loss", mode="min", save_top_k=1)
-        last = FolderCheckpoint(dirpath=folder.checkpoints, save_top_k=0, save_last=True,
-                                every_n_train_steps=cfg.checkpoint.every_n_train_steps)
+        last = FolderCheckpoint(
+            dirpath=folder.checkpoints, save_top_k=0, save_last=True, every_n_train_steps=cfg.checkpoint.every_n_train_steps
+        )
         self.throughput = Throughput(data_cfg.batch_size * cfg.seq_len)
         self.loggers = build_loggers(cfg, folder, self.run_info, self.plain)
-        self.trainer = build_trainer(cfg, folder, self.loggers, [self.best, last, self.throughput, interrupt,
-                                                                 Heartbeat(self.beat, HEARTBEAT_EVERY_S), StepProgressBar()])
+        self.trainer = build_trainer(
+            cfg,
+            folder,
+            self.loggers,
+            [self.best, last, self.throughput, interrupt, Heartbeat(self.beat, HEARTBEAT_EVERY_S), StepProgressBar()],
+        )
         summarise_wandb(self.loggers, self.corpus.metric, self.corpus.entropy_floor_bpb)
         if rank_zero_only.rank == 0:
             print(self.schedule.describe(cfg.seq_len))
@@ -385,13 +442,20 @@ class Attempt:
         trainer.validate(task, datamodule=data, ckpt_path=evaluated, verbose=False)
         trainer.test(task, datamodule=data, ckpt_path=evaluated, verbose=False)
         results.update(
-            status="finished", metrics=dict(task.eval_results), steps=trainer.global_step,
-            tokens_per_s=self.throughput.mean_tokens_per_s, evaluated_checkpoint=self.folder.relative(evaluated),
-            evaluated_step=evaluated and checkpoint_step(Path(evaluated)), evaluation={**data.eval_settings, **task.eval_details},
+            status="finished",
+            metrics=dict(task.eval_results),
+            steps=trainer.global_step,
+            tokens_per_s=self.throughput.mean_tokens_per_s,
+            evaluated_checkpoint=self.folder.relative(evaluated),
+            evaluated_step=evaluated and checkpoint_step(Path(evaluated)),
+            evaluation={**data.eval_settings, **task.eval_details},
         )
         if self.cfg.pretrained and rank_zero_only.rank == 0:
-            record = {"schedule": results["schedule"], "pretrained": self.cfg.model.pretrained,
-                      "checkpoint": results["evaluated_checkpoint"]}
+            record = {
+                "schedule": results["schedule"],
+                "pretrained": self.cfg.model.pretrained,
+                "checkpoint": results["evaluated_checkpoint"],
+            }
             wandb_run = next((logger.experiment for logger in self.loggers if isinstance(logger, WandbLogger)), None)
             results["lm_eval"] = finish_pretrained(self.cfg, task.model, self.folder.path, wandb_run, record)
 
@@ -404,8 +468,9 @@ class Attempt:
     def stopped(self, stop: BaseException) -> None:
         interrupted = isinstance(stop, (RunInterrupted, KeyboardInterrupt, SystemExit))
         one_sentence = isinstance(stop, (ValueError, RunError, RunInterrupted))
-        self.results.update(status="interrupted" if interrupted else "failed",
-                            error=str(stop) if one_sentence else f"{type(stop).__name__}: {stop}")
+        self.results.update(
+            status="interrupted" if interrupted else "failed", error=str(stop) if one_sentence else f"{type(stop).__name__}: {stop}"
+        )
 
     def write(self, after: BaseException | None = None) -> None:
         """results.json (if this attempt owns the folder), the attempts log, W&B, metrics.csv, the summary.
@@ -415,16 +480,25 @@ class Attempt:
         results["wall_time_s"] = time.time() - self.started
         try:
             folder.write(results)
-            folder.record_attempt({
-                "started": self.process["started"], "ended": now(), "status": results["status"] if folder.owned else "refused",
-                "error": results["error"], "pid": self.process["pid"], "host": self.process["host"],
-                "overrides": self.run_info.overrides,
-            })
+            folder.record_attempt(
+                {
+                    "started": self.process["started"],
+                    "ended": now(),
+                    "status": results["status"] if folder.owned else "refused",
+                    "error": results["error"],
+                    "pid": self.process["pid"],
+                    "host": self.process["host"],
+                    "overrides": self.run_info.overrides,
+                }
+            )
         except OSError as error:
             if after is None:
                 raise
-            print(f"warning: could not record how this attempt ended ({error.strerror}: {error.filename}); "
-                  "the report reads the run as stopped", file=sys.stderr)
+            print(
+                f"warning: could not record how this attempt ended ({error.strerror}: {error.filename}); "
+                "the report reads the run as stopped",
+                file=sys.stderr,
+            )
         finish_wandb(self.loggers, results, mirror=folder.owned)
         if self.earlier_metrics is not None:
             folder.merge_metrics(self.earlier_metrics)
@@ -451,10 +525,13 @@ def explain(error: BaseException, folder: RunFolder, run: RunInfo) -> BaseExcept
         step = checkpoint_step(folder.last)
         retry = "lower optim.lr or raise optim.warmup_steps and start again"
         if step is not None:
-            retry += f", or continue from step {step} with {shlex.quote(hydra_value('ckpt_path', folder.last.resolve()))} (changed optim.* take effect)"
+            resume = shlex.quote(hydra_value("ckpt_path", folder.last.resolve()))
+            retry += f", or continue from step {step} with {resume} (changed optim.* take effect)"
         return NonFiniteLossError(f"{error}; {retry}")
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-        return RunError(f"no space left on the device writing {error.filename or folder.path}; free some space, then {what_next(folder, run)}")
+        return RunError(
+            f"no space left on the device writing {error.filename or folder.path}; free some space, then {what_next(folder, run)}"
+        )
     if isinstance(error, (RunInterrupted, KeyboardInterrupt)):
         return RunInterrupted(f"stopped by {error if isinstance(error, RunInterrupted) else 'Ctrl-C'}; {what_next(folder, run)}")
     return error
@@ -476,8 +553,11 @@ def summary_lines(results: dict, folder: RunFolder) -> str:
     """The run's last words: its final metrics, the checkpoint they come from, where results.json is."""
     metric = results["metric"]
     scores = ", ".join(f"{split}/{metric} {results['metrics'][f'{split}/{metric}']:.6f}" for split in ("val", "test"))
-    source = (f"{results['evaluated_checkpoint']} (step {results['evaluated_step']}, lowest val/loss)"
-              if results["evaluated_checkpoint"] else "the final weights (no validation ran during training)")
+    source = (
+        f"{results['evaluated_checkpoint']} (step {results['evaluated_step']}, lowest val/loss)"
+        if results["evaluated_checkpoint"]
+        else "the final weights (no validation ran during training)"
+    )
     lines = [f"finished {results['steps']} steps: {scores}, from {source}", f"results: {folder.results_path}"]
     if results["config"]["logger"]["name"] == "wandb" and results["config"]["logger"]["mode"] == "offline":
         lines.append(f"W&B (offline): upload with wandb sync {shlex.quote(str(folder.path / 'wandb'))}/offline-run-*")

@@ -56,8 +56,17 @@ class TextCodec:
         return " ".join(self.vocab[i] for i in ids).replace(f" {EOS_WORD} ", "\n").replace(EOS_WORD, "\n")
 
 
-def sample(run_dir, prompt: str, max_new_tokens: int, *, checkpoint: str = "best", temperature: float = 1.0,
-           top_k: int | None = None, top_p: float = 1.0, seed: int | None = 0) -> str:
+def sample(
+    run_dir,
+    prompt: str,
+    max_new_tokens: int,
+    *,
+    checkpoint: str = "best",
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float = 1.0,
+    seed: int | None = 0,
+) -> str:
     """The prompt and its continuation, as text."""
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     settings = parse_config(run_config(run_dir))
@@ -85,13 +94,25 @@ def main(argv=None) -> None:
     parser.add_argument("--top-p", dest="top_p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint", default="best", help="best, last or the path of a .ckpt")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads; decoding one sequence is a string of small operations that more threads mostly slow")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads; decoding one sequence is a string of small operations that more threads mostly slow",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
     try:
-        text = sample(args.run_dir, args.prompt, args.max_new_tokens, checkpoint=args.checkpoint,
-                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        text = sample(
+            args.run_dir,
+            args.prompt,
+            args.max_new_tokens,
+            checkpoint=args.checkpoint,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+        )
     except ValueError as error:
         sys.exit(f"error: {error}")
     print(text)

@@ -23,7 +23,7 @@ class PairedDifference:
 
     n_pairs: int
     mean: float
-    low: float   # the 95% t-interval of the mean difference; NaN with a single pair
+    low: float  # the 95% t-interval of the mean difference; NaN with a single pair
     high: float
 
     @property

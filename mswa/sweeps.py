@@ -20,8 +20,19 @@ from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 
 # top-level keys that never change a run's numbers, and dotted keys inside groups that only label or locate
-NOT_IDENTITY = ("seed", "paths", "hardware", "logger", "launcher", "torch_threads", "ckpt_path", "overwrite",
-                "task_name", "compile", "hydra")
+NOT_IDENTITY = (
+    "seed",
+    "paths",
+    "hardware",
+    "logger",
+    "launcher",
+    "torch_threads",
+    "ckpt_path",
+    "overwrite",
+    "task_name",
+    "compile",
+    "hydra",
+)
 NOT_IDENTITY_DOTTED = ("model.name", "dataset.loader.data_dir")
 # what may differ between a variant and the SWA run it is compared with: its attention
 ATTENTION_KEYS = ("window_schedule", "model.windowed")
@@ -98,8 +109,13 @@ def world_size(hardware: Mapping) -> int:
 def training_tokens(cfg: Mapping) -> int:
     """Tokens a run's training reads: steps x batch x seq_len x accumulation x processes."""
     trainer = cfg["trainer"]
-    return (trainer["max_steps"] * cfg["data"]["batch_size"] * cfg["seq_len"]
-            * (trainer.get("accumulate_grad_batches") or 1) * world_size(cfg["hardware"]))
+    return (
+        trainer["max_steps"]
+        * cfg["data"]["batch_size"]
+        * cfg["seq_len"]
+        * (trainer.get("accumulate_grad_batches") or 1)
+        * world_size(cfg["hardware"])
+    )
 
 
 def repetition_warning(cfg: Mapping, train_tokens: int) -> str | None:
@@ -107,9 +123,11 @@ def repetition_warning(cfg: Mapping, train_tokens: int) -> str | None:
     read = training_tokens(cfg)
     if read <= train_tokens:
         return None
-    return (f"warning: training reads {read:,} tokens, {read / train_tokens:.1f} passes over the "
-            f"{train_tokens:,}-token train split of {cfg['dataset']['name']!r}, so part of what it learns is that text itself; "
-            "a larger corpus or fewer trainer.max_steps keeps it under one pass")
+    return (
+        f"warning: training reads {read:,} tokens, {read / train_tokens:.1f} passes over the "
+        f"{train_tokens:,}-token train split of {cfg['dataset']['name']!r}, so part of what it learns is that text itself; "
+        "a larger corpus or fewer trainer.max_steps keeps it under one pass"
+    )
 
 
 def warn_if_repeating(cfg: Mapping, train_tokens: int) -> None:
@@ -150,8 +168,11 @@ def continue_job(cfg: dict, run_dir: str | Path) -> dict | None:
 
 def _restricted(earlier: Mapping, now: Mapping) -> dict:
     """``earlier`` with only the keys ``now`` has, recursively."""
-    return {key: _restricted(value, now[key]) if isinstance(value, Mapping) and isinstance(now[key], Mapping) else value
-            for key, value in earlier.items() if key in now}
+    return {
+        key: _restricted(value, now[key]) if isinstance(value, Mapping) and isinstance(now[key], Mapping) else value
+        for key, value in earlier.items()
+        if key in now
+    }
 
 
 def _read_results(path: Path) -> dict | None:

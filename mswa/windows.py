@@ -129,9 +129,7 @@ def _custom_windows(windows, n_layer: int, n_head: int) -> tuple[tuple[Window, .
     for layer, row in enumerate(rows):
         for head, win in enumerate(row):
             if win is not None and (isinstance(win, bool) or not isinstance(win, int) or win < 1):
-                raise ScheduleError(
-                    f"window_schedule.windows[{layer}][{head}]={win!r} is not a window; use an integer >= 1 or null (full)"
-                )
+                raise ScheduleError(f"window_schedule.windows[{layer}][{head}]={win!r} is not a window; use an integer >= 1 or null (full)")
     return tuple(tuple(row) for row in rows)
 
 
@@ -164,10 +162,7 @@ def make_schedule(
     layers = _check_ratios("layer_ratios", layer_ratios if layer_ratios is not None else default_layers, n_layer, "layers")
     per_head_group, per_layer_group = n_head // len(heads), n_layer // len(layers)
     table = tuple(
-        tuple(
-            max(1, _round_half_up(w * layers[layer // per_layer_group] * heads[head // per_head_group]))
-            for head in range(n_head)
-        )
+        tuple(max(1, _round_half_up(w * layers[layer // per_layer_group] * heads[head // per_head_group])) for head in range(n_head))
         for layer in range(n_layer)
     )
     return WindowSchedule(name, w, table)
@@ -189,13 +184,12 @@ def validate_windows(windows, n_head: int, *, key: str = "windows") -> tuple[Win
 
 def validate_window_table(table, n_layer: int, n_head: int, *, key: str = "windows") -> tuple[tuple[Window, ...], ...]:
     """Check a per-layer list of per-head windows (n_layer x n_head) and return it as tuples."""
+
     def is_list(value) -> bool:
         return hasattr(value, "__len__") and not isinstance(value, (str, bytes))
 
     if not is_list(table) or len(table) != n_layer or any(not is_list(row) or len(row) != n_head for row in table):
-        raise ValueError(
-            f"{key} must be {n_layer} layers x {n_head} heads; give one list of {n_head} windows per layer."
-        )
+        raise ValueError(f"{key} must be {n_layer} layers x {n_head} heads; give one list of {n_head} windows per layer.")
     return tuple(validate_windows(row, n_head, key=f"{key}[{layer}]") for layer, row in enumerate(table))
 
 

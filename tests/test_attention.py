@@ -9,7 +9,7 @@ import torch
 
 from helpers.attention import CASES, assert_case_matches_dense, assert_matches_dense, fixed_grad_out, make_inputs, output_and_grads
 from mswa.attention import BACKENDS, blocked, dispatch, flex, resolve_backend, window_attention
-from mswa.attention.blocked import block_size_for, blocked_window_attention
+from mswa.attention.blocked import blocked_window_attention
 from mswa.attention.dense import dense_window_attention, window_mask
 from mswa.attention.flex import BLOCK, _tile_visibility
 from mswa.model import ModelConfig
@@ -36,9 +36,7 @@ def test_dense_reference_is_the_textbook_formula():
     q, k, v = make_inputs(2, 4, 2, 23, 8)
     windows = [1, 5, None, 40]
     with torch.no_grad():
-        torch.testing.assert_close(
-            dense_window_attention(q, k, v, windows), textbook_attention(q, k, v, windows), atol=1e-12, rtol=0
-        )
+        torch.testing.assert_close(dense_window_attention(q, k, v, windows), textbook_attention(q, k, v, windows), atol=1e-12, rtol=0)
 
 
 def test_window_mask_follows_the_convention():
@@ -48,6 +46,7 @@ def test_window_mask_follows_the_convention():
 
 
 # ----------------------------------------------------------------------------- blocked (and auto)
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("backend", ["blocked", "auto"])
@@ -180,12 +179,15 @@ def test_validate_windows_normalises():
     assert validate_windows([torch.tensor(3), None, 7], 3) == (3, None, 7)
 
 
-@pytest.mark.parametrize("windows, message", [
-    ([[4, 4]], r"model.windows must be 2 layers x 2 heads"),
-    ([[4, 4], [4]], r"model.windows must be 2 layers x 2 heads"),
-    ([[4, 4], [0, 4]], r"model.windows\[1\]\[0\]=0: a window must be >= 1"),
-    ([[4, "4"], [4, 4]], r"model.windows\[0\]\[1\]='4': a window must be an int"),
-])
+@pytest.mark.parametrize(
+    "windows, message",
+    [
+        ([[4, 4]], r"model.windows must be 2 layers x 2 heads"),
+        ([[4, 4], [4]], r"model.windows must be 2 layers x 2 heads"),
+        ([[4, 4], [0, 4]], r"model.windows\[1\]\[0\]=0: a window must be >= 1"),
+        ([[4, "4"], [4, 4]], r"model.windows\[0\]\[1\]='4': a window must be an int"),
+    ],
+)
 def test_model_config_refuses_bad_window_tables_before_building(windows, message):
     with pytest.raises(ValueError, match=message):
         ModelConfig(n_layer=2, n_head=2, d_model=16, windows=windows)

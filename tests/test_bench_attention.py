@@ -89,6 +89,7 @@ def test_interleaved_medians_give_every_step_the_same_rounds():
         def run():
             calls[name] += 1
             time.sleep(seconds)
+
         return run
 
     cpu = torch.device("cpu")

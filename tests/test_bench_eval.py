@@ -9,8 +9,13 @@ from helpers.runs import REPO
 
 def test_eval_benchmark_times_both_strides_per_model_and_writes_json(tmp_path):
     out = tmp_path / "eval.json"
-    proc = subprocess.run([sys.executable, "-m", "mswa.bench", "eval", "--tiny", "--models", "full", "mswa", "--output", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mswa.bench", "eval", "--tiny", "--models", "full", "mswa", "--output", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(out.read_text())["rows"]
     assert [(r["model"], r["stride"]) for r in rows] == [("full", 64), ("full", 16), ("mswa", 64), ("mswa", 16)]

@@ -3,15 +3,20 @@ import subprocess
 import sys
 
 import pytest
-from helpers.runs import REPO
 
+from helpers.runs import REPO
 from mswa.bench.cli import main
 
 
 def test_model_benchmark_runs_at_tiny_size_and_writes_json(tmp_path):
     out = tmp_path / "model.json"
-    proc = subprocess.run([sys.executable, "-m", "mswa.bench", "model", "--tiny", "--models", "full", "swa", "mswa_linear",
-                           "--output", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mswa.bench", "model", "--tiny", "--models", "full", "swa", "mswa_linear", "--output", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(out.read_text())["rows"]
     assert [(r["model"], r["n"]) for r in rows] == [(m, n) for m in ("full", "swa", "mswa_linear") for n in (64, 128)]
@@ -23,12 +28,17 @@ def test_model_benchmark_runs_at_tiny_size_and_writes_json(tmp_path):
     assert "x full" in proc.stdout
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--backend", "flex"], "--backend flex cannot train on CPU (torch compiles only its forward there); "
-                            "use --backend blocked or auto on CPU."),
-    (["--device", "gpu"], "argument --device: 'gpu' is not a torch device; use cpu, cuda or cuda:N"),
-    (["--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            ["--backend", "flex"],
+            "--backend flex cannot train on CPU (torch compiles only its forward there); use --backend blocked or auto on CPU.",
+        ),
+        (["--device", "gpu"], "argument --device: 'gpu' is not a torch device; use cpu, cuda or cuda:N"),
+        (["--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
+    ],
+)
 def test_model_benchmark_refuses_bad_settings_in_one_sentence_before_any_work(tmp_path, capsys, flags, message):
     out = tmp_path / "model.json"
     with pytest.raises(SystemExit) as stopped:
@@ -40,9 +50,29 @@ def test_model_benchmark_refuses_bad_settings_in_one_sentence_before_any_work(tm
 def test_model_benchmark_records_device_backend_and_dtype(tmp_path):
     out = tmp_path / "model.json"
     # in this process: --glibc-default keeps its allocator settings as they are
-    main(["model", "--tiny", "--glibc-default", "--models", "swa", "--device", "cpu", "--backend", "auto", "--dtype", "bfloat16",
-          "--output", str(out)])
+    main(
+        [
+            "model",
+            "--tiny",
+            "--glibc-default",
+            "--models",
+            "swa",
+            "--device",
+            "cpu",
+            "--backend",
+            "auto",
+            "--dtype",
+            "bfloat16",
+            "--output",
+            str(out),
+        ]
+    )
     result = json.loads(out.read_text())
     assert [(r["model"], r["n"]) for r in result["rows"]] == [("swa", 64), ("swa", 128)]
     settings = result["settings"]
-    assert (settings["device"], settings["backend"], settings["resolved_backend"], settings["dtype"]) == ("cpu", "auto", "blocked", "bfloat16")
+    assert (settings["device"], settings["backend"], settings["resolved_backend"], settings["dtype"]) == (
+        "cpu",
+        "auto",
+        "blocked",
+        "bfloat16",
+    )

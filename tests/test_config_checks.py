@@ -111,10 +111,23 @@ def test_folders_that_are_files_are_refused(tmp_path):
     assert a_file.read_text() == "not a folder"
 
 
-GOOD = [["model=full"], ["model=linear"], ["model=swa_linear_parallel"], ["experiment=laptop"], ["launcher=joblib"],
-        ["launcher=slurm", "hardware=cpu"], ["logger=wandb"], ["logger=csv"], ["dataset=wikitext2"], ["dataset=enwik8"],
-        ["experiment=enwik8_mswa", "hardware=cpu"], ["experiment=wt103_full", "hardware=cpu"],
-        ["experiment=llama2_7b_mswa", "hardware=cpu"], ["+dataset.loader.n_words=16"], ["optim.lr=0", "seed=4294967295"]]
+GOOD = [
+    ["model=full"],
+    ["model=linear"],
+    ["model=swa_linear_parallel"],
+    ["experiment=laptop"],
+    ["launcher=joblib"],
+    ["launcher=slurm", "hardware=cpu"],
+    ["logger=wandb"],
+    ["logger=csv"],
+    ["dataset=wikitext2"],
+    ["dataset=enwik8"],
+    ["experiment=enwik8_mswa", "hardware=cpu"],
+    ["experiment=wt103_full", "hardware=cpu"],
+    ["experiment=llama2_7b_mswa", "hardware=cpu"],
+    ["+dataset.loader.n_words=16"],
+    ["optim.lr=0", "seed=4294967295"],
+]
 
 
 @pytest.mark.parametrize("overrides", GOOD, ids=" ".join)
@@ -175,12 +188,15 @@ def planned_model(overrides: list[str], finished_run: Path) -> dict:
     return model_spec(settings, corpus.vocab_size, build_schedule(settings))
 
 
-@pytest.mark.parametrize("overrides, words", [
-    (["model.n_layer=8"], "model.n_layer 4 there, 8 here"),
-    (["model=full"], r"windows \(from window and window_schedule\) \[\[1, 2, 4, 8\], .* there, None here"),
-    (["seq_len=32"], r"max_seq_len \(from seq_len\) 64 there, 32 here"),
-    (["model.positions=learned"], "model.positions 'rope' there, 'learned' here"),
-])
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (["model.n_layer=8"], "model.n_layer 4 there, 8 here"),
+        (["model=full"], r"windows \(from window and window_schedule\) \[\[1, 2, 4, 8\], .* there, None here"),
+        (["seq_len=32"], r"max_seq_len \(from seq_len\) 64 there, 32 here"),
+        (["model.positions=learned"], "model.positions 'rope' there, 'learned' here"),
+    ],
+)
 def test_a_checkpoint_of_another_model_is_refused(finished_run, overrides, words):
     last = finished_run / "checkpoints" / "last.ckpt"
     check_checkpoint(str(last), planned_model(["model.attn_backend=dense"], finished_run))  # a kernel choice: same model
@@ -212,17 +228,21 @@ def test_typo_through_train_py_is_one_line_and_trains_nothing(tmp_path):
     proc = run_train(["+model.n_layers=3", *SMOKE], tmp_path, check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
-        "error: model.n_layers is not a setting that anything reads; did you mean model.n_layer?")
+        "error: model.n_layers is not a setting that anything reads; did you mean model.n_layer?"
+    )
     (results,) = (tmp_path / "outputs").rglob("results.json")
     assert json.loads(results.read_text())["status"] == "failed"  # a refused fresh run records its failure
     assert not list((tmp_path / "outputs").rglob("*.ckpt")) and not list((tmp_path / "outputs").rglob("metrics.csv"))
 
 
-@pytest.mark.parametrize("flag, message", [
-    ("--model", "no such file or folder; give a local folder or a hub id (owner/name)"),
-    ("--adapter", "no such file or folder; give a local folder or a hub id (owner/name)"),
-    ("--include-path", "no such file or folder; give an existing folder"),
-])
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--model", "no such file or folder; give a local folder or a hub id (owner/name)"),
+        ("--adapter", "no such file or folder; give a local folder or a hub id (owner/name)"),
+        ("--include-path", "no such file or folder; give an existing folder"),
+    ],
+)
 def test_hf_evaluate_names_a_missing_path(tmp_path, capsys, flag, message):
     evaluate = pytest.importorskip("mswa.hf.evaluate")
     missing = tmp_path / "missing"

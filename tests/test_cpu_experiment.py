@@ -10,8 +10,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from helpers.runs import REPO, run_train
-from mswa.data.synthetic import SyntheticSettings
 from mswa.checks import check_config
+from mswa.data.synthetic import SyntheticSettings
 from mswa.factory import build_model, build_schedule, model_spec
 from mswa.sweeps import comparison_id, continue_job, repetition_warning, training_tokens, variant_id, variant_name
 
@@ -50,9 +50,13 @@ def test_cpu_experiment_leaves_other_datasets_alone():
 
 
 def small_cfg(steps=10, batch=4, seq_len=64, accumulate=1, devices=1, nodes=1):
-    return {"seq_len": seq_len, "data": {"batch_size": batch}, "dataset": {"name": "synthetic"},
-            "trainer": {"max_steps": steps, "accumulate_grad_batches": accumulate},
-            "hardware": {"accelerator": "cpu", "devices": devices, "num_nodes": nodes}}
+    return {
+        "seq_len": seq_len,
+        "data": {"batch_size": batch},
+        "dataset": {"name": "synthetic"},
+        "trainer": {"max_steps": steps, "accumulate_grad_batches": accumulate},
+        "hardware": {"accelerator": "cpu", "devices": devices, "num_nodes": nodes},
+    }
 
 
 def test_repetition_warning_counts_every_token_read():
@@ -80,15 +84,22 @@ def test_variant_identity_ignores_spelling_seed_and_places_not_settings():
     swa = compose_plain(["model=swa"])
     assert variant_id(swa) == variant_id(compose_plain(["model=swa", "window_schedule=uniform"]))
     assert variant_id(compose_plain(["model=mswa"])) == variant_id(compose_plain(["model=swa", "window_schedule=mswa"]))
-    same = ["seed=3", "paths.data_dir=/elsewhere", "paths.log_dir=/x", "logger=csv", "hardware=ddp_cpu",
-            "torch_threads=1"]
+    same = ["seed=3", "paths.data_dir=/elsewhere", "paths.log_dir=/x", "logger=csv", "hardware=ddp_cpu", "torch_threads=1"]
     assert variant_id(swa) == variant_id(compose_plain(["model=swa", *same]))
-    for different in (["window=64"], ["model=mswa"], ["trainer.max_steps=7"], ["dataset.loader.n_bytes=5000"],
-                      ["window_schedule=uniform_mswa_budget"], ["eval.stride=128"]):
+    for different in (
+        ["window=64"],
+        ["model=mswa"],
+        ["trainer.max_steps=7"],
+        ["dataset.loader.n_bytes=5000"],
+        ["window_schedule=uniform_mswa_budget"],
+        ["eval.stride=128"],
+    ):
         assert variant_id(swa) != variant_id(compose_plain(["model=swa", *different])), different
     # the comparison id leaves out only the attention: full, swa, mswa and swa at mswa's budget share it
-    ids = {comparison_id(compose_plain(o)) for o in (["model=full"], ["model=swa"], ["model=mswa"],
-                                                     ["model=swa", "window_schedule=uniform_mswa_budget"])}
+    ids = {
+        comparison_id(compose_plain(o))
+        for o in (["model=full"], ["model=swa"], ["model=mswa"], ["model=swa", "window_schedule=uniform_mswa_budget"])
+    }
     assert len(ids) == 1
     assert comparison_id(swa) != comparison_id(compose_plain(["model=swa", "window=64"]))
 
@@ -126,18 +137,31 @@ def test_report_finds_swa_at_w_and_at_budget_from_the_configs_and_pairs_by_seed(
     from mswa.windows import make_schedule
 
     test_bpc = {"swa": [2.00, 2.10, 2.05], "budget": [2.03, 2.12, 2.09], "mswa": [1.95, 2.08, 2.01]}
-    spelled = {"swa": ["model=swa"], "budget": ["model=swa", "window_schedule=uniform_mswa_budget"],
-               "mswa": ["model=swa", "window_schedule=mswa"]}  # mswa spelled as in the budget_matched sweep
+    spelled = {
+        "swa": ["model=swa"],
+        "budget": ["model=swa", "window_schedule=uniform_mswa_budget"],
+        "mswa": ["model=swa", "window_schedule=mswa"],
+    }  # mswa spelled as in the budget_matched sweep
     rows = []
     for name, values in test_bpc.items():
         cfg = compose_plain(["experiment=cpu", *spelled[name]])
         ws = cfg["window_schedule"]
         schedule = make_schedule(ws["kind"], w=64, n_layer=4, n_head=4, head_ratios=ws["head_ratios"])
         for seed, value in enumerate(values):
-            results = {"schema": 1, "status": "finished", "variant": name, "seed": seed,
-                       "config": {**cfg, "seed": seed}, "dataset": "synthetic", "metric": "bpc", "model": "swa",
-                       "schedule": name, "window": 64, "budget": schedule.budget(1024),
-                       "metrics": {"val/bpc": value, "test/bpc": value}}
+            results = {
+                "schema": 1,
+                "status": "finished",
+                "variant": name,
+                "seed": seed,
+                "config": {**cfg, "seed": seed},
+                "dataset": "synthetic",
+                "metric": "bpc",
+                "model": "swa",
+                "schedule": name,
+                "window": 64,
+                "budget": schedule.budget(1024),
+                "metrics": {"val/bpc": value, "test/bpc": value},
+            }
             rows.append(report.row_from_results(results, path=f"{name}/{seed}", history=None))
     table = report.summary_table(report.runs_frame(rows)).set_index("variant")
     assert table.loc["mswa", "swa_reference"] == "swa" and table.loc["mswa", "budget_reference"] == "budget"

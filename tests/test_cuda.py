@@ -71,8 +71,25 @@ def test_attention_bench_runs_on_cuda(tmp_path):
 
 def test_model_bench_trains_on_cuda_in_bf16(tmp_path):
     output = tmp_path / "model.json"
-    command = [sys.executable, "-m", "mswa.bench", "model", "--tiny", "--models", "full", "swa", "mswa", "--device", "cuda",
-               "--backend", "auto", "--dtype", "bfloat16", "--output", str(output)]
+    command = [
+        sys.executable,
+        "-m",
+        "mswa.bench",
+        "model",
+        "--tiny",
+        "--models",
+        "full",
+        "swa",
+        "mswa",
+        "--device",
+        "cuda",
+        "--backend",
+        "auto",
+        "--dtype",
+        "bfloat16",
+        "--output",
+        str(output),
+    ]
     done = subprocess.run(command, check=False, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     result = json.loads(output.read_text())

@@ -33,7 +33,7 @@ def _tiny_tokenizer_and_documents(source):
     documents = []
     for i in range(9):
         documents.append(source / f"doc{i}.txt")
-        documents[-1].write_text(" ".join(SAMPLE_TEXT[i % len(SAMPLE_TEXT):]))
+        documents[-1].write_text(" ".join(SAMPLE_TEXT[i % len(SAMPLE_TEXT) :]))
     return {"tokenizer": str(tokenizer), "files": [str(d) for d in documents], "eval_every": 3}
 
 

@@ -12,7 +12,6 @@ from mswa.bench import data as bench_data
 from mswa.data import wikitext
 from mswa.data.corpus import DataError
 
-
 # count: the 3; "=", cat, <unk> 2 each (first seen in that order); Title, dog, zebra, apple 1 each
 TRAIN = " \n = Title = \n\n the cat <unk> the \n dog <unk> the cat \n zebra apple \n"
 VALID = " the <unk> \n\n"

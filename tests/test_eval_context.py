@@ -86,8 +86,7 @@ def old_non_overlapping_chunks(tokens: np.ndarray, seq_len: int) -> list[tuple[t
 
 
 def validate(task, data) -> dict:
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
-                        enable_model_summary=False)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)
     trainer.validate(task, datamodule=data, verbose=False)
     return task.eval_results
 
@@ -218,8 +217,16 @@ def test_an_interrupted_synthetic_build_is_rebuilt(tmp_path):
 def test_ddp_cpu_sliding_evaluation_gives_the_single_process_numbers(tmp_path):
     from helpers.runs import TINY_DATA, results_under, run_train
 
-    common = ["debug=smoke", *TINY_DATA, "optim.lr=0", "trainer.max_steps=2", "trainer.val_check_interval=2", "logger=none",
-              "eval.stride=16", "eval.seq_len=96"]
+    common = [
+        "debug=smoke",
+        *TINY_DATA,
+        "optim.lr=0",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "logger=none",
+        "eval.stride=16",
+        "eval.seq_len=96",
+    ]
     run_train([*common, "task_name=single"], tmp_path)
     run_train([*common, "task_name=ddp", "hardware=ddp_cpu"], tmp_path)
     single, ddp = (results_under(tmp_path / "outputs" / name)[0] for name in ("single", "ddp"))

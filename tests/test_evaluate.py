@@ -40,8 +40,7 @@ def offline_runs(run_dir) -> list[str]:
 
 def evaluate_command(args, env_extra=None) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "disabled", **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "mswa.evaluate", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "mswa.evaluate", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
 def test_a_multirun_over_lengths_writes_one_file_each_and_reproduces_the_training_numbers(run_dir):

@@ -51,7 +51,7 @@ def expected_bytes(cfg: ModelConfig, seen: int, batch: int) -> int:
             windows = cfg.windows[layer] if cfg.windows else [None] * cfg.n_head
             total += batch * sum(seen if w is None else min(seen, w - 1) for w in windows) * 2 * HEAD_DIM * 4
         if kind != "window":
-            features = cfg.linear_feature_dim if cfg.linear_feature_map == "elu" else 1 + cfg.linear_feature_dim ** 2 + cfg.linear_feature_dim
+            features = cfg.linear_feature_dim if cfg.linear_feature_map == "elu" else 1 + cfg.linear_feature_dim**2 + cfg.linear_feature_dim
             total += batch * cfg.n_head * (features * HEAD_DIM + features) * 4
     return total
 
@@ -100,7 +100,10 @@ def test_windowed_cache_is_exactly_the_windows_and_stays_flat():
 def test_mswa_over_swa_cache_is_the_sum_of_windows_minus_one_beside_the_budget(capsys):
     shape = dict(vocab_size=256, n_layer=8, n_head=8, d_model=256)
     mswa, swa = (make_schedule(name, w=128, n_layer=8, n_head=8) for name in ("mswa", "uniform"))
-    ratio = cache_bytes(ModelConfig(windows=mswa.as_lists(), **shape), 32768)["kv"] / cache_bytes(ModelConfig(windows=swa.as_lists(), **shape), 32768)["kv"]
+    ratio = (
+        cache_bytes(ModelConfig(windows=mswa.as_lists(), **shape), 32768)["kv"]
+        / cache_bytes(ModelConfig(windows=swa.as_lists(), **shape), 32768)["kv"]
+    )
     windows = [w for layer in mswa.windows for w in layer]
     assert ratio == pytest.approx(sum(w - 1 for w in windows) / (64 * 127), abs=1e-12)
     print(f"mswa / swa cache {ratio:.3f} vs budget {mswa.mean_window_over_w():.3f}")
@@ -174,8 +177,17 @@ def byte_run(tmp_path_factory):
 def word_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("word_run")
     folder = write_word_corpus(tmp / "wt")
-    cfg = compose_config(["debug=smoke", "logger=none", "dataset=wikitext2", f"dataset.path={folder}",
-                          "trainer.max_steps=2", "trainer.val_check_interval=2"], tmp)
+    cfg = compose_config(
+        [
+            "debug=smoke",
+            "logger=none",
+            "dataset=wikitext2",
+            f"dataset.path={folder}",
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=2",
+        ],
+        tmp,
+    )
     train(cfg, RunInfo(str(tmp / "run")))
     return tmp / "run"
 
@@ -188,8 +200,9 @@ def sample_text(run, *args, capsys):
 def test_sampling_a_byte_run_continues_the_prompt(byte_run, capsys):
     text = sample_text(byte_run, "--prompt", "the cat ", "--max-new-tokens", "40", "--temperature", "0", capsys=capsys)
     assert text.startswith("the cat ") and len(text.encode("utf-8", errors="surrogateescape")) >= len("the cat ")
-    again = sample_text(byte_run, "--prompt", "the cat ", "--max-new-tokens", "40", "--temperature", "0",
-                        "--checkpoint", "last", capsys=capsys)
+    again = sample_text(
+        byte_run, "--prompt", "the cat ", "--max-new-tokens", "40", "--temperature", "0", "--checkpoint", "last", capsys=capsys
+    )
     assert again.startswith("the cat ")
     seeded = [sample_text(byte_run, "--prompt", "ab", "--max-new-tokens", "20", "--seed", "5", capsys=capsys) for _ in range(2)]
     assert seeded[0] == seeded[1]
@@ -208,7 +221,10 @@ def test_sampling_a_word_run_speaks_its_vocabulary(word_run, capsys):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--prompt", "x" * 60, "--max-new-tokens", "5"], r"prompt of 60 tokens \+ max_new_tokens=5 = 65 tokens exceeds model.max_seq_len=64 of this learned-position model"),
+        (
+            ["--prompt", "x" * 60, "--max-new-tokens", "5"],
+            r"prompt of 60 tokens \+ max_new_tokens=5 = 65 tokens exceeds model.max_seq_len=64 of this learned-position model",
+        ),
         (["--prompt", "", "--max-new-tokens", "5"], "the prompt is empty"),
         (["--prompt", "x", "--max-new-tokens", "0"], "max_new_tokens=0 must be an integer >= 1"),
         (["--prompt", "x", "--top-p", "0"], r"top_p=0.0 must lie in \(0, 1\]"),
@@ -226,19 +242,27 @@ def test_bad_input_is_one_sentence(byte_run, args, message):
 def test_a_run_without_checkpoints_is_refused_before_any_work(byte_run, tmp_path):
     bare = tmp_path / "bare"
     shutil.copytree(byte_run, bare, ignore=shutil.ignore_patterns("*.ckpt"))
-    proc = subprocess.run([sys.executable, "-m", "mswa.sample", str(bare), "--prompt", "x"], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mswa.sample", str(bare), "--prompt", "x"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip() == (f"error: --checkpoint best but {bare}/checkpoints/best.ckpt does not exist; "
-                                   "pass --checkpoint last or --checkpoint <path of a .ckpt>")
+    assert proc.stderr.strip() == (
+        f"error: --checkpoint best but {bare}/checkpoints/best.ckpt does not exist; "
+        "pass --checkpoint last or --checkpoint <path of a .ckpt>"
+    )
     with pytest.raises(SystemExit, match="holds neither results.json with a config nor .hydra/config.yaml"):
         sample_main([str(tmp_path), "--prompt", "x"])
 
 
 def test_generate_benchmark_runs_at_tiny_size_and_reports_exact_flat_caches(tmp_path):
     out = tmp_path / "generate.json"
-    proc = subprocess.run([sys.executable, "-m", "mswa.bench", "generate", "--tiny", "--output", str(out)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mswa.bench", "generate", "--tiny", "--output", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(out.read_text())["rows"]
     assert [(r["model"], r["context"]) for r in rows] == [(m, n) for m in ("full", "swa", "mswa", "mswa_linear") for n in (64, 256)]

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 pytest.importorskip("lm_eval")
-from helpers.lm_eval_task import CHOICE_DOCS as DOCS, CHOICE_TASK as TASK, write_choice_task  # noqa: E402
+from helpers.lm_eval_task import CHOICE_DOCS as DOCS  # noqa: E402
+from helpers.lm_eval_task import CHOICE_TASK as TASK
+from helpers.lm_eval_task import write_choice_task
 from mswa.hf import apply_window_attention  # noqa: E402
 from mswa.hf.evaluate import evaluate_commonsense, main, summarize  # noqa: E402
 from mswa.hf.tiny import save_tiny, tiny_model, tiny_tokenizer  # noqa: E402
@@ -62,8 +64,16 @@ def test_lm_eval_scores_the_patched_model_and_writes_the_run_folder(task_dir, tm
     expected = own_loglikelihoods(model, tokenizer)
     logger, run_dir = RecordingLogger(), tmp_path / "run"
     summary = evaluate_commonsense(
-        model, tokenizer, run_dir, tasks=[TASK], include_path=task_dir, include_defaults=False, batch_size=2,
-        logger=logger, save_samples=True, extra={"schedule": "custom"},
+        model,
+        tokenizer,
+        run_dir,
+        tasks=[TASK],
+        include_path=task_dir,
+        include_defaults=False,
+        batch_size=2,
+        logger=logger,
+        save_samples=True,
+        extra={"schedule": "custom"},
     )
     lines = (run_dir / "lm_eval_samples.jsonl").read_text().splitlines()
     samples = sorted((json.loads(line) for line in lines), key=lambda row: row["doc_id"])
@@ -82,9 +92,27 @@ def test_lm_eval_scores_the_patched_model_and_writes_the_run_folder(task_dir, tm
 def test_cli_patches_a_saved_model_with_a_schedule(task_dir, tmp_path, capsys):
     model_dir = save_tiny(tmp_path / "model")
     out = tmp_path / "cli_run"
-    argv = ["--model", str(model_dir), "--schedule", "uniform", "--window-fraction", "0.25", "--seq-len", "32",
-            "--tasks", TASK, "--include-path", str(task_dir), "--no-default-tasks",
-            "--num-fewshot", "1", "--limit", "3", "--out", str(out)]
+    argv = [
+        "--model",
+        str(model_dir),
+        "--schedule",
+        "uniform",
+        "--window-fraction",
+        "0.25",
+        "--seq-len",
+        "32",
+        "--tasks",
+        TASK,
+        "--include-path",
+        str(task_dir),
+        "--no-default-tasks",
+        "--num-fewshot",
+        "1",
+        "--limit",
+        "3",
+        "--out",
+        str(out),
+    ]
     summary = main(argv)
     record = json.loads((out / "lm_eval.json").read_text())
     assert record["windows"] == [[8] * 4] * 2  # 0.25 x 32 tokens, every head of both layers
@@ -105,10 +133,23 @@ def test_cli_merges_a_fine_tuned_adapter(task_dir, tmp_path):
                 parameter.normal_(0, 0.5)
     tuned.save_pretrained(tmp_path / "adapter")
     out = tmp_path / "cli_run"
-    main(["--model", str(model_dir), "--adapter", str(tmp_path / "adapter"), "--tasks", TASK, "--include-path",
-          str(task_dir), "--no-default-tasks", "--save-samples", "--out", str(out)])
-    samples = sorted((json.loads(line) for line in (out / "lm_eval_samples.jsonl").read_text().splitlines()),
-                     key=lambda row: row["doc_id"])
+    main(
+        [
+            "--model",
+            str(model_dir),
+            "--adapter",
+            str(tmp_path / "adapter"),
+            "--tasks",
+            TASK,
+            "--include-path",
+            str(task_dir),
+            "--no-default-tasks",
+            "--save-samples",
+            "--out",
+            str(out),
+        ]
+    )
+    samples = sorted((json.loads(line) for line in (out / "lm_eval_samples.jsonl").read_text().splitlines()), key=lambda row: row["doc_id"])
     scored = [[choice[0] for choice in row["responses"]] for row in samples]
     assert flat(scored) == pytest.approx(flat(own_loglikelihoods(tuned.eval(), tokenizer)), abs=1e-4)
     with tuned.disable_adapter():  # the adapter mattered: without it the scores differ
@@ -119,15 +160,22 @@ def test_bad_requests_fail_before_evaluating(task_dir, tmp_path):
     tokenizer = tiny_tokenizer()
     model = tiny_model("llama", vocab_size=len(tokenizer))
     with pytest.raises(ValueError, match=r"\['no_such_task'\] are unknown"):
-        evaluate_commonsense(
-            model, tokenizer, tmp_path / "r", tasks=["no_such_task"], include_path=task_dir, include_defaults=False
-        )
+        evaluate_commonsense(model, tokenizer, tmp_path / "r", tasks=["no_such_task"], include_path=task_dir, include_defaults=False)
     with pytest.raises(ValueError, match="num_fewshot=-1"):
         evaluate_commonsense(model, tokenizer, tmp_path / "r", tasks=[TASK], num_fewshot=-1)
     assert not (tmp_path / "r").exists()
 
 
 def test_summary_keeps_metrics_and_drops_bookkeeping():
-    results = {"piqa": {"alias": "piqa", "sample_len": 10, "acc,none": 0.7, "acc_stderr,none": 0.01,
-                        "acc_norm,none": 0.72, "acc_norm_stderr,none": "N/A", "exact_match,strict": 0.5}}
+    results = {
+        "piqa": {
+            "alias": "piqa",
+            "sample_len": 10,
+            "acc,none": 0.7,
+            "acc_stderr,none": 0.01,
+            "acc_norm,none": 0.72,
+            "acc_norm_stderr,none": "N/A",
+            "exact_match,strict": 0.5,
+        }
+    }
     assert summarize(results) == {"piqa": {"acc": 0.7, "acc_stderr": 0.01, "acc_norm": 0.72, "exact_match/strict": 0.5}}

@@ -17,13 +17,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from helpers.lm_eval_task import CHOICE_TASK, write_choice_task  # noqa: E402
 from helpers.runs import compose_config, run_train  # noqa: E402
+from mswa.config import parse_config  # noqa: E402
 from mswa.data.batches import EvalChunks, RandomCrops  # noqa: E402
 from mswa.data.corpus import DataError  # noqa: E402
 from mswa.data.packed import load as load_packed  # noqa: E402
+from mswa.factory import build_schedule  # noqa: E402
 from mswa.hf import apply_window_attention  # noqa: E402
 from mswa.hf.tiny import SAMPLE_TEXT, save_tiny  # noqa: E402
-from mswa.config import parse_config  # noqa: E402
-from mswa.factory import build_schedule  # noqa: E402
 from mswa.run import RunInfo, train  # noqa: E402
 
 
@@ -142,10 +142,21 @@ def test_llama2_7b_experiments_hold_the_authors_recipe(tmp_path, experiment, sch
 def test_lora_fine_tuning_through_train_py_lowers_the_loss(tiny_dir, tmp_path):
     docs = write_documents(tmp_path / "docs", 40)
     args = [
-        "model=hf_causal_lm", f"model.pretrained={tiny_dir}", "dataset=packed_text",
-        f"dataset.loader.files=[{','.join(str(p) for p in docs)}]", "dataset.loader.eval_every=10",
-        "window_schedule=mswa_h", "model.gradient_checkpointing=true", "seq_len=64", "window=16", "data.batch_size=4", "optim.lr=1e-2",
-        "trainer.max_steps=30", "trainer.val_check_interval=10", "trainer.log_every_n_steps=1", "logger=csv",
+        "model=hf_causal_lm",
+        f"model.pretrained={tiny_dir}",
+        "dataset=packed_text",
+        f"dataset.loader.files=[{','.join(str(p) for p in docs)}]",
+        "dataset.loader.eval_every=10",
+        "window_schedule=mswa_h",
+        "model.gradient_checkpointing=true",
+        "seq_len=64",
+        "window=16",
+        "data.batch_size=4",
+        "optim.lr=1e-2",
+        "trainer.max_steps=30",
+        "trainer.val_check_interval=10",
+        "trainer.log_every_n_steps=1",
+        "logger=csv",
         # common-sense evaluation after training, on a multiple-choice task defined here
         f"lm_eval={{tasks: [{CHOICE_TASK}], num_fewshot: 0, batch_size: 2, limit: null, "
         f"include_path: {write_choice_task(tmp_path / 'tasks')}, include_defaults: false}}",
@@ -207,10 +218,22 @@ def test_bf16_weights_under_bf16_autocast_train_and_long_run_names_fit_the_file_
     overrides make a run name longer than a file name may be."""
     docs = write_documents(tmp_path / "docs", 20)
     args = [
-        "model=hf_causal_lm", f"model.pretrained={tiny_dir}", "model.dtype=bfloat16", "hardware.precision=bf16-mixed",
-        "model.gradient_checkpointing=true", "dataset=packed_text", f"dataset.loader.files=[{','.join(map(str, docs))}]",
-        "dataset.loader.eval_every=10", "seq_len=32", "window=8", "data.batch_size=2", "trainer.max_steps=4",
-        "trainer.val_check_interval=4", "optim.lr=1e-3", "optim.warmup_steps=1", "logger=csv",
+        "model=hf_causal_lm",
+        f"model.pretrained={tiny_dir}",
+        "model.dtype=bfloat16",
+        "hardware.precision=bf16-mixed",
+        "model.gradient_checkpointing=true",
+        "dataset=packed_text",
+        f"dataset.loader.files=[{','.join(map(str, docs))}]",
+        "dataset.loader.eval_every=10",
+        "seq_len=32",
+        "window=8",
+        "data.batch_size=2",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=4",
+        "optim.lr=1e-3",
+        "optim.warmup_steps=1",
+        "logger=csv",
     ]
     run_train(args, tmp_path)
     (results_path,) = (tmp_path / "outputs").rglob("results.json")

@@ -35,8 +35,12 @@ def expected_ring_bytes(windows, seen, batch=1, element_size=4):
 
 def held_bytes(cache, full_rings):
     """Bytes of the rings that have filled (full_rings), or of the stores still growing (the others)."""
-    return sum(store.nbytes() for layer in cache.layers for _, store in layer.groups
-               if (store.limit is not None and store.count >= store.limit) == full_rings)
+    return sum(
+        store.nbytes()
+        for layer in cache.layers
+        for _, store in layer.groups
+        if (store.limit is not None and store.count >= store.limit) == full_rings
+    )
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("transformers")
 from transformers import AutoConfig, AutoModelForCausalLM, MistralForCausalLM  # noqa: E402
 
-from helpers.hf import N, VOCAB, greedy_generate, logits, reference_logits, tokens  # noqa: E402
+from helpers.hf import VOCAB, N, greedy_generate, logits, reference_logits, tokens  # noqa: E402
 from mswa.hf import apply_window_attention, patched_windows, remove_window_attention, resolve_windows, window_cache  # noqa: E402
 from mswa.hf.tiny import tiny_config, tiny_model, tiny_tokenizer  # noqa: E402
 
@@ -197,8 +197,23 @@ def test_tiny_tokenizer_round_trips_text_offline():
 def test_memory_bench_runs_and_reports_every_row(capsys, tmp_path):
     from mswa.bench.cli import main as bench
 
-    rows = bench(["hf", "--lengths", "64", "96", "--cases", "sdpa", "mswa-blocked", "--window", "16", "--repeats", "1",
-                  "--output", str(tmp_path / "hf.json")])
+    rows = bench(
+        [
+            "hf",
+            "--lengths",
+            "64",
+            "96",
+            "--cases",
+            "sdpa",
+            "mswa-blocked",
+            "--window",
+            "16",
+            "--repeats",
+            "1",
+            "--output",
+            str(tmp_path / "hf.json"),
+        ]
+    )
     assert [(row["case"], row["n"]) for row in rows] == [("sdpa", 64), ("sdpa", 96), ("mswa-blocked", 64), ("mswa-blocked", 96)]
     assert all(row["peak_mb"] >= 0 and row["time_s"] > 0 for row in rows)
     assert "mswa-blocked" in capsys.readouterr().out

@@ -7,9 +7,9 @@ import torch
 
 from helpers.runs import SCHEDULES, TINY_DATA, compose_config, run_train
 from mswa.config import parse_config
+from mswa.data.synthetic import load as load_synthetic
 from mswa.factory import build_model, build_schedule, model_spec
 from mswa.model import LanguageModel, LinearAttention, ModelConfig, ParallelHybridAttention, WindowedSelfAttention
-from mswa.data.synthetic import load as load_synthetic
 
 HYBRIDS = ["swa_linear", "mswa_linear", "swa_linear_parallel", "mswa_linear_parallel"]
 

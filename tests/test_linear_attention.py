@@ -53,7 +53,7 @@ def test_chunked_matches_quadratic_reference(feature_map, shape, dtype, tol):
     assert out.dtype == dtype and out.shape == v.shape
     torch.testing.assert_close(out, ref_out, atol=tol, rtol=tol)
     for name, grad, ref_grad in zip("qkv", grads, ref_grads):
-        torch.testing.assert_close(grad, ref_grad, atol=tol, rtol=tol, msg=lambda m: f"grad {name}: {m}")
+        torch.testing.assert_close(grad, ref_grad, atol=tol, rtol=tol, msg=lambda m, name=name: f"grad {name}: {m}")
 
 
 def test_quadratic_reference_with_equal_weights_is_running_mean():
@@ -86,7 +86,7 @@ def test_recurrent_matches_chunked_token_by_token(feature_map, dtype, tol):
     state = None
     for t in range(q.shape[-2]):
         out_t, state = linear_attention_step(q[:, :, t], k[:, :, t], v[:, :, t], state, feature_map)
-        torch.testing.assert_close(out_t, chunked[:, :, t], atol=tol, rtol=tol, msg=lambda m: f"token {t}: {m}")
+        torch.testing.assert_close(out_t, chunked[:, :, t], atol=tol, rtol=tol, msg=lambda m, t=t: f"token {t}: {m}")
 
 
 @pytest.mark.parametrize("feature_map", MAP_NAMES)

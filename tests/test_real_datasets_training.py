@@ -35,8 +35,7 @@ def test_enwik8_from_a_local_byte_file_trains_through_train_py(tmp_path):
 
 def test_wikitext_local_files_train_with_adaptive_softmax_through_train_py(tmp_path):
     folder = write_word_corpus(tmp_path / "wt")
-    run_train(["dataset=wikitext2", f"dataset.path={folder}", "model.output=adaptive",
-               "model.adaptive_cutoffs=[20,60]", *SMOKE], tmp_path)
+    run_train(["dataset=wikitext2", f"dataset.path={folder}", "model.output=adaptive", "model.adaptive_cutoffs=[20,60]", *SMOKE], tmp_path)
     r = only_results(tmp_path / "outputs")
     assert r["status"] == "finished" and r["metric"] == "ppl"
     assert r["metrics"]["val/ppl"] == pytest.approx(math.exp(r["metrics"]["val/loss"]))
@@ -80,8 +79,17 @@ def test_trains_a_few_steps_on_real_wikitext2_text(tmp_path):
     held_out = "".join(SHARED_WIKITEXT2_VALID.read_text().splitlines(keepends=True)[:120])  # a small evaluation slice
     for split in ("valid", "test"):
         (folder / f"wiki.{split}.tokens").write_text(held_out)
-    overrides = [*SMOKE, "dataset=wikitext2", f"dataset.path={folder}", "trainer.max_steps=40", "trainer.val_check_interval=40",
-                 "optim.lr=3e-3", "model.output=adaptive", "model.adaptive_cutoffs=[2000,8000]", "model.d_model=64"]
+    overrides = [
+        *SMOKE,
+        "dataset=wikitext2",
+        f"dataset.path={folder}",
+        "trainer.max_steps=40",
+        "trainer.val_check_interval=40",
+        "optim.lr=3e-3",
+        "model.output=adaptive",
+        "model.adaptive_cutoffs=[2000,8000]",
+        "model.d_model=64",
+    ]
     r = train(compose_config(overrides, tmp_path), RunInfo(str(tmp_path / "run")))
     assert r["status"] == "finished"
     vocab = 13777  # the split's own vocabulary, <eos> included

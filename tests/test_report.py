@@ -45,9 +45,7 @@ def sweep(tmp_path: Path) -> Path:
 
 def run_report(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO), **(env_extra or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "mswa.report", *args], capture_output=True, text=True, env=env, timeout=120
-    )
+    return subprocess.run([sys.executable, "-m", "mswa.report", *args], capture_output=True, text=True, env=env, timeout=120)
 
 
 def read_csv_rows(path: Path) -> list[dict]:
@@ -222,9 +220,7 @@ def test_notebook_runs_top_to_bottom_on_a_sweep(sweep: Path, monkeypatch: pytest
     monkeypatch.setenv("MSWA_SWEEP_DIR", str(sweep))
     monkeypatch.setenv("PYTHONPATH", str(REPO))
     notebook = nbformat.read(REPO / "notebooks" / "analysis.ipynb", as_version=4)
-    NotebookClient(
-        notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(REPO / "notebooks")}}
-    ).execute()
+    NotebookClient(notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
     outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
     assert sum("image/png" in output.get("data", {}) for output in outputs) == 3  # each plot shown once
     html = "".join(output.get("data", {}).get("text/html", "") for output in outputs)
@@ -234,7 +230,7 @@ def test_notebook_runs_top_to_bottom_on_a_sweep(sweep: Path, monkeypatch: pytest
 def test_a_run_still_marked_running_reads_stopped_once_its_process_is_gone_or_silent(sweep: Path):
     dead = subprocess.Popen(["true"])
     dead.wait()
-    here, now = socket.gethostname(), datetime.datetime.now(datetime.timezone.utc)
+    here, now = socket.gethostname(), datetime.datetime.now(datetime.UTC)
     minutes_ago = lambda m: (now - datetime.timedelta(minutes=m)).isoformat(timespec="seconds")  # noqa: E731
     cases = [
         ({"pid": dead.pid, "host": here, "heartbeat": minutes_ago(0)}, "its process"),  # killed on this machine
@@ -259,8 +255,9 @@ def test_variant_names_leave_out_overrides_common_to_all_runs(sweep: Path):
     rows = [finished_row([f"model={model}", *shared, "seed=1"], val) for model, val in [("swa", 2.0), ("mswa", 1.9)]]
     runs = report.runs_frame(rows)
     markdown = report.summary_markdown(runs, report.summary_table(runs), report.failed_runs(runs), "t")
-    assert "Overrides common to all runs (left out of the variant names below): `trainer.max_steps=100`, " \
-           "`optim.betas=[0.9,0.99]`" in markdown
+    assert (
+        "Overrides common to all runs (left out of the variant names below): `trainer.max_steps=100`, `optim.betas=[0.9,0.99]`" in markdown
+    )
     variants_table = markdown.split("## Paired differences over seeds")[0]
     table_rows = [line for line in variants_table.splitlines() if line.startswith("| model=")]
     assert [row.split(" | ")[0] for row in table_rows] == ["| model=mswa", "| model=swa"]
@@ -269,8 +266,12 @@ def test_variant_names_leave_out_overrides_common_to_all_runs(sweep: Path):
 
 
 def test_refused_attempts_are_listed_and_the_run_kept(sweep: Path):
-    attempt = {"ended": "2026-01-01T00:00:00+00:00", "status": "refused", "overrides": ["model=swa", "seed=1"],
-               "error": "outputs/x already holds a run (checkpoints/last.ckpt); resume it with ckpt_path=last"}
+    attempt = {
+        "ended": "2026-01-01T00:00:00+00:00",
+        "status": "refused",
+        "overrides": ["model=swa", "seed=1"],
+        "error": "outputs/x already holds a run (checkpoints/last.ckpt); resume it with ckpt_path=last",
+    }
     finished = {**attempt, "status": "finished", "error": None}
     (sweep / "0" / "attempts.jsonl").write_text(json.dumps(finished) + "\n" + json.dumps(attempt) + "\n")
     runs = report.load_runs([sweep])

@@ -20,10 +20,14 @@ FLOORS = [1.2, 0.3, 0.4]
 def evaluation(shift: float) -> dict:
     """A results.json `evaluation` block whose numbers move with ``shift``."""
     split = {
-        "targets": 100, "forward_tokens_per_target": 4.0, "floor_bpc": 0.9,
-        "by_distance": [{"context": [1, 1], "targets": 1, "loss": 5.0, "bpc": 5.0 + shift},
-                        {"context": [2, 3], "targets": 2, "loss": 4.0, "bpc": 4.0 + shift},
-                        {"context": [64, 64], "targets": 97, "loss": 2.0, "bpc": 2.0 + shift}],
+        "targets": 100,
+        "forward_tokens_per_target": 4.0,
+        "floor_bpc": 0.9,
+        "by_distance": [
+            {"context": [1, 1], "targets": 1, "loss": 5.0, "bpc": 5.0 + shift},
+            {"context": [2, 3], "targets": 2, "loss": 4.0, "bpc": 4.0 + shift},
+            {"context": [64, 64], "targets": 97, "loss": 2.0, "bpc": 2.0 + shift},
+        ],
         "by_kind": [{"kind": k, "bytes": 10, "bpc": 2.0 + i + shift, "floor_bpc": f} for i, (k, f) in enumerate(zip(KINDS, FLOORS))],
     }
     return {"seq_len": 64, "stride": 16, "val": split, "test": split}
@@ -39,9 +43,13 @@ def runs_with_evaluations(tmp_path: Path) -> Path:
         results["evaluation"] = evaluation(shift=0.1 * job)
         (folder / "results.json").write_text(json.dumps(results))
         for seq_len in (64, 256):
-            record = {"metric": "bpc", "train_seq_len": 64, "checkpoint": "best",
-                      "evaluation": {"seq_len": seq_len, "stride": seq_len // 4},
-                      "metrics": {"val/bpc": val + seq_len / 1000, "test/bpc": test + seq_len / 1000}}
+            record = {
+                "metric": "bpc",
+                "train_seq_len": 64,
+                "checkpoint": "best",
+                "evaluation": {"seq_len": seq_len, "stride": seq_len // 4},
+                "metrics": {"val/bpc": val + seq_len / 1000, "test/bpc": test + seq_len / 1000},
+            }
             (folder / f"evaluation_L{seq_len}_stride{seq_len // 4}_best.json").write_text(json.dumps(record))
     return root
 
@@ -58,7 +66,11 @@ def test_tables_average_the_seeds_of_each_variant(runs_with_evaluations):
     assert mswa.floor_bpc.tolist() == FLOORS and set(mswa.n_seeds) == {2}
     settings = report.load_evaluations(runs)
     assert settings[["variant", "seq_len", "stride"]].values.tolist() == [
-        ["model=mswa", 64, 16], ["model=mswa", 256, 64], ["model=swa", 64, 16], ["model=swa", 256, 64]]
+        ["model=mswa", 64, 16],
+        ["model=mswa", 256, 64],
+        ["model=swa", 64, 16],
+        ["model=swa", 256, 64],
+    ]
     assert settings.test.iloc[1] == pytest.approx((2.04 + 2.11) / 2 + 0.256)
 
 

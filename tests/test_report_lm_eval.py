@@ -87,8 +87,7 @@ def section_rows(markdown: str) -> dict[str, dict[str, str]]:
     """The lm_eval table of summary.md as {variant: {header: cell}}."""
     lines = itertools.dropwhile(lambda line: not line.startswith("|"), markdown.split(SECTION, 1)[1].splitlines())
     header, _, *rows = (
-        [cell.strip() for cell in line.strip("|").split("|")]
-        for line in itertools.takewhile(lambda line: line.startswith("|"), lines)
+        [cell.strip() for cell in line.strip("|").split("|")] for line in itertools.takewhile(lambda line: line.startswith("|"), lines)
     )
     return {row[0]: dict(zip(header, row)) for row in rows}
 

@@ -39,8 +39,7 @@ def attempts_of(folder: Path) -> list[dict]:
 
 def files_of(folder: Path) -> dict[str, bytes]:
     """Every file of a run folder but its attempts log, by relative path."""
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*")
-            if p.is_file() and p.name != "attempts.jsonl"}
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != "attempts.jsonl"}
 
 
 @pytest.fixture(scope="module")
@@ -151,8 +150,10 @@ def test_nan_advice_says_only_what_is_true(finished, tmp_path):
 
 def test_a_changed_optim_lr_takes_effect_on_resume(finished, tmp_path):
     train(smoke(finished, "trainer.max_steps=3"), RunInfo(str(tmp_path / "first")))
-    resumed = train(smoke(finished, "trainer.max_steps=6", "optim.lr=2e-3", f"ckpt_path={tmp_path}/first/checkpoints/last.ckpt"),
-                    RunInfo(str(tmp_path / "lower")))
+    resumed = train(
+        smoke(finished, "trainer.max_steps=6", "optim.lr=2e-3", f"ckpt_path={tmp_path}/first/checkpoints/last.ckpt"),
+        RunInfo(str(tmp_path / "lower")),
+    )
     assert resumed["status"] == "finished" and resumed["evaluated_checkpoint"] == "checkpoints/best.ckpt"
     state = torch.load(tmp_path / "lower" / "checkpoints" / "last.ckpt", weights_only=False)
     assert state["global_step"] == 6
@@ -247,8 +248,15 @@ def test_a_failed_multirun_job_prints_one_line_and_the_sweep_goes_on(tmp_path):
 
 # ---------------------------------------------------------------- slow: real faults, resumed to the same numbers
 
-RESUME = ["debug=smoke", "dataset.loader.n_bytes=200000", "trainer.max_steps=60", "trainer.val_check_interval=20",
-          "checkpoint.every_n_train_steps=5", "data.batch_size=32", "logger=none"]
+RESUME = [
+    "debug=smoke",
+    "dataset.loader.n_bytes=200000",
+    "trainer.max_steps=60",
+    "trainer.val_check_interval=20",
+    "checkpoint.every_n_train_steps=5",
+    "data.batch_size=32",
+    "logger=none",
+]
 
 
 class Train:
@@ -281,8 +289,9 @@ def run_printed_command(stderr: str, tmp_path: Path) -> subprocess.CompletedProc
     args = shlex.split(command)
     assert args[:2] == ["python", "train.py"], command
     env = {**os.environ, "WANDB_MODE": "disabled", "MSWA_DATA_DIR": str(tmp_path / "data")}
-    proc = subprocess.run([sys.executable, str(REPO / "train.py"), *args[2:]], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args[2:]], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -298,6 +307,7 @@ def checkpoint_at_step(run_dir: Path, least: int):
             return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] >= least
         except Exception:  # noqa: BLE001 - not there yet
             return False
+
     return ready
 
 
@@ -389,9 +399,14 @@ def test_a_real_full_disk_then_resume_to_the_same_metric(straight, tmp_path):
 def test_the_summary_says_how_to_upload_an_offline_wandb_run(tmp_path):
     from mswa.run import RunFolder, summary_lines
 
-    results = {"metric": "bpc", "metrics": {"val/bpc": 1.5, "test/bpc": 1.25}, "steps": 10,
-               "evaluated_checkpoint": "checkpoints/best.ckpt", "evaluated_step": 10,
-               "config": {"logger": {"name": "wandb", "mode": "offline"}}}
+    results = {
+        "metric": "bpc",
+        "metrics": {"val/bpc": 1.5, "test/bpc": 1.25},
+        "steps": 10,
+        "evaluated_checkpoint": "checkpoints/best.ckpt",
+        "evaluated_step": 10,
+        "config": {"logger": {"name": "wandb", "mode": "offline"}},
+    }
     folder = RunFolder(tmp_path / "model=swa,seed=1")  # = and , need no shell quotes
     lines = summary_lines(results, folder).splitlines()
     assert lines[0] == "finished 10 steps: val/bpc 1.500000, test/bpc 1.250000, from checkpoints/best.ckpt (step 10, lowest val/loss)"

@@ -29,8 +29,14 @@ def results_of(folder: Path) -> dict[str, dict]:
 
 @pytest.mark.slow
 def test_rerun_sweep_resumes_the_interrupted_job(tmp_path):
-    args = [*TINY, "trainer.max_steps=60", "trainer.val_check_interval=20", "checkpoint.every_n_train_steps=5",
-            "model=swa", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    args = [
+        *TINY,
+        "trainer.max_steps=60",
+        "trainer.val_check_interval=20",
+        "checkpoint.every_n_train_steps=5",
+        "model=swa",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    ]
     cmd = [sys.executable, str(REPO / "train.py"), "-m", f"paths.log_dir={tmp_path}/outputs", *args]
     env = {**os.environ, "WANDB_MODE": "disabled", "MSWA_DATA_DIR": str(tmp_path / "data")}
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -95,8 +101,13 @@ def test_report_pairs_three_seeds_across_sweep_folders_with_intervals(tmp_path):
     assert row.swa_verdict == (BETTER if row.swa_high < 0 else WORSE if row.swa_low > 0 else UNDECIDED)
 
     out = tmp_path / "report"
-    proc = subprocess.run([sys.executable, "-m", "mswa.report", str(tmp_path / "main"), str(tmp_path / "budget"),
-                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mswa.report", str(tmp_path / "main"), str(tmp_path / "budget"), "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     markdown = (out / "summary.md").read_text()
     assert "test − SWA at w [95%]" in markdown and "test − SWA at budget [95%]" in markdown

@@ -50,8 +50,9 @@ def test_every_job_of_every_sweep_composes_and_builds_its_windows(name):
 def test_slurm_launcher_composes_instantiates_and_keeps_lightning_consistent(tmp_path):
     from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
 
-    cfg = compose_with_hydra(["launcher=slurm", "slurm.nodes=2", "slurm.gpus_per_node=4", "slurm.partition=gpu",
-                              f"hydra.sweep.dir={tmp_path}"])
+    cfg = compose_with_hydra(
+        ["launcher=slurm", "slurm.nodes=2", "slurm.gpus_per_node=4", "slurm.partition=gpu", f"hydra.sweep.dir={tmp_path}"]
+    )
     HydraConfig.instance().set_config(cfg)
     launcher_cfg = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
     assert launcher_cfg.pop("_target_").endswith("SlurmLauncher")
@@ -75,8 +76,9 @@ def test_tiny_multirun_with_a_failing_job_then_report_and_notebook(tmp_path):
     assert sorted(statuses.values()) == ["failed", "finished", "finished"]
 
     out = tmp_path / "report"
-    report = subprocess.run([sys.executable, "-m", "mswa.report", str(sweep_dir), "--out", str(out)],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    report = subprocess.run(
+        [sys.executable, "-m", "mswa.report", str(sweep_dir), "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert report.returncode == 0, report.stderr
     table = (out / "summary.md").read_text()
     good = [line for line in table.splitlines() if "window=16" in line or "window=8" in line]

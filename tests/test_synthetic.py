@@ -32,10 +32,7 @@ def decode_bits(data: bytes, settings: SyntheticSettings, language) -> tuple[lis
             assert after_warmup, f"copy marker at event {len(bits)}, inside the warm-up"
             low, high = settings.copy_ranges[MARKERS.index(data[position])]
             start, length = position + 1, settings.copy_length
-            fits = [
-                d for d in range(low, high + 1)
-                if all(data[start + i] == data[start + i - d] for i in range(length))
-            ]
+            fits = [d for d in range(low, high + 1) if all(data[start + i] == data[start + i - d] for i in range(length))]
             assert fits, f"copy at byte {start} reproduces no byte span at a distance in [{low}, {high}]"
             ambiguous += len(fits) > 1
             bits.append(-math.log2(settings.copy_probability) - math.log2(len(fits) / (high - low + 1)))
@@ -46,9 +43,7 @@ def decode_bits(data: bytes, settings: SyntheticSettings, language) -> tuple[lis
             if previous is None:
                 p = language.word_probs[word]
             else:
-                favourite = sum(
-                    q for k, q in enumerate(language.successor_probs) if language.successors[previous, k] == word
-                )
+                favourite = sum(q for k, q in enumerate(language.successor_probs) if language.successors[previous, k] == word)
                 p = settings.successor_weight * favourite + (1 - settings.successor_weight) * language.word_probs[word]
             bits.append(-math.log2(p) - (math.log2(p_word) if after_warmup else 0.0))
             previous, position = word, end + 1

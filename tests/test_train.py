@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from helpers.runs import REPO, SCHEDULES, TINY_DATA, compose_config, results_under, run_train
-from mswa.data.synthetic import load as load_synthetic
-from mswa.lit import CorpusDataModule, LanguageModelTask, NonFiniteLossError
-from mswa.model import LanguageModel, ModelConfig
 from mswa.config import parse_config
+from mswa.data.synthetic import load as load_synthetic
 from mswa.factory import build_model, build_schedule, model_spec
+from mswa.lit import CorpusDataModule, LanguageModelTask, NonFiniteLossError
+from mswa.model import LanguageModel
 from mswa.run import ConfigError, RunInfo, train
 from mswa.windows import ScheduleError
 
@@ -32,8 +32,15 @@ def test_every_model_schedule_and_cpu_hardware_composes_and_builds(tmp_path):
     combos.append(("mswa", "custom"))
     for model, schedule in combos:
         extra = ["window_schedule.windows=[[1,2,3,null,5,6,7,8]]", "model.n_layer=1"] if schedule == "custom" else []
-        overrides = [f"model={model}", f"window_schedule={schedule}", "hardware=cpu", "model.n_layer=8",
-                     "model.d_model=32", "seq_len=32", *extra]
+        overrides = [
+            f"model={model}",
+            f"window_schedule={schedule}",
+            "hardware=cpu",
+            "model.n_layer=8",
+            "model.d_model=32",
+            "seq_len=32",
+            *extra,
+        ]
         cfg = compose_config(overrides if schedule != "full" else overrides[:1] + overrides[2:], tmp_path)
         assert cfg["window_schedule"]["name"] == schedule  # a schedule is named by its file
         settings = parse_config(cfg)
@@ -52,8 +59,15 @@ def test_model_names_pick_their_schedules(tmp_path):
 
 
 def test_schedule_files_are_named_by_their_file_and_apply_their_kind(tmp_path):
-    rules = {"mswa_g2": "mswa", "mswa_g8": "mswa", "mswa_l_shrinking": "mswa_l", "uniform_mswa_budget": "uniform",
-             "uniform_mswa_l_budget": "uniform", "full": "full", "custom": "custom"}
+    rules = {
+        "mswa_g2": "mswa",
+        "mswa_g8": "mswa",
+        "mswa_l_shrinking": "mswa_l",
+        "uniform_mswa_budget": "uniform",
+        "uniform_mswa_l_budget": "uniform",
+        "full": "full",
+        "custom": "custom",
+    }
     for path in sorted((REPO / "conf" / "window_schedule").glob("*.yaml")):
         ws = compose_config([f"window_schedule={path.stem}"], tmp_path)["window_schedule"]
         assert ws["name"] == path.stem and ws["kind"] == rules.get(path.stem, path.stem), ws
@@ -78,8 +92,18 @@ def test_smoke_multirun_of_full_swa_mswa_writes_results(tmp_path):
 
 
 def test_tiny_overfit_loss_falls_well_below_start(tmp_path):
-    overrides = ["debug=smoke", "dataset.loader.n_bytes=20000", "+dataset.loader.n_words=16", "trainer.max_steps=100", "trainer.val_check_interval=100",
-                 "optim.lr=3e-3", "optim.warmup_steps=10", "model.d_model=64", "data.batch_size=8", "logger=none"]
+    overrides = [
+        "debug=smoke",
+        "dataset.loader.n_bytes=20000",
+        "+dataset.loader.n_words=16",
+        "trainer.max_steps=100",
+        "trainer.val_check_interval=100",
+        "optim.lr=3e-3",
+        "optim.warmup_steps=10",
+        "model.d_model=64",
+        "data.batch_size=8",
+        "logger=none",
+    ]
     results = train(compose_config(overrides, tmp_path), RunInfo(str(tmp_path / "run")))
     log = pd.read_csv(tmp_path / "run" / "metrics.csv")
     losses = log["train/loss"].dropna().to_numpy()
@@ -102,8 +126,16 @@ def test_uniform_predictor_scores_exactly_8_bpc(tmp_path):
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint_before_it(tmp_path):
-    overrides = ["debug=smoke", *TINY_DATA, "optim.lr=1e6", "optim.warmup_steps=1", "trainer.gradient_clip_val=null",
-                 "trainer.max_steps=40", "checkpoint.every_n_train_steps=1", "logger=none"]
+    overrides = [
+        "debug=smoke",
+        *TINY_DATA,
+        "optim.lr=1e6",
+        "optim.warmup_steps=1",
+        "trainer.gradient_clip_val=null",
+        "trainer.max_steps=40",
+        "checkpoint.every_n_train_steps=1",
+        "logger=none",
+    ]
     with pytest.raises(NonFiniteLossError, match=r"at step \d+; lower optim.lr .* or continue from step \d+ with 'ckpt_path="):
         train(compose_config(overrides, tmp_path), RunInfo(str(tmp_path / "run")))
     saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
@@ -111,8 +143,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint_before_it(tmp_pat
     assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "failed"
 
 
-RESUME = ["debug=smoke", *TINY_DATA, "trainer.max_steps=60", "trainer.val_check_interval=20",
-          "checkpoint.every_n_train_steps=5"]
+RESUME = ["debug=smoke", *TINY_DATA, "trainer.max_steps=60", "trainer.val_check_interval=20", "checkpoint.every_n_train_steps=5"]
 
 
 def test_interrupted_run_resumes_to_the_same_final_metric(tmp_path):
@@ -123,8 +154,9 @@ def test_interrupted_run_resumes_to_the_same_final_metric(tmp_path):
     args = [*RESUME, "task_name=resumed", "logger.mode=offline"]
     cmd = [sys.executable, str(REPO / "train.py"), f"paths.log_dir={tmp_path}/outputs", *args]
     env = {"MSWA_DATA_DIR": str(tmp_path / "data"), "WANDB_MODE": "offline", "PATH": "/usr/bin:/bin"}
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env={**__import__("os").environ, **env},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env={**__import__("os").environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     run_dir = next_run_dir(tmp_path / "outputs" / "resumed", proc)
     while not (run_dir / "checkpoints" / "last.ckpt").exists():
         assert proc.poll() is None, proc.stderr.read()[-3000:]
@@ -191,8 +223,12 @@ def test_bad_config_stops_before_training_with_one_sentence(tmp_path):
         (["seq_len=300000"], ConfigError, "seq_len=300000"),
         (["model=full", "window_schedule=mswa"], ConfigError, "model=full cannot use window_schedule=mswa"),
         (["model=swa", "window_schedule=full"], ConfigError, "model=swa cannot use window_schedule=full"),
-        pytest.param(["hardware=gpu"], ConfigError, "no CUDA GPU; add hardware=cpu",
-                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
+        pytest.param(
+            ["hardware=gpu"],
+            ConfigError,
+            "no CUDA GPU; add hardware=cpu",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU"),
+        ),
     ],
 )
 def test_bad_configs_raise_named_errors_before_any_checkpoint(tmp_path, overrides, error, words):

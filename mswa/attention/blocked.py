@@ -190,7 +190,14 @@ def _to_rows(x, heads, plan, dtype, front):
     rows, heads-major, zero elsewhere. A view when nothing needs moving (one sequence, every head in
     order, no padding), else one copy."""
     dim, heads = x.shape[-1], list(heads)
-    if not front and plan.n == plan.n_padded and plan.batch == 1 and heads == list(range(x.shape[1])) and x.dtype == dtype and x.is_contiguous():
+    if (
+        not front
+        and plan.n == plan.n_padded
+        and plan.batch == 1
+        and heads == list(range(x.shape[1]))
+        and x.dtype == dtype
+        and x.is_contiguous()
+    ):
         return x.view(-1, dim)
     rows = x.new_empty(front + len(heads) * plan.batch * plan.n_padded, dim, dtype=dtype)
     rows[:front].zero_()
@@ -269,11 +276,15 @@ def _chunks(band, plan, scores_per_chunk):
     target = max(1, scores_per_chunk // (band.block * band.span))
     if per_row <= target:
         rows = target // per_row
-        return tuple(_Chunk(slice(r * per_row, min(band.rows, r + rows) * per_row), min(rows, band.rows - r), 0)
-                     for r in range(0, band.rows, rows))
+        return tuple(
+            _Chunk(slice(r * per_row, min(band.rows, r + rows) * per_row), min(rows, band.rows - r), 0) for r in range(0, band.rows, rows)
+        )
     size = math.ceil(per_row / math.ceil(per_row / target))
-    return tuple(_Chunk(slice(r * per_row + a, r * per_row + min(per_row, a + size)), 1, a)
-                 for r in range(band.rows) for a in range(0, per_row, size))
+    return tuple(
+        _Chunk(slice(r * per_row + a, r * per_row + min(per_row, a + size)), 1, a)
+        for r in range(band.rows)
+        for a in range(0, per_row, size)
+    )
 
 
 def _accumulate_tiles(grad_rows, weights, block_values, first_key, band, alpha):

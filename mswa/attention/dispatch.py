@@ -48,9 +48,8 @@ def resolve_backend(backend, device, dtype=torch.float32):
     if flex_available(device):
         return "flex"
     if not _warned_flex_fallback:
-        warnings.warn(
-            "backend='auto': torch.compile/Triton is unavailable on CUDA, using backend='blocked' instead of 'flex'."
-        )
+        message = "backend='auto': torch.compile/Triton is unavailable on CUDA, using backend='blocked' instead of 'flex'."
+        warnings.warn(message, stacklevel=3)
         _warned_flex_fallback = True
     return "blocked"
 
@@ -78,12 +77,8 @@ def _check_tensors(q, k, v):
     if k.shape != v.shape:
         raise ValueError(f"k shape {tuple(k.shape)} != v shape {tuple(v.shape)}: they must match.")
     if (q.shape[0], q.shape[2], q.shape[3]) != (k.shape[0], k.shape[2], k.shape[3]):
-        raise ValueError(
-            f"q {tuple(q.shape)} and k {tuple(k.shape)} must share batch, seq and head_dim (self-attention)."
-        )
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must share batch, seq and head_dim (self-attention).")
     if q.shape[1] % k.shape[1]:
-        raise ValueError(
-            f"q has {q.shape[1]} heads, not divisible by the {k.shape[1]} k/v heads: use a divisor of {q.shape[1]}."
-        )
+        raise ValueError(f"q has {q.shape[1]} heads, not divisible by the {k.shape[1]} k/v heads: use a divisor of {q.shape[1]}.")
     if q.dtype != k.dtype or q.dtype != v.dtype or q.device != k.device or q.device != v.device:
         raise ValueError("q, k, v must share one dtype and one device.")

@@ -37,9 +37,7 @@ def flex_window_attention(q, k, v, windows):
         q, k, v = q.detach(), k.detach(), v.detach()  # torch refuses requires_grad inputs on CPU even under no_grad
     unfused = q.dtype == torch.float64
     if not unfused and not flex_available(q.device):
-        raise ValueError(
-            f"backend='flex' needs torch.compile support on {q.device.type} (Triton for CUDA); use backend='blocked'."
-        )
+        raise ValueError(f"backend='flex' needs torch.compile support on {q.device.type} (Triton for CUDA); use backend='blocked'.")
     block_mask = window_block_mask(q.shape[2], tuple(windows), q.device)
     kernel = _unfused_flex if unfused else _compile_once()
     return kernel(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])

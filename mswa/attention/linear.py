@@ -21,9 +21,9 @@ zero output rather than inf/NaN; both feature maps are positive, so the clamp ne
 """
 
 import math
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -156,22 +156,16 @@ def linear_attention_step(
         phi = FEATURE_MAPS[feature_map]
         q_feat, k_feat, value = phi(_accum(q_t)), phi(_accum(k_t)), _accum(v_t)
         if state is None:
-            state = LinearAttentionState(
-                kv=q_feat.new_zeros(*q_feat.shape, value.shape[-1]), key_sum=q_feat.new_zeros(q_feat.shape)
-            )
+            state = LinearAttentionState(kv=q_feat.new_zeros(*q_feat.shape, value.shape[-1]), key_sum=q_feat.new_zeros(q_feat.shape))
         _check_state(state, (*q_feat.shape, value.shape[-1]), feature_map)
-        state = LinearAttentionState(
-            kv=state.kv + k_feat.unsqueeze(-1) * value.unsqueeze(-2), key_sum=state.key_sum + k_feat
-        )
+        state = LinearAttentionState(kv=state.kv + k_feat.unsqueeze(-1) * value.unsqueeze(-2), key_sum=state.key_sum + k_feat)
         numer = (q_feat.unsqueeze(-2) @ state.kv).squeeze(-2)
         denom = (q_feat * state.key_sum).sum(-1)
         out = _normalise(numer, denom, eps)
     return out.to(v_t.dtype), state
 
 
-def quadratic_linear_attention(
-    q: Tensor, k: Tensor, v: Tensor, feature_map: str = "elu", eps: float = DEFAULT_EPS
-) -> Tensor:
+def quadratic_linear_attention(q: Tensor, k: Tensor, v: Tensor, feature_map: str = "elu", eps: float = DEFAULT_EPS) -> Tensor:
     """The reference: phi(Q) phi(K)^T materialised (B, H, N, N), causally masked, row-normalised. O(N^2) memory."""
     _check_inputs(q, k, v, feature_map, eps)
     seq_len = q.shape[-2]
@@ -230,15 +224,11 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, feature_map: str, eps: float)
     _check_feature_map(feature_map)
     _check_eps(eps)
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(
-            f"q, k, v must be 4-D (batch, heads, seq, dim); got {q.dim()}-D, {k.dim()}-D, {v.dim()}-D."
-        )
+        raise ValueError(f"q, k, v must be 4-D (batch, heads, seq, dim); got {q.dim()}-D, {k.dim()}-D, {v.dim()}-D.")
     if q.shape != k.shape:
         raise ValueError(f"q shape {tuple(q.shape)} != k shape {tuple(k.shape)}; both are (B, H, N, feature_dim).")
     if v.shape[:3] != q.shape[:3]:
-        raise ValueError(
-            f"v shape {tuple(v.shape)} does not match q's (batch, heads, seq) {tuple(q.shape[:3])}."
-        )
+        raise ValueError(f"v shape {tuple(v.shape)} does not match q's (batch, heads, seq) {tuple(q.shape[:3])}.")
     if q.shape[-2] < 1:
         raise ValueError("the sequence is empty (q.shape[-2] == 0); pass at least one token.")
     if not (q.dtype == k.dtype == v.dtype and q.is_floating_point()):

@@ -47,11 +47,11 @@ def add_command(commands):
     bench.add_argument("--head-dim", type=int, default=64)
     bench.add_argument("--window", type=int, default=128, help="base window w of every case")
     bench.add_argument("--repeats", type=int, default=5, help="timed runs after one warm-up; the median is reported")
+    bench.add_argument("--row-budget-s", type=float, default=60.0, help="slow cases get fewer runs (at least 3) to fit this")
     bench.add_argument(
-        "--row-budget-s", type=float, default=60.0, help="slow cases get fewer runs (at least 3) to fit this"
-    )
-    bench.add_argument(
-        "--min-time-s", type=float, default=5.0,
+        "--min-time-s",
+        type=float,
+        default=5.0,
         help="fast cases get more runs (up to 100) to fill this, so that short-N medians are stable",
     )
     bench.add_argument(
@@ -65,9 +65,7 @@ def add_command(commands):
     bench.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     bench.add_argument("--output", type=Path, default=Path("bench_results/attention.json"))
     add_allocator_flag(bench)
-    bench.add_argument(
-        "--tiny", action="store_true", help="smoke run: lengths 64 96, window 16, head_dim 16, 2 repeats"
-    )
+    bench.add_argument("--tiny", action="store_true", help="smoke run: lengths 64 96, window 16, head_dim 16, 2 repeats")
     bench.set_defaults(run=run)
 
 
@@ -147,8 +145,12 @@ def _inputs(args, n, device):
 
 def _cases(layers, args):
     """(name, per-layer windows, backend) timed at every length."""
-    cases = [(name, schedule.windows, backend) for name, schedule in layers.items()
-             for backend in ("blocked", "dense", "flex") if backend in args.backends]
+    cases = [
+        (name, schedule.windows, backend)
+        for name, schedule in layers.items()
+        for backend in ("blocked", "dense", "flex")
+        if backend in args.backends
+    ]
     return cases + ([("full", ((None,) * args.heads,), "causal")] if "causal" in args.backends else [])
 
 
@@ -158,8 +160,19 @@ def _timed_rows(cases, inputs, args):
     rows, steps = [], []
     for layer, stack, backend in cases:
         backward = not (backend == "flex" and device.type == "cpu")  # torch has no CPU flex backward
-        row = {"layer": layer, "n": n, "backend": backend, "mode": "fwd+bwd" if backward else "fwd only", "time_s": None,
-               "layers": len(stack), "runs": 0, "peak_mb": None, "useful_gflops": None, "pct_matmul": None, "note": ""}
+        row = {
+            "layer": layer,
+            "n": n,
+            "backend": backend,
+            "mode": "fwd+bwd" if backward else "fwd only",
+            "time_s": None,
+            "layers": len(stack),
+            "runs": 0,
+            "peak_mb": None,
+            "useful_gflops": None,
+            "pct_matmul": None,
+            "note": "",
+        }
         dense_gb = (args.heads * 5 + 5) * n * n / 1e9  # bool mask, its float copy, int32 lags
         if backend == "dense" and dense_gb > args.dense_max_gb:
             row["note"] = f"skipped: (N, N) masks need ~{dense_gb:.1f} GB > --dense-max-gb {args.dense_max_gb}"
@@ -181,8 +194,9 @@ def _timed_rows(cases, inputs, args):
     kernels = [case for case in runnable if case[0]["backend"] == "blocked"] + [(None, matmul, step_seconds(matmul, device))]
     references = [case for case in runnable if case[0]["backend"] != "blocked"]
     for group in (kernels, references):
-        timings = interleaved_medians([step for _, step, _ in group], device, args.repeats, args.row_budget_s,
-                                      [warmup for *_, warmup in group], args.min_time_s)
+        timings = interleaved_medians(
+            [step for _, step, _ in group], device, args.repeats, args.row_budget_s, [warmup for *_, warmup in group], args.min_time_s
+        )
         for (row, _, _), (seconds, samples) in zip(group, timings):
             if row is None:
                 matmul_gflops = MATMUL_FLOPS / seconds / 1e9
@@ -279,10 +293,16 @@ def _report(result):
         f"(other work on the machine slows timings)"
     )
     config = result["config"]
-    cases = "; ".join(f"{name}: {len(stack)} layer{'s' * (len(stack) > 1)}, mean window {config['mean_window_over_w'][name]:.2f} w"
-                      for name, stack in config["layers"].items())
-    lines = [machine, f"memory: {result['memory_method']}",
-             f"per layer (time and GFLOP/s averaged over a case's layers, memory of its largest) - {cases}", HEADER]
+    cases = "; ".join(
+        f"{name}: {len(stack)} layer{'s' * (len(stack) > 1)}, mean window {config['mean_window_over_w'][name]:.2f} w"
+        for name, stack in config["layers"].items()
+    )
+    lines = [
+        machine,
+        f"memory: {result['memory_method']}",
+        f"per layer (time and GFLOP/s averaged over a case's layers, memory of its largest) - {cases}",
+        HEADER,
+    ]
     lines += [_format_row(row) for row in result["rows"]]
     lines.append(
         f"\nblocked: {'layer':<8} {'N':>6} {'ms':>9} {'x dense':>8} {'x causal':>8} {'/uniform':>8} "

@@ -55,9 +55,7 @@ def synthetic_vocabulary(size: int = WIKITEXT_103_VOCAB - 2) -> np.ndarray:
     return np.array(words, dtype=object)
 
 
-def write_wikitext_like(
-    path: Path, n_words: int, vocabulary: np.ndarray, seed: int, allowed: np.ndarray | None = None
-) -> np.ndarray:
+def write_wikitext_like(path: Path, n_words: int, vocabulary: np.ndarray, seed: int, allowed: np.ndarray | None = None) -> np.ndarray:
     """Write ~``n_words`` words of WikiText-shaped text; return which vocabulary ranks occur.
 
     Ranks outside ``allowed`` (when given) become <unk>, as WikiText does for held-out splits.
@@ -85,11 +83,11 @@ def _article_lines(words: list[str], rng: np.random.Generator) -> list[str]:
     while position < len(words):
         level, title_words = int(rng.integers(1, 4)), int(rng.integers(1, 5))
         marks = " ".join(["="] * level)
-        lines += [" \n", f" {marks} {' '.join(words[position:position + title_words])} {marks} \n", " \n"]
+        lines += [" \n", f" {marks} {' '.join(words[position : position + title_words])} {marks} \n", " \n"]
         position += title_words
         for length in rng.poisson(90, size=int(rng.integers(1, 5))) + 1:
             if position < len(words):
-                lines.append(f" {' '.join(words[position:position + length])} \n")
+                lines.append(f" {' '.join(words[position : position + length])} \n")
                 position += length
     return lines
 
@@ -120,8 +118,9 @@ def bench_enwik8(work: Path, n_bytes: int) -> list[dict]:
     _, cached, cached_cpu = timed(enwik8.load, work / "cache", path=raw, **checks)
     size = f"{n_bytes:,} bytes"
     return [
-        _row("enwik8: raw file -> verified cached splits", size, build, build_cpu, f"{n_bytes / build / 1e6:.0f} MB/s", "< 30 s",
-             build < 30),
+        _row(
+            "enwik8: raw file -> verified cached splits", size, build, build_cpu, f"{n_bytes / build / 1e6:.0f} MB/s", "< 30 s", build < 30
+        ),
         _row("enwik8: cached load (verified, memmap)", size, cached, cached_cpu, "", "< 1 s", cached < 1),
     ]
 
@@ -157,8 +156,9 @@ def _bench_word_source(label: str, data_dir: Path, **source) -> list[dict]:
     _, cached, cached_cpu = timed(wikitext.load, data_dir, **source)
     size = f"{words:,} words + {tokens - words:,} <eos>, vocab {corpus.vocab_size:,}"
     return [
-        _row(f"wikitext ({label}): text -> cached ids", size, build, build_cpu, f"{rate / 1e6:.2f} M words/s", ">= 1M words/s",
-             rate >= 1e6),
+        _row(
+            f"wikitext ({label}): text -> cached ids", size, build, build_cpu, f"{rate / 1e6:.2f} M words/s", ">= 1M words/s", rate >= 1e6
+        ),
         _row(f"wikitext ({label}): cached load (verified, memmap)", size, cached, cached_cpu, "", "< 2 s", cached < 2),
     ]
 
@@ -178,11 +178,11 @@ def print_table(rows: list[dict]) -> None:
 def add_command(commands):
     bench = commands.add_parser("data", help="enwik8 split+cache and WikiText-103-sized tokenisation speed")
     bench.add_argument("--enwik8-bytes", type=int, default=enwik8.SIZE, help="size of the enwik8 stand-in (0 skips it)")
-    bench.add_argument("--wikitext-words", type=int, default=100_000_000,
-                       help="words of the WikiText-103 stand-in's train split (0 skips it)")
+    bench.add_argument(
+        "--wikitext-words", type=int, default=100_000_000, help="words of the WikiText-103 stand-in's train split (0 skips it)"
+    )
     bench.add_argument("--no-hf", action="store_true", help="skip the Hugging Face dataset source")
-    bench.add_argument("--workdir", type=Path, default=None,
-                       help="where the temporary folder goes (default: the system temp dir)")
+    bench.add_argument("--workdir", type=Path, default=None, help="where the temporary folder goes (default: the system temp dir)")
     bench.add_argument("--output", "--out", type=Path, default=Path("bench_results/data.json"))
     bench.set_defaults(run=run)
 
@@ -195,8 +195,12 @@ def run(args) -> None:
         if args.wikitext_words:
             rows += bench_wikitext(Path(work), args.wikitext_words, hf=not args.no_hf)
     print_table(rows)
-    machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "load_average_1min": os.getloadavg()[0],
-               "python": platform.python_version()}
+    machine = {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "load_average_1min": os.getloadavg()[0],
+        "python": platform.python_version(),
+    }
     settings = {k: str(v) for k, v in vars(args).items() if k != "run"}
     write_atomic(args.output, json.dumps({"args": settings, "machine": machine, "results": rows}, indent=2))
     print(f"wrote {args.output}")

@@ -44,16 +44,27 @@ def run(args):
         passes = [_eval_pass(model, tokens, args.seq_len, stride, args.batch_size, device) for stride in strides]
         timings = interleaved_medians([step for step, _ in passes], device, args.repeats)
         for stride, (_, chunks), (seconds, samples) in zip(strides, passes, timings):
-            rows.append({"model": name, "seq_len": args.seq_len, "stride": stride, "targets_per_s": chunks.n_targets / seconds,
-                         "forward_tokens_per_target": chunks.forward_tokens_per_target, "pass_s": seconds, "runs": len(samples)})
+            rows.append(
+                {
+                    "model": name,
+                    "seq_len": args.seq_len,
+                    "stride": stride,
+                    "targets_per_s": chunks.n_targets / seconds,
+                    "forward_tokens_per_target": chunks.forward_tokens_per_target,
+                    "pass_s": seconds,
+                    "runs": len(samples),
+                }
+            )
         rows[-1]["slowdown"] = rows[-2]["targets_per_s"] / rows[-1]["targets_per_s"]
     settings = {k: v for k, v in vars(args).items() if k not in ("run", "output")} | {"device": str(device)}
     write_atomic(args.output, json.dumps({"rows": rows, "settings": settings}, indent=2, default=str))
     print(f"{'model':<6} {'seq_len':>7} {'stride':>6} {'targets/s':>10} {'fwd tok/target':>14} {'slowdown':>8}")
     for row in rows:
         slowdown = f"{row['slowdown']:.2f}x" if "slowdown" in row else ""
-        print(f"{row['model']:<6} {row['seq_len']:>7} {row['stride']:>6} {row['targets_per_s']:>10.0f} "
-              f"{row['forward_tokens_per_target']:>14.2f} {slowdown:>8}")
+        print(
+            f"{row['model']:<6} {row['seq_len']:>7} {row['stride']:>6} {row['targets_per_s']:>10.0f} "
+            f"{row['forward_tokens_per_target']:>14.2f} {slowdown:>8}"
+        )
     print(f"slowdown: targets/s at stride = seq_len over stride = seq_len / 4 (4x the forward work; goal <= 4.5x)\nwrote {args.output}")
 
 

@@ -25,10 +25,18 @@ def add_command(commands):
     bench.add_argument("--models", nargs="+", choices=tuple(MODEL_VARIANTS), default=["full", "swa", "mswa", "mswa_linear"])
     add_shape_arguments(bench)
     bench.add_argument("--steps", type=int, default=20, help="timed decoding steps per context; the median is reported")
-    bench.add_argument("--prefill-chunk", type=int, default=2048,
-                       help="models with full-attention heads prefill in chunks of this many tokens (others in one call)")
-    bench.add_argument("--prefill-cap-s", type=float, default=120.0,
-                       help="stop a chunked prefill after the chunk that passes this many seconds; decoding then runs at the context reached")
+    bench.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=2048,
+        help="models with full-attention heads prefill in chunks of this many tokens (others in one call)",
+    )
+    bench.add_argument(
+        "--prefill-cap-s",
+        type=float,
+        default=120.0,
+        help="stop a chunked prefill after the chunk that passes this many seconds; decoding then runs at the context reached",
+    )
     bench.add_argument("--threads", type=int, default=0)
     bench.add_argument("--output", type=Path, default=Path("bench_results/generate.json"))
     add_allocator_flag(bench)
@@ -61,19 +69,27 @@ def run(args):
     with torch.no_grad():
         timings = interleaved_medians([_decode_step(*step) for step in steps], device, args.steps)  # one warm-up each
         for row, (model, cache), (seconds, samples) in zip(rows, steps, timings):
-            row.update(latency_s=seconds, tokens_per_s=1 / seconds, runs=len(samples),
-                       step_peak_mb=peak_memory_mb(_decode_step(model, cache), device))
+            row.update(
+                latency_s=seconds,
+                tokens_per_s=1 / seconds,
+                runs=len(samples),
+                step_peak_mb=peak_memory_mb(_decode_step(model, cache), device),
+            )
             row.update(cache_bytes=cache.nbytes(), cache_bytes_closed_form=cache_bytes(model.cfg, cache.seen), seen=cache.seen)
             row["peak_mb"] = row["cache_bytes"]["total"] / 2**20 + row["step_peak_mb"]
     _add_generate_ratios(rows)
     schedule = make_schedule("mswa", w=args.window, n_layer=args.layers, n_head=args.heads)
     result = {
-        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "load_average_1min": os.getloadavg()[0]},
+        "machine": {
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "load_average_1min": os.getloadavg()[0],
+        },
         "settings": {k: v for k, v in vars(args).items() if k not in ("run", "output")},
         "mswa_budget": schedule.mean_window_over_w(),
         "memory_method": "peak MB = the cache's tensors + the peak resident memory (VmHWM) one decoding step adds "
-                         "above the resident memory before it, with glibc's mmap threshold pinned to 64 KiB",
+        "above the resident memory before it, with glibc's mmap threshold pinned to 64 KiB",
         "rows": rows,
     }
     write_atomic(args.output, json.dumps(result, indent=2, default=str))
@@ -93,8 +109,11 @@ def _prefill(model, cache, n, args):
         while cache.seen < n and time.perf_counter() - start < args.prefill_cap_s:
             model(tokens[:, cache.seen : cache.seen + chunk], cache)
     seconds = time.perf_counter() - start
-    note = "" if cache.seen == n else (f"prefill capped: stopped at {cache.seen} of {n} tokens after {seconds:.0f} s "
-                                       "(cache allocated for all)")
+    note = (
+        ""
+        if cache.seen == n
+        else (f"prefill capped: stopped at {cache.seen} of {n} tokens after {seconds:.0f} s (cache allocated for all)")
+    )
     return {"context": n, "reached": cache.seen, "prefill_s": seconds, "note": note}
 
 
@@ -116,9 +135,11 @@ def _add_generate_ratios(rows):
 
 
 def _generate_report(result):
-    lines = [f"\nmemory: {result['memory_method']}",
-             f"{'model':<12} {'context':>7} {'reached':>7} {'prefill s':>9} {'cache MB':>9} {'closed MB':>9} "
-             f"{'ms/token':>9} {'tok/s':>7} {'/first':>6} {'peak MB':>8} {'kv/swa':>6}"]
+    lines = [
+        f"\nmemory: {result['memory_method']}",
+        f"{'model':<12} {'context':>7} {'reached':>7} {'prefill s':>9} {'cache MB':>9} {'closed MB':>9} "
+        f"{'ms/token':>9} {'tok/s':>7} {'/first':>6} {'peak MB':>8} {'kv/swa':>6}",
+    ]
     for row in result["rows"]:
         measured, closed = row["cache_bytes"]["total"], row["cache_bytes_closed_form"]["total"]
         lines.append(
@@ -128,6 +149,8 @@ def _generate_report(result):
         )
     ratios = sorted({round(row["cache_vs_swa"], 4) for row in result["rows"] if row["model"] == "mswa" and row["cache_vs_swa"]})
     if ratios:
-        lines.append(f"mswa / swa cache bytes: {', '.join(f'{r:.3f}' for r in ratios)} "
-                     f"(sum of W - 1 over heads) beside the schedule's budget {result['mswa_budget']:.3f} (sum of W)")
+        lines.append(
+            f"mswa / swa cache bytes: {', '.join(f'{r:.3f}' for r in ratios)} "
+            f"(sum of W - 1 over heads) beside the schedule's budget {result['mswa_budget']:.3f} (sum of W)"
+        )
     return "\n".join(lines)

@@ -36,8 +36,10 @@ def add_command(commands):
 
 def run(args) -> list[dict]:
     device = args.device
-    print(f"tiny Llama: {args.layers} layers, {args.heads} heads ({args.heads // 2} kv), hidden {args.hidden}; "
-          f"window {args.window}; batch 1; no-grad forward on {device}")
+    print(
+        f"tiny Llama: {args.layers} layers, {args.heads} heads ({args.heads // 2} kv), hidden {args.hidden}; "
+        f"window {args.window}; batch 1; no-grad forward on {device}"
+    )
     print(f"{'case':<14} {'N':>6} {'peak MB':>9} {'growth':>7} {'time ms':>9}")
     rows = []
     for case in args.cases:
@@ -62,8 +64,15 @@ def build(case: str, window: int, n_head: int, n_layer: int, hidden: int, device
     from mswa.hf.tiny import tiny_model
 
     attention, _, backend = case.partition("-")
-    model = tiny_model("llama", attn_implementation=attention if not backend else "sdpa", vocab_size=512,
-                       n_layer=n_layer, n_head=n_head, n_kv_head=n_head // 2, hidden=hidden).to(device)
+    model = tiny_model(
+        "llama",
+        attn_implementation=attention if not backend else "sdpa",
+        vocab_size=512,
+        n_layer=n_layer,
+        n_head=n_head,
+        n_kv_head=n_head // 2,
+        hidden=hidden,
+    ).to(device)
     if backend:
         apply_window_attention(model, window, backend=backend)
     return model

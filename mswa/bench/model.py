@@ -65,8 +65,9 @@ def run(args):
         args.lengths, args.layers, args.d_model, args.heads, args.window, args.repeats = [64, 128], 4, 32, 4, 16, 2
     backend = resolve_backend(args.backend, args.device)
     if backend == "flex" and args.device.type == "cpu":
-        raise SystemExit("--backend flex cannot train on CPU (torch compiles only its forward there); "
-                         "use --backend blocked or auto on CPU.")
+        raise SystemExit(
+            "--backend flex cannot train on CPU (torch compiles only its forward there); use --backend blocked or auto on CPU."
+        )
     set_threads(args.threads)
     if not args.glibc_default:
         reuse_freed_memory()
@@ -76,8 +77,16 @@ def run(args):
         steps = {name: _training_step(name, n, args) for name in args.models}
         timings = interleaved_medians(list(steps.values()), args.device, args.repeats)
         for (name, step), (seconds, samples) in zip(steps.items(), timings):
-            rows.append({"model": name, "n": n, "tokens_per_s": n / seconds, "step_s": seconds, "runs": len(samples),
-                         "peak_mb": peak_memory_mb(step, args.device)})
+            rows.append(
+                {
+                    "model": name,
+                    "n": n,
+                    "tokens_per_s": n / seconds,
+                    "step_s": seconds,
+                    "runs": len(samples),
+                    "peak_mb": peak_memory_mb(step, args.device),
+                }
+            )
             print(f"{name:<22} N={n:>6} {n / seconds:>10.0f} tok/s {rows[-1]['peak_mb']:>9.1f} MB", flush=True)
     rows.sort(key=lambda row: args.models.index(row["model"]))  # stable: by model, then length
     _add_model_ratios(rows)
@@ -85,8 +94,10 @@ def run(args):
     write_atomic(args.output, json.dumps({"rows": rows, "settings": settings}, indent=2, default=str))
     print(f"\n{'model':<22} {'N':>6} {'tok/s':>10} {'x full':>7} {'/swa':>6} {'peak MB':>9} {'MB/1k tok':>9}")
     for row in rows:
-        print(f"{row['model']:<22} {row['n']:>6} {row['tokens_per_s']:>10.0f} {row['x_full'] or float('nan'):>7.2f} "
-              f"{row['vs_swa'] or float('nan'):>6.2f} {row['peak_mb']:>9.1f} {1024 * row['peak_mb'] / row['n']:>9.1f}")
+        print(
+            f"{row['model']:<22} {row['n']:>6} {row['tokens_per_s']:>10.0f} {row['x_full'] or float('nan'):>7.2f} "
+            f"{row['vs_swa'] or float('nan'):>6.2f} {row['peak_mb']:>9.1f} {1024 * row['peak_mb'] / row['n']:>9.1f}"
+        )
     print(f"wrote {args.output}")
 
 
@@ -97,8 +108,9 @@ def variant_model(name, n, args, backend="blocked"):
     schedule_name, mixer = MODEL_VARIANTS[name]
     schedule = make_schedule(schedule_name, w=args.window, n_layer=args.layers, n_head=args.heads)
     windows = None if schedule.is_full else schedule.as_lists()
-    config = ModelConfig(n_layer=args.layers, n_head=args.heads, d_model=args.d_model, max_seq_len=n,
-                         windows=windows, attn_backend=backend, **mixer)
+    config = ModelConfig(
+        n_layer=args.layers, n_head=args.heads, d_model=args.d_model, max_seq_len=n, windows=windows, attn_backend=backend, **mixer
+    )
     return LanguageModel(config)
 
 

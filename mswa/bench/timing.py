@@ -98,8 +98,7 @@ def _proc_status_bytes(key):
 
 
 def add_allocator_flag(bench):
-    bench.add_argument("--glibc-default", action="store_true",
-                       help="time with glibc's default allocator settings (see reuse_freed_memory)")
+    bench.add_argument("--glibc-default", action="store_true", help="time with glibc's default allocator settings (see reuse_freed_memory)")
 
 
 def reuse_freed_memory():

@@ -31,8 +31,9 @@ class RandomCrops(IterableDataset):
     ``aligned``: crops start only at multiples of ``seq_len``, i.e. they are the fixed chunks of a
     packed stream (each chunk's inputs are its ``seq_len`` tokens, its last target the next one)."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, rank: int = 0, start_batch: int = 0,
-                 aligned: bool = False):
+    def __init__(
+        self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, rank: int = 0, start_batch: int = 0, aligned: bool = False
+    ):
         if len(tokens) < seq_len + 1:
             raise ValueError(f"training split has {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}; lower seq_len")
         self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
@@ -61,8 +62,16 @@ class EvalChunks(Dataset):
     chunk. An item is ``(inputs, targets)``, plus the targets' kind ids when ``kinds`` (one label per
     token of ``tokens``) is given."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, rank: int = 0, world_size: int = 1, max_tokens: int | None = None,
-                 stride: int | None = None, kinds: np.ndarray | None = None):
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        seq_len: int,
+        rank: int = 0,
+        world_size: int = 1,
+        max_tokens: int | None = None,
+        stride: int | None = None,
+        kinds: np.ndarray | None = None,
+    ):
         if max_tokens is not None:
             tokens = tokens[: max_tokens + 1]
             kinds = None if kinds is None else kinds[: max_tokens + 1]

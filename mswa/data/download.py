@@ -44,6 +44,5 @@ def _fetch(url: str, destination: Path) -> None:
     received = destination.stat().st_size
     if announced is not None and received != announced:
         raise DataError(
-            f"download of {url} is truncated ({received:,} of {announced:,} bytes, connection closed early); "
-            "rerun to download it again"
+            f"download of {url} is truncated ({received:,} of {announced:,} bytes, connection closed early); rerun to download it again"
         )

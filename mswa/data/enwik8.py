@@ -41,9 +41,7 @@ def split_boundaries(total_bytes: int, fractions: Sequence[float]) -> tuple[int,
     exact = [Fraction(repr(float(f))) for f in check_fractions(fractions)]
     train_end, valid_end = int(total_bytes * exact[0]), int(total_bytes * (exact[0] + exact[1]))
     if not 0 < train_end < valid_end < total_bytes:
-        raise DataError(
-            f"{total_bytes:,} bytes split by {list(fractions)} leave a split empty; use a larger file or larger fractions"
-        )
+        raise DataError(f"{total_bytes:,} bytes split by {list(fractions)} leave a split empty; use a larger file or larger fractions")
     return train_end, valid_end
 
 
@@ -91,9 +89,7 @@ def load(
 def _checked_local_file(path: str | os.PathLike, expected_size: int, standard: bool) -> Path:
     source = Path(path).expanduser().resolve()
     if not source.is_file():
-        raise DataError(
-            f"enwik8 path {source} is not a file; point path at the raw enwik8 (unzipped) or leave it unset to download"
-        )
+        raise DataError(f"enwik8 path {source} is not a file; point path at the raw enwik8 (unzipped) or leave it unset to download")
     size = source.stat().st_size
     if standard and size != expected_size:
         raise DataError(

@@ -54,8 +54,11 @@ def load(
     text_tokenizer = _load_tokenizer(tokenizer)
     source = _files_source(files) if files else {"source": "huggingface", "dataset": hf_dataset, "config": hf_config, "split": hf_split}
     identity = {
-        **source, "tokenizer": _tokenizer_identity(text_tokenizer), "text_field": text_field,
-        "eval_every": eval_every, "max_tokens": max_tokens,
+        **source,
+        "tokenizer": _tokenizer_identity(text_tokenizer),
+        "text_field": text_field,
+        "eval_every": eval_every,
+        "max_tokens": max_tokens,
     }
     cache = CacheFolder(data_dir, name, identity)
     cached = cache.load_or_build(lambda: _build(source, text_field, streaming, text_tokenizer, eval_every, max_tokens))
@@ -84,8 +87,12 @@ def _load_tokenizer(tokenizer: str | None):
 def _tokenizer_identity(tokenizer) -> dict:
     """The vocabulary and rules, not the path: a moved copy of the same tokenizer keeps its cache."""
     rules = tokenizer.backend_tokenizer.to_str() if tokenizer.is_fast else repr(sorted(tokenizer.get_vocab().items()))
-    return {"class": type(tokenizer).__name__, "size": len(tokenizer), "eos": tokenizer.eos_token_id,
-            "sha256": hashlib.sha256(rules.encode()).hexdigest()}
+    return {
+        "class": type(tokenizer).__name__,
+        "size": len(tokenizer),
+        "eos": tokenizer.eos_token_id,
+        "sha256": hashlib.sha256(rules.encode()).hexdigest(),
+    }
 
 
 def _files_source(files: Sequence[str]) -> dict:
@@ -95,7 +102,9 @@ def _files_source(files: Sequence[str]) -> dict:
         raise DataError(f"dataset.loader.files {missing} do not exist; give paths of .txt, .json(l) or .parquet files")
     builders = {FILE_BUILDERS.get(p.suffix) for p in paths}
     if None in builders or len(builders) > 1:
-        raise DataError(f"dataset.loader.files must all be one kind of {sorted(FILE_BUILDERS)}, got suffixes {sorted({p.suffix for p in paths})}")
+        raise DataError(
+            f"dataset.loader.files must all be one kind of {sorted(FILE_BUILDERS)}, got suffixes {sorted({p.suffix for p in paths})}"
+        )
     stats = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]  # a changed file gets a new cache
     return {"source": "files", "builder": builders.pop(), "files": stats}
 
@@ -141,8 +150,10 @@ def _pack(documents: Iterator[list[str]], tokenizer, eval_every: int, max_tokens
             if max_tokens is not None and n_train >= max_tokens:
                 break
     if not pieces["test"]:
-        raise DataError(f"the source has {index} documents, too few to hold out one valid and one test document "
-                        f"(every {eval_every}); lower dataset.loader.eval_every or add documents")
+        raise DataError(
+            f"the source has {index} documents, too few to hold out one valid and one test document "
+            f"(every {eval_every}); lower dataset.loader.eval_every or add documents"
+        )
     splits = {s: np.concatenate(pieces[s]) for s in SPLITS}
     if max_tokens is not None:
         splits["train"] = splits["train"][:max_tokens]

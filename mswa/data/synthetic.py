@@ -47,14 +47,14 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from mswa.data.corpus import SPLITS, Corpus
 from mswa.data.cache import CacheContent, CacheFolder
+from mswa.data.corpus import SPLITS, Corpus
 
 EVAL_SPLITS = ("valid", "test")  # the splits whose bytes carry kind labels
 VERSION = 2  # bump when the cached files change for the same settings (2: per-byte kinds, verified cache)
@@ -90,10 +90,7 @@ class SyntheticSettings:
     @property
     def copy_ranges(self) -> list[tuple[int, int]]:
         """Inclusive (min, max) distance of each copy scale."""
-        return [
-            (max(1, round(d * (1 - self.copy_jitter))), max(1, round(d * (1 + self.copy_jitter))))
-            for d in self.copy_distances
-        ]
+        return [(max(1, round(d * (1 - self.copy_jitter))), max(1, round(d * (1 + self.copy_jitter)))) for d in self.copy_distances]
 
     @property
     def warmup_events(self) -> int:
@@ -108,9 +105,7 @@ class SyntheticSettings:
 
 
 INTEGER_SETTINGS = ("n_bytes", "seed", "n_words", "n_successors", "copy_length")
-NUMBER_SETTINGS = (
-    "valid_fraction", "test_fraction", "zipf_exponent", "successor_weight", "copy_jitter", "copy_probability"
-)
+NUMBER_SETTINGS = ("valid_fraction", "test_fraction", "zipf_exponent", "successor_weight", "copy_jitter", "copy_probability")
 
 
 def _is_integer(value: Any) -> bool:
@@ -446,9 +441,7 @@ def _build(s: SyntheticSettings) -> CacheContent:
         "entropy_floor_bpb": float(bits_at_byte.sum() / s.n_bytes),
         "split_floor_bpb": {name: float(bits_at_byte[span].mean()) for name, span in spans.items()},
         "kind_names": kind_names(s),
-        "kind_floor_bpb": {
-            name: _kind_floors(bits_at_byte[spans[name]], kinds[spans[name]], len(kind_names(s))) for name in EVAL_SPLITS
-        },
+        "kind_floor_bpb": {name: _kind_floors(bits_at_byte[spans[name]], kinds[spans[name]], len(kind_names(s))) for name in EVAL_SPLITS},
         "generation_seconds": round(time.perf_counter() - began, 3),
     }
     arrays = {name: data[span] for name, span in spans.items()}

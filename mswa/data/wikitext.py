@@ -168,9 +168,7 @@ class _HuggingFaceLines:
 
     def __init__(self, name: str, hf_dataset: str, hf_config: str | None, hf_cache_dir: str | os.PathLike | None):
         if hf_config is None and name not in STANDARD_HF_CONFIGS:
-            raise ValueError(
-                f"hf_config is unset and name {name!r} has no standard config ({STANDARD_HF_CONFIGS}); set hf_config"
-            )
+            raise ValueError(f"hf_config is unset and name {name!r} has no standard config ({STANDARD_HF_CONFIGS}); set hf_config")
         self.dataset, self.config = hf_dataset, hf_config or STANDARD_HF_CONFIGS[name]
         self.cache_dir = None if hf_cache_dir is None else str(hf_cache_dir)
         self.identity = {"source": "huggingface", "dataset": self.dataset, "config": self.config}

@@ -34,8 +34,15 @@ def pretrained_shape(pretrained: str) -> dict:
 class PretrainedCausalLM(torch.nn.Module):
     """`token_nll(x, y)` and `n_params()` like `mswa.model.LanguageModel`, over a patched HF model."""
 
-    def __init__(self, pretrained: str, windows, dtype: str = "float32", lora: dict | None = None,
-                 gradient_checkpointing: bool = False, attn_backend: str = "auto"):
+    def __init__(
+        self,
+        pretrained: str,
+        windows,
+        dtype: str = "float32",
+        lora: dict | None = None,
+        gradient_checkpointing: bool = False,
+        attn_backend: str = "auto",
+    ):
         super().__init__()
         from transformers import AutoModelForCausalLM
 
@@ -70,8 +77,11 @@ def _with_lora(model, lora: dict):
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
-        r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora.get("dropout", 0.0),
-        target_modules=list(lora["target_modules"]), modules_to_save=list(lora.get("trainable_modules") or []) or None,
+        r=lora["r"],
+        lora_alpha=lora["alpha"],
+        lora_dropout=lora.get("dropout", 0.0),
+        target_modules=list(lora["target_modules"]),
+        modules_to_save=list(lora.get("trainable_modules") or []) or None,
         task_type="CAUSAL_LM",
     )
     try:

@@ -109,8 +109,14 @@ def _write_samples(path: Path, samples: dict) -> None:
     with path.open("w") as lines:
         for task, task_samples in samples.items():
             for sample in task_samples:
-                row = {"task": task, "doc_id": sample["doc_id"], "doc": sample["doc"], "target": sample["target"],
-                       "responses": sample["filtered_resps"], **{name: sample[name] for name in sample["metrics"]}}
+                row = {
+                    "task": task,
+                    "doc_id": sample["doc_id"],
+                    "doc": sample["doc"],
+                    "target": sample["target"],
+                    "responses": sample["filtered_resps"],
+                    **{name: sample[name] for name in sample["metrics"]},
+                }
                 lines.write(json.dumps(row, default=str) + "\n")
 
 
@@ -146,9 +152,7 @@ def schedule_windows(config, schedule: str, *, window=None, window_fraction=None
     if window_fraction is not None:
         window = fraction_to_tokens(window_fraction, seq_len, key="window_fraction")
     config = config.get_text_config()
-    built = make_schedule(
-        schedule, w=window, n_layer=config.num_hidden_layers, n_head=config.num_attention_heads, windows=windows
-    )
+    built = make_schedule(schedule, w=window, n_layer=config.num_hidden_layers, n_head=config.num_attention_heads, windows=windows)
     return built.windows
 
 
@@ -162,8 +166,12 @@ def main(argv=None) -> dict:
     if args.schedule is not None:  # validated on the config, before the weights load
         custom = json.loads(args.windows) if args.windows else None
         table = schedule_windows(
-            AutoConfig.from_pretrained(args.model), args.schedule, window=args.window,
-            window_fraction=args.window_fraction, seq_len=args.seq_len, windows=custom,
+            AutoConfig.from_pretrained(args.model),
+            args.schedule,
+            window=args.window,
+            window_fraction=args.window_fraction,
+            seq_len=args.seq_len,
+            windows=custom,
         )
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
     if args.adapter:  # a fine-tuned adapter (train.py writes <run>/adapter), merged into the weights
@@ -178,9 +186,19 @@ def main(argv=None) -> dict:
     logger = _wandb_run(args) if args.wandb_project else None
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     summary = evaluate_commonsense(
-        model, tokenizer, args.out, tasks=args.tasks, num_fewshot=args.num_fewshot, batch_size=args.batch_size,
-        limit=limit, include_path=args.include_path, include_defaults=not args.no_default_tasks, max_length=args.max_length,
-        logger=logger, save_samples=args.save_samples, extra=extra,
+        model,
+        tokenizer,
+        args.out,
+        tasks=args.tasks,
+        num_fewshot=args.num_fewshot,
+        batch_size=args.batch_size,
+        limit=limit,
+        include_path=args.include_path,
+        include_defaults=not args.no_default_tasks,
+        max_length=args.max_length,
+        logger=logger,
+        save_samples=args.save_samples,
+        extra=extra,
     )
     if logger is not None:
         logger.finish()
@@ -221,8 +239,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def _check_paths(parser: argparse.ArgumentParser, args) -> None:
     """Local paths exist (before transformers would read a missing one as a malformed hub id)."""
-    for flag, value, hub_ok in (("--model", args.model, True), ("--tokenizer", args.tokenizer, True),
-                                ("--adapter", args.adapter, True), ("--include-path", args.include_path, False)):
+    for flag, value, hub_ok in (
+        ("--model", args.model, True),
+        ("--tokenizer", args.tokenizer, True),
+        ("--adapter", args.adapter, True),
+        ("--include-path", args.include_path, False),
+    ):
         if value is not None and not Path(value).expanduser().exists() and (not hub_ok or _looks_local(value)):
             kind = "a local folder or a hub id (owner/name)" if hub_ok else "an existing folder"
             parser.exit(2, f"error: {flag} {value}: no such file or folder; give {kind}\n")

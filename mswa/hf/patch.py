@@ -262,9 +262,7 @@ def _check_attention_modules(attentions, config) -> None:
                 "window_attention supports only the standard scale."
             )
     if getattr(config, "attention_dropout", 0.0):
-        raise ValueError(
-            f"config.attention_dropout={config.attention_dropout}: window attention has no attention dropout; set it to 0.0."
-        )
+        raise ValueError(f"config.attention_dropout={config.attention_dropout}: window attention has no attention dropout; set it to 0.0.")
 
 
 def _switch_to_window_attention(hf_model, config, saved: list) -> None:
@@ -317,9 +315,7 @@ def _window_attention_forward(module, query, key, value, attention_mask, scaling
     returns (B, Nq, H, D) and no attention weights."""
     windows = getattr(module, "mswa_windows", None)
     if windows is None:
-        raise ValueError(
-            f"{type(module).__name__} (layer {module.layer_idx}) has no windows: use apply_window_attention(model, windows)."
-        )
+        raise ValueError(f"{type(module).__name__} (layer {module.layer_idx}) has no windows: use apply_window_attention(model, windows).")
     if dropout:
         raise ValueError(f"attention dropout={dropout}: window attention has none; set config.attention_dropout=0.0.")
     if attention_mask is not None and attention_mask.dim() != 2:

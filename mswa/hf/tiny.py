@@ -33,8 +33,17 @@ def tiny_tokenizer(texts=SAMPLE_TEXT, vocab_size: int = 400) -> PreTrainedTokeni
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
 
 
-def tiny_config(family: str = "llama", *, vocab_size: int = 400, n_layer: int = 2, n_head: int = 4, n_kv_head: int = 2,
-                hidden: int = 64, max_positions: int = 16384, **overrides):
+def tiny_config(
+    family: str = "llama",
+    *,
+    vocab_size: int = 400,
+    n_layer: int = 2,
+    n_head: int = 4,
+    n_kv_head: int = 2,
+    hidden: int = 64,
+    max_positions: int = 16384,
+    **overrides,
+):
     """A config of `family` (llama, mistral, qwen2...) small enough for CPU tests; fp32, eager-free defaults."""
     return AutoConfig.for_model(
         family,

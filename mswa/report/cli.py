@@ -1,7 +1,7 @@
 """``python -m mswa.report``: read runs (folders or W&B) and evaluations, write the report folder.
 
-    python -m mswa.report DIR [DIR ...] [--out OUT]
-    python -m mswa.report --wandb ENTITY/PROJECT [--out OUT]
+python -m mswa.report DIR [DIR ...] [--out OUT]
+python -m mswa.report --wandb ENTITY/PROJECT [--out OUT]
 """
 
 from __future__ import annotations
@@ -21,8 +21,13 @@ from mswa.report.runs import ReportError, load_runs
 from mswa.report.tables import failed_runs, summary_table
 from mswa.report.wandb import load_wandb_runs
 
-RUN_PLOTS = {"curves.png": plot_curves, "budget.png": plot_budget, "windows.png": plot_windows,
-             "distance.png": plot_distance, "kinds.png": plot_kinds}
+RUN_PLOTS = {
+    "curves.png": plot_curves,
+    "budget.png": plot_budget,
+    "windows.png": plot_windows,
+    "distance.png": plot_distance,
+    "kinds.png": plot_kinds,
+}
 DPI = 100
 
 
@@ -75,7 +80,8 @@ def default_out(dirs: Sequence[str], wandb_path: str | None) -> Path:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m mswa.report", description="Comparison report: run folders (or a W&B project) -> one table row per variant, plus plots."
+        prog="python -m mswa.report",
+        description="Comparison report: run folders (or a W&B project) -> one table row per variant, plus plots.",
     )
     parser.add_argument("dirs", nargs="*", metavar="DIR", help="folders searched recursively for runs")
     parser.add_argument("--out", help="output folder (default: reports/<parent>_<name> of the first DIR)")

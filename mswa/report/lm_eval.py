@@ -19,7 +19,13 @@ from matplotlib.figure import Figure
 from mswa.report.markdown import fmt, markdown_table
 from mswa.report.plots import add_legend, finish_axes, new_figure
 from mswa.report.runs import (
-    LM_EVAL_FILE, RESULTS_FILE, ReportError, by_variant_and_seed, outermost_folders, read_results, schedule_of,
+    LM_EVAL_FILE,
+    RESULTS_FILE,
+    ReportError,
+    by_variant_and_seed,
+    outermost_folders,
+    read_results,
+    schedule_of,
 )
 
 HEADLINE_METRICS = ("acc_norm", "acc")  # papers report acc_norm where lm_eval has it (hellaswag, arc, piqa...)
@@ -189,5 +195,3 @@ def plot_lm_eval(table: pd.DataFrame) -> Figure:
     ax.set_xticks(x, [c.replace("/", "\n") for c in columns], fontsize=8)
     finish_axes(ax, "lm_eval accuracy (error bars: stderr, or std over seeds)", "task", "accuracy (%)")
     return add_legend(fig)
-
-

@@ -45,8 +45,7 @@ def markdown_table(frame: pd.DataFrame) -> str:
     """A GitHub Markdown table of string cells."""
     lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
     lines += [
-        "| " + " | ".join(str(cell).replace("|", "\\|").replace("\n", " ") for cell in row) + " |"
-        for row in frame.itertuples(index=False)
+        "| " + " | ".join(str(cell).replace("|", "\\|").replace("\n", " ") for cell in row) + " |" for row in frame.itertuples(index=False)
     ]
     return "\n".join(lines)
 
@@ -100,7 +99,7 @@ def short_variant(variant, common: Sequence[str]) -> str:
     if pd.isna(variant) or not common:
         return variant
     if str(variant).startswith(AMBIGUOUS):
-        return AMBIGUOUS + " | ".join(short_variant(v, common) for v in variant[len(AMBIGUOUS):].split(" | "))
+        return AMBIGUOUS + " | ".join(short_variant(v, common) for v in variant[len(AMBIGUOUS) :].split(" | "))
     return ",".join(part for part in split_overrides(str(variant)) if part not in common) or "(common only)"
 
 
@@ -121,9 +120,12 @@ def summary_markdown_frame(table: pd.DataFrame) -> pd.DataFrame:
             "Δ val": [fmt(v, "+.4f") for v in table.delta_val],
             "Δ test": [fmt(v, "+.4f") for v in table.delta_test],
             "SWA reference": table.reference.fillna(""),
-            **{f"{PAIRED_SPLIT} − {against} [95%]": [
-                interval(*cells) for cells in zip(*(table[f"{kind}_{f}"] for f in ("diff", "low", "high", "verdict")))]
-               for kind, against in PAIRED_AGAINST.items()},
+            **{
+                f"{PAIRED_SPLIT} − {against} [95%]": [
+                    interval(*cells) for cells in zip(*(table[f"{kind}_{f}"] for f in ("diff", "low", "high", "verdict")))
+                ]
+                for kind, against in PAIRED_AGAINST.items()
+            },
             "pairs / SWA": [fmt(v, ".3f") for v in table.pairs_vs_swa],
             "pairs / full": [fmt(v, ".3f") for v in table.pairs_vs_full],
             "mean window / w": [fmt(v, ".3f") for v in table.mean_window_over_w],
@@ -224,8 +226,10 @@ def variants_markdown(table: pd.DataFrame) -> str:
         return "No finished runs."
     parts = [markdown_table(summary_markdown_frame(table))]
     if len(alone := table.variant[table.reference.isna()]):
-        parts.append(f"No SWA reference for {', '.join(f'`{v}`' for v in alone)}: no finished variant of the same "
-                     "config otherwise has a `uniform` schedule at mean window 1 (or the stored config is missing).")
+        parts.append(
+            f"No SWA reference for {', '.join(f'`{v}`' for v in alone)}: no finished variant of the same "
+            "config otherwise has a `uniform` schedule at mean window 1 (or the stored config is missing)."
+        )
     return "\n\n".join([*parts, *unpaired_notes(table)])
 
 

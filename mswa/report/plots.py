@@ -21,8 +21,7 @@ LEGEND_ROW_INCHES = 0.16  # height of one legend entry at LEGEND_FONT_SIZE, adde
 LEGEND_FONT_SIZE = 7
 
 
-def new_figure(n_panels: int, panel_size: tuple[float, float], ncols: int | None = None,
-               legend_rows: int = 0) -> tuple[Figure, list]:
+def new_figure(n_panels: int, panel_size: tuple[float, float], ncols: int | None = None, legend_rows: int = 0) -> tuple[Figure, list]:
     """An Agg figure with a row-major grid of ``n_panels`` panels of ``panel_size`` inches, and room below them
     for a legend of ``legend_rows`` entries (``add_legend``)."""
     ncols = ncols or n_panels
@@ -108,8 +107,9 @@ def plot_budget(runs: pd.DataFrame, split: str = "test") -> Figure:
     for ax, metric in zip(axes, metrics):
         for row in table[table.metric == metric].itertuples():
             spread = getattr(row, f"{split}_std")
-            ax.errorbar([row.pairs_vs_full], [getattr(row, split)], yerr=[0 if pd.isna(spread) else spread],
-                        fmt="o", capsize=3, label=row.variant)
+            ax.errorbar(
+                [row.pairs_vs_full], [getattr(row, split)], yerr=[0 if pd.isna(spread) else spread], fmt="o", capsize=3, label=row.variant
+            )
         ax.set_xlim(0, 1.05)
         finish_axes(ax, f"{split} {metric} vs attention budget", "attended pairs / full attention", f"{split} {metric}")
     if not metrics:
@@ -172,10 +172,17 @@ def _window_panel(ax, windows: tuple[tuple, ...], norm: LogNorm, title: str) -> 
     ax.imshow(values, norm=norm, cmap=matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey"), aspect="auto")
     for (top, bottom, left, right), window in _equal_blocks(windows):
         dark = window is not None and norm(window) < 0.5
-        ax.text((left + right) / 2, (top + bottom) / 2, "full" if window is None else str(window), ha="center",
-                va="center", fontsize=8, color="white" if dark else "black", in_layout=False)
-    ax.set(title=title, xlabel="head", ylabel="layer (shallow at top)", xticks=range(values.shape[1]),
-           yticks=range(values.shape[0]))
+        ax.text(
+            (left + right) / 2,
+            (top + bottom) / 2,
+            "full" if window is None else str(window),
+            ha="center",
+            va="center",
+            fontsize=8,
+            color="white" if dark else "black",
+            in_layout=False,
+        )
+    ax.set(title=title, xlabel="head", ylabel="layer (shallow at top)", xticks=range(values.shape[1]), yticks=range(values.shape[0]))
     ax.title.set_fontsize(8)
 
 
@@ -219,8 +226,7 @@ def plot_kinds(runs: pd.DataFrame, split: str = "test") -> Figure:
         rows = table[table.variant == variant].set_index("kind").reindex(kinds)
         x = np.arange(len(kinds)) + (i - (len(variants) - 1) / 2) * width
         ax.bar(x, rows.bpc, width, label=variant)
-        ax.scatter(x, rows.floor_bpc, marker="_", s=400 * width, color="black", zorder=3,
-                   label="entropy floor" if i == 0 else None)
+        ax.scatter(x, rows.floor_bpc, marker="_", s=400 * width, color="black", zorder=3, label="entropy floor" if i == 0 else None)
     ax.set_xticks(np.arange(len(kinds)), kinds)
     finish_axes(ax, f"{split} bits per byte by byte kind", "byte kind", "bpc")
     return add_legend(fig)

@@ -14,7 +14,7 @@ import json
 import os
 import re
 import socket
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -33,8 +33,25 @@ SEED_KEYS = ("seed", "+seed", "++seed")
 
 # results.json keys copied as they are into a run's row
 RESULT_KEYS = (
-    "run_name", "variant", "seed", "status", "error", "dataset", "unit", "metric", "model", "schedule", "window",
-    "windows", "n_params", "entropy_floor_bpb", "tokens_per_s", "steps", "wall_time_s", "git_commit", "overrides",
+    "run_name",
+    "variant",
+    "seed",
+    "status",
+    "error",
+    "dataset",
+    "unit",
+    "metric",
+    "model",
+    "schedule",
+    "window",
+    "windows",
+    "n_params",
+    "entropy_floor_bpb",
+    "tokens_per_s",
+    "steps",
+    "wall_time_s",
+    "git_commit",
+    "overrides",
     "evaluation",
 )
 BUDGET_KEYS = ("seq_len", "mean_window_over_w", "attended_pairs", "pairs_vs_swa", "pairs_vs_full")
@@ -42,7 +59,15 @@ BUDGET_KEYS = ("seq_len", "mean_window_over_w", "attended_pairs", "pairs_vs_swa"
 CONFIG_COLUMNS = ("variant_id", "comparison_id", "schedule_rule")
 RUN_COLUMNS = ("path", *RESULT_KEYS, *BUDGET_KEYS, *CONFIG_COLUMNS, "val", "test", "history")
 NUMERIC_RUN_COLUMNS = (
-    "seed", "window", "n_params", "entropy_floor_bpb", "tokens_per_s", "steps", "wall_time_s", *BUDGET_KEYS, "val",
+    "seed",
+    "window",
+    "n_params",
+    "entropy_floor_bpb",
+    "tokens_per_s",
+    "steps",
+    "wall_time_s",
+    *BUDGET_KEYS,
+    "val",
     "test",
 )
 INTEGER_RUN_COLUMNS = ("seed", "window", "n_params", "steps", "seq_len", "attended_pairs")
@@ -59,8 +84,7 @@ def load_runs(dirs: Sequence[str | Path], allow_empty: bool = False) -> pd.DataF
     missing = [str(d) for d in dirs if not Path(d).is_dir()]
     if not dirs or missing:
         raise ReportError(
-            f"run folder(s) {missing or '(none given)'} not found; pass existing sweep output folders, "
-            "e.g. multirun/<date>/<time>"
+            f"run folder(s) {missing or '(none given)'} not found; pass existing sweep output folders, e.g. multirun/<date>/<time>"
         )
     results_dirs, job_dirs = find_run_folders(dirs)
     if not results_dirs and not job_dirs and not allow_empty:
@@ -76,9 +100,7 @@ def load_runs(dirs: Sequence[str | Path], allow_empty: bool = False) -> pd.DataF
 def find_run_folders(dirs: Iterable[str | Path]) -> tuple[list[Path], list[Path]]:
     """(folders with results.json, Hydra job folders without one); nested copies of a run are skipped."""
     results_dirs = outermost_folders(dirs, RESULTS_FILE)
-    jobs = {
-        p.parent.parent.resolve() for d in dirs for p in Path(d).rglob("overrides.yaml") if p.parent.name == ".hydra"
-    }
+    jobs = {p.parent.parent.resolve() for d in dirs for p in Path(d).rglob("overrides.yaml") if p.parent.name == ".hydra"}
     has_results = set(results_dirs).union(*(r.parents for r in results_dirs))
     return results_dirs, sorted(jobs - has_results)
 
@@ -98,8 +120,7 @@ def read_results(run_dir: Path) -> dict:
         return {"status": "failed", "error": f"{RESULTS_FILE} is not valid JSON ({err})", "run_name": run_dir.name}
     if results.get("schema") != SCHEMA:
         raise ReportError(
-            f"{path} has schema={results.get('schema')!r}, this report reads schema={SCHEMA}; "
-            "use the mswa version that wrote the runs"
+            f"{path} has schema={results.get('schema')!r}, this report reads schema={SCHEMA}; use the mswa version that wrote the runs"
         )
     return results
 
@@ -144,8 +165,7 @@ def config_columns(results: Mapping) -> dict:
     config = results.get("config")
     if not isinstance(config, Mapping) or not {"model", "window_schedule", "dataset"} <= config.keys():
         return dict.fromkeys(CONFIG_COLUMNS) | {"schedule": name}
-    return {"variant_id": variant_id(config), "comparison_id": comparison_id(config), "schedule_rule": rule,
-            "schedule": name}
+    return {"variant_id": variant_id(config), "comparison_id": comparison_id(config), "schedule_rule": rule, "schedule": name}
 
 
 def why_stopped(process: Mapping, now: datetime.datetime | None = None) -> str | None:
@@ -157,7 +177,7 @@ def why_stopped(process: Mapping, now: datetime.datetime | None = None) -> str |
         return f"its process ({pid} on {host}) ended without recording an end (killed?); {resume}"
     beat = process.get("heartbeat") or process.get("started")
     if beat and every:
-        now = now or datetime.datetime.now(datetime.timezone.utc)
+        now = now or datetime.datetime.now(datetime.UTC)
         silent = (now - datetime.datetime.fromisoformat(beat)).total_seconds()
         if silent > SILENT_HEARTBEATS * every:
             return f"no heartbeat from process {pid} on {host} for {silent / 60:.0f} min (since {beat}); {resume}"

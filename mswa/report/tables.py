@@ -19,15 +19,38 @@ from mswa.stats import PairedDifference, paired_difference
 
 # per variant: values shared by its seeds, then aggregates, then the comparison with its SWA references
 SHARED_COLUMNS = (
-    "variant", "model", "schedule", "window", "dataset", "metric", "n_params", "pairs_vs_swa", "pairs_vs_full",
-    "mean_window_over_w", "entropy_floor_bpb", *CONFIG_COLUMNS,
+    "variant",
+    "model",
+    "schedule",
+    "window",
+    "dataset",
+    "metric",
+    "n_params",
+    "pairs_vs_swa",
+    "pairs_vs_full",
+    "mean_window_over_w",
+    "entropy_floor_bpb",
+    *CONFIG_COLUMNS,
 )
 # paired differences over seeds (mswa.stats) against SWA at w and SWA at the variant's mean window ("budget")
 PAIRED_FIELDS = ("reference", "n_pairs", "diff", "low", "high", "verdict")
 PAIRED_COLUMNS = tuple(f"{kind}_{field}" for kind in PAIRED_KINDS for field in PAIRED_FIELDS)
 SUMMARY_COLUMNS = (
-    *SHARED_COLUMNS, "n_seeds", "seeds", "n_unfinished", "val", "val_std", "test", "test_std", "reference",
-    "delta_val", "delta_test", *PAIRED_COLUMNS, "tokens_per_s", "steps", "wall_time_s",
+    *SHARED_COLUMNS,
+    "n_seeds",
+    "seeds",
+    "n_unfinished",
+    "val",
+    "val_std",
+    "test",
+    "test_std",
+    "reference",
+    "delta_val",
+    "delta_test",
+    *PAIRED_COLUMNS,
+    "tokens_per_s",
+    "steps",
+    "wall_time_s",
 )
 PAIRED_SPLIT = "test"  # the summary's paired columns; the checkpoint was chosen on val
 PAIRED_TABLE_COLUMNS = ["variant", "reference", "against", "measure", "n_pairs", "diff", "low", "high", "verdict"]
@@ -52,8 +75,7 @@ def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
     means = table.set_index("variant")
     for split in ("val", "test"):
         table[f"delta_{split}"] = [
-            value - means.loc[ref, split] if ref in means.index else np.nan
-            for value, ref in zip(table[split], table.reference)
+            value - means.loc[ref, split] if ref in means.index else np.nan for value, ref in zip(table[split], table.reference)
         ]
     paired = pd.DataFrame([paired_cells(row, table, finished) for row in table.itertuples()], index=table.index)
     table[list(PAIRED_COLUMNS)] = paired.reindex(columns=list(PAIRED_COLUMNS))
@@ -97,16 +119,26 @@ def paired_cells(row, table: pd.DataFrame, finished: pd.DataFrame) -> dict:
             continue
         cells[f"{kind}_reference"] = reference
         if (diff := paired_comparison(finished, row.variant, reference, PAIRED_SPLIT)) is not None:
-            cells |= {f"{kind}_n_pairs": diff.n_pairs, f"{kind}_diff": diff.mean, f"{kind}_low": diff.low,
-                      f"{kind}_high": diff.high, f"{kind}_verdict": diff.verdict}
+            cells |= {
+                f"{kind}_n_pairs": diff.n_pairs,
+                f"{kind}_diff": diff.mean,
+                f"{kind}_low": diff.low,
+                f"{kind}_high": diff.high,
+                f"{kind}_verdict": diff.verdict,
+            }
     return cells
 
 
 def kind_values(runs: pd.DataFrame, split: str = "test") -> pd.DataFrame:
     """One row per finished run: variant, seed and its ``split`` bpc per byte kind (a column per kind)."""
-    rows = [{"variant": run.variant, "seed": run.seed,
-             **{r["kind"]: r["bpc"] for r in ((run.evaluation or {}).get(split) or {}).get("by_kind", [])}}
-            for run in finished_runs(runs).itertuples()]
+    rows = [
+        {
+            "variant": run.variant,
+            "seed": run.seed,
+            **{r["kind"]: r["bpc"] for r in ((run.evaluation or {}).get(split) or {}).get("by_kind", [])},
+        }
+        for run in finished_runs(runs).itertuples()
+    ]
     return pd.DataFrame(rows, columns=["variant", "seed"]) if not rows else pd.DataFrame(rows)
 
 
@@ -123,9 +155,19 @@ def paired_table(runs: pd.DataFrame, table: pd.DataFrame | None = None) -> pd.Da
             for measure, values, column in measures:
                 diff = paired_comparison(values, row.variant, reference, column) if reference else None
                 if diff is not None:
-                    rows.append({"variant": row.variant, "reference": reference, "against": PAIRED_AGAINST[kind],
-                                 "measure": measure, "n_pairs": diff.n_pairs, "diff": diff.mean, "low": diff.low,
-                                 "high": diff.high, "verdict": diff.verdict})
+                    rows.append(
+                        {
+                            "variant": row.variant,
+                            "reference": reference,
+                            "against": PAIRED_AGAINST[kind],
+                            "measure": measure,
+                            "n_pairs": diff.n_pairs,
+                            "diff": diff.mean,
+                            "low": diff.low,
+                            "high": diff.high,
+                            "verdict": diff.verdict,
+                        }
+                    )
     return pd.DataFrame(rows, columns=PAIRED_TABLE_COLUMNS)
 
 
@@ -148,8 +190,13 @@ def distance_table(runs: pd.DataFrame, split: str = "test") -> pd.DataFrame:
     bucket, mean over the variant's finished seeds, and ``n_seeds``."""
     columns = ["variant", "metric", "context_lo", "context_hi", "value", "n_seeds"]
     rows = [
-        {"variant": r["variant"], "metric": r["metric"], "context_lo": r["context"][0], "context_hi": r["context"][1],
-         "value": r[r["metric"]]}
+        {
+            "variant": r["variant"],
+            "metric": r["metric"],
+            "context_lo": r["context"][0],
+            "context_hi": r["context"][1],
+            "value": r[r["metric"]],
+        }
         for r in evaluation_rows(runs, split, "by_distance")
     ]
     if not rows:
@@ -171,8 +218,11 @@ def kind_table(runs: pd.DataFrame, split: str = "test") -> pd.DataFrame:
 def load_evaluations(runs: pd.DataFrame) -> pd.DataFrame:
     """Every ``evaluation_*.json`` beside a finished run's results.json: one row per variant and setting
     (seq_len, stride, checkpoint) with the val and test metric, mean over seeds (``EVALUATION_COLUMNS``)."""
-    rows = [evaluation_setting(run.variant, path) for run in finished_runs(runs).itertuples()
-            for path in sorted(Path(str(run.path)).glob(EVALUATION_FILES))]
+    rows = [
+        evaluation_setting(run.variant, path)
+        for run in finished_runs(runs).itertuples()
+        for path in sorted(Path(str(run.path)).glob(EVALUATION_FILES))
+    ]
     if not rows:
         return pd.DataFrame(columns=EVALUATION_COLUMNS)
     rows.sort(key=lambda row: (natural_key(str(row["variant"])), row["seq_len"], row["stride"]))
@@ -184,6 +234,13 @@ def evaluation_setting(variant: str, path: Path) -> dict:
     """One evaluation file as a row: its setting and its val and test metric."""
     record = json.loads(path.read_text())
     metric, evaluation = record["metric"], record["evaluation"]
-    return {"variant": variant, "metric": metric, "train_seq_len": record["train_seq_len"],
-            "seq_len": evaluation["seq_len"], "stride": evaluation["stride"], "checkpoint": record["checkpoint"],
-            "val": record["metrics"][f"val/{metric}"], "test": record["metrics"][f"test/{metric}"]}
+    return {
+        "variant": variant,
+        "metric": metric,
+        "train_seq_len": record["train_seq_len"],
+        "seq_len": evaluation["seq_len"],
+        "stride": evaluation["stride"],
+        "checkpoint": record["checkpoint"],
+        "val": record["metrics"][f"val/{metric}"],
+        "test": record["metrics"][f"test/{metric}"],
+    }

@@ -22,7 +22,7 @@ class _Handler(SimpleHTTPRequestHandler):
         self.server.requests.append(self.path)
         if not self.path.startswith(CUT_PREFIX):
             return super().do_GET()
-        body = (Path(self.directory) / self.path[len(CUT_PREFIX):]).read_bytes()
+        body = (Path(self.directory) / self.path[len(CUT_PREFIX) :]).read_bytes()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()

@@ -20,8 +20,14 @@ def logits(model, ids, **kwargs):
 
 def greedy_generate(model, prompt, steps, **kwargs):
     out = model.generate(
-        prompt, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_logits=True,
-        return_dict_in_generate=True, pad_token_id=2, **kwargs,
+        prompt,
+        max_new_tokens=steps,
+        min_new_tokens=steps,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=2,
+        **kwargs,
     )
     return out.sequences, torch.stack(out.logits, dim=1)
 

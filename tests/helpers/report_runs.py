@@ -45,8 +45,9 @@ def run_results(overrides: list[str], status: str, val: float | None, test: floa
     config, choice = {**copy.deepcopy(config), "seed": seed}, hydra["runtime"]["choices"]["window_schedule"]
     ws = config["window_schedule"]
     w = None if ws.get("kind", ws["name"]) == "full" else W  # a config holds the rule in kind, or (older) in name
-    schedule = make_schedule(ws.get("kind", ws["name"]), w=w, n_layer=N_LAYER, n_head=N_HEAD,
-                             head_ratios=ws["head_ratios"], layer_ratios=ws["layer_ratios"])
+    schedule = make_schedule(
+        ws.get("kind", ws["name"]), w=w, n_layer=N_LAYER, n_head=N_HEAD, head_ratios=ws["head_ratios"], layer_ratios=ws["layer_ratios"]
+    )
     return {
         "schema": 1,
         "status": status,
