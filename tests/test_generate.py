@@ -3,7 +3,6 @@
 The reference for decoding is one full forward pass of the same model over the whole sequence (the
 training kernels); cache sizes are checked against the closed form written out here."""
 
-import json
 import shutil
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import pytest
 import torch
 
 from helpers.data import write_word_corpus
-from helpers.runs import REPO, TINY_DATA, compose_config
+from helpers.runs import REPO, TINY_DATA, compose_config, run_bench
 from mswa.generate import DecodingCache, KVStore, cache_bytes, generate, sample_next
 from mswa.model import LanguageModel, ModelConfig
 from mswa.run import RunInfo, train
@@ -256,15 +255,7 @@ def test_a_run_without_checkpoints_is_refused_before_any_work(byte_run, tmp_path
 
 def test_generate_benchmark_runs_at_tiny_size_and_reports_exact_flat_caches(tmp_path):
     out = tmp_path / "generate.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "mswa.bench", "generate", "--tiny", "--output", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
-    rows = json.loads(out.read_text())["rows"]
+    rows, stdout = run_bench("generate", out)
     assert [(r["model"], r["context"]) for r in rows] == [(m, n) for m in ("full", "swa", "mswa", "mswa_linear") for n in (64, 256)]
     for row in rows:
         assert row["reached"] == row["context"] and row["latency_s"] > 0 and row["tokens_per_s"] == 1 / row["latency_s"]
@@ -272,4 +263,4 @@ def test_generate_benchmark_runs_at_tiny_size_and_reports_exact_flat_caches(tmp_
     kv = {(r["model"], r["context"]): r["cache_bytes"]["kv"] for r in rows}
     assert kv[("swa", 64)] == kv[("swa", 256)] and kv[("mswa", 64)] == kv[("mswa", 256)] < kv[("swa", 64)]
     assert kv[("full", 256)] > kv[("full", 64)]
-    assert "mswa / swa cache bytes" in proc.stdout
+    assert "mswa / swa cache bytes" in stdout

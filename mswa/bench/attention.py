@@ -48,12 +48,7 @@ def add_command(commands):
     bench.add_argument("--window", type=int, default=128, help="base window w of every case")
     bench.add_argument("--repeats", type=int, default=5, help="timed runs after one warm-up; the median is reported")
     bench.add_argument("--row-budget-s", type=float, default=60.0, help="slow cases get fewer runs (at least 3) to fit this")
-    bench.add_argument(
-        "--min-time-s",
-        type=float,
-        default=5.0,
-        help="fast cases get more runs (up to 100) to fill this, so that short-N medians are stable",
-    )
+    bench.add_argument("--min-time-s", type=float, default=5.0, help="fast cases get more runs (<= 100) to fill this: stable medians")
     bench.add_argument(
         "--backends",
         nargs="+",

@@ -26,10 +26,7 @@ def add_command(commands):
     add_shape_arguments(bench)
     bench.add_argument("--steps", type=int, default=20, help="timed decoding steps per context; the median is reported")
     bench.add_argument(
-        "--prefill-chunk",
-        type=int,
-        default=2048,
-        help="models with full-attention heads prefill in chunks of this many tokens (others in one call)",
+        "--prefill-chunk", type=int, default=2048, help="prefill chunk of models with full-attention heads (others: one call)"
     )
     bench.add_argument(
         "--prefill-cap-s",

@@ -37,3 +37,12 @@ def run_train(args, tmp_path, check=True, timeout=600, env_extra=None):
 def results_under(folder: Path) -> list[dict]:
     """Each run's results.json, with the folder it was found in."""
     return [json.loads(p.read_text()) | {"found_in": p.parent} for p in sorted(folder.rglob("results.json"))]
+
+
+def run_bench(command: str, out: Path, *args: str) -> tuple[list[dict], str]:
+    """(rows written, stdout) of ``python -m mswa.bench <command> --tiny <args> --output <out>`` run from
+    the repo; fails the test if it does not exit 0."""
+    argv = [sys.executable, "-m", "mswa.bench", command, "--tiny", *args, "--output", str(out)]
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(out.read_text())["rows"], proc.stdout
