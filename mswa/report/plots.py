@@ -57,33 +57,42 @@ def metrics_of(frame: pd.DataFrame) -> list[str]:
 
 def plot_curves(runs: pd.DataFrame) -> Figure:
     """Validation (solid) and training (dashed) metric against step, both in the metric's unit (train/loss
-    converted: bpc = loss / ln 2, ppl = exp(loss)): mean over the finished seeds of each variant, band ± std."""
+    converted: bpc = loss / ln 2, ppl = exp(loss)): mean over the finished seeds of each variant, band ± std.
+    The y axis ends a little above the highest validation mean, so that the first training steps (several
+    times the final loss) do not squash the part of the curves where variants differ."""
     finished = finished_runs(runs)
     metrics = metrics_of(finished) or ["bpc"]
     legend_rows = 2 * finished.variant.nunique() + finished.entropy_floor_bpb.nunique()
     fig, axes = new_figure(len(metrics), (6.0, 4.2), legend_rows=legend_rows)
     for ax, metric in zip(axes, metrics):
+        highest_val = []
         for variant, group in finished[finished.metric == metric].groupby("variant", sort=False):
             color = None
             for column, style in ((f"val/{metric}", "-"), ("train/loss", "--")):
-                color = _mean_curve(ax, variant, group.history, column, metric, style, color)
+                color, highest = _mean_curve(ax, variant, group.history, column, metric, style, color)
+                if column.startswith("val/") and highest is not None:
+                    highest_val.append(highest)
+        if highest_val:
+            ax.set_ylim(top=1.1 * max(highest_val))
         if metric == "bpc":
             for floor in finished.entropy_floor_bpb.dropna().unique():
                 ax.axhline(floor, color="black", linestyle=":", linewidth=1, label=f"entropy floor {floor:.3f}")
+                ax.set_ylim(bottom=min(ax.get_ylim()[0], 0.9 * floor))
         finish_axes(ax, f"{metric}: val (solid), train (dashed)", "step", metric)
     return add_legend(fig)
 
 
 def _mean_curve(ax, variant: str, histories: pd.Series, column: str, metric: str, style: str, color):
-    """The mean ± std over seeds of one logged ``column``; returns the colour used (the variant's next line's)."""
+    """The mean ± std over seeds of one logged ``column``; returns the colour used (the variant's next line's)
+    and the highest mean (None when no run logged it)."""
     curves = [_in_unit(h[["step", column]].dropna(), column, metric) for h in histories if h is not None and column in h]
     if not curves:
-        return color
+        return color, None
     stats = pd.concat(curves).groupby("step")["value"].agg(["mean", "std"])
     label = f"{variant} {column.split('/')[0]} (n={len(curves)})"
     (line,) = ax.plot(stats.index, stats["mean"], style, color=color, label=label)
     ax.fill_between(stats.index, stats["mean"] - stats["std"], stats["mean"] + stats["std"], color=line.get_color(), alpha=0.2)
-    return line.get_color()
+    return line.get_color(), float(stats["mean"].max())
 
 
 def _in_unit(curve: pd.DataFrame, column: str, metric: str) -> pd.DataFrame:
