@@ -3,24 +3,37 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
+@contextmanager
+def temporary_sibling(final: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``final`` (a rename within one folder is atomic); deleted on exit unless
+    the caller renamed it over ``final``. Writers that must check what they wrote before it counts (the data
+    cache, downloads) use it directly; everything else calls :func:`write_atomic`."""
+    temp = final.with_name(f"{final.name}.part-{os.getpid()}")
+    try:
+        yield temp
+    finally:
+        temp.unlink(missing_ok=True)
+
+
 def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write ``data`` to a temporary file beside ``path``, flush it to disk, then rename it over ``path``
-    (a rename within one folder is atomic). On failure (a full disk, say) the temporary file is removed,
-    ``path`` keeps its old content, and the OSError names ``path``."""
+    """Write ``data`` to a temporary file beside ``path``, flush it to disk, then rename it over ``path``.
+    On failure (a full disk, say) the temporary file is removed, ``path`` keeps its old content, and the
+    OSError names ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as file:
-            file.write(data.encode() if isinstance(data, str) else data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException as error:
-        tmp.unlink(missing_ok=True)
-        if isinstance(error, OSError) and error.filename is None:
+        with temporary_sibling(path) as temp:
+            with open(temp, "wb") as file:
+                file.write(data.encode() if isinstance(data, str) else data)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temp, path)
+    except OSError as error:
+        if error.filename is None:
             raise OSError(error.errno, error.strerror, str(path)) from error
         raise

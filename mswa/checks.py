@@ -17,6 +17,7 @@ import torch
 from hydra.utils import get_method
 
 from mswa.config import FILLED_BY_RUN, PRETRAINED_SHAPE, ConfigError, RunConfig, model_config, parse_config, refuse_unknown
+from mswa.lit import read_checkpoint
 
 MISSING = object()
 
@@ -137,7 +138,7 @@ def check_checkpoint(path: str | None, model: dict) -> None:
     if path is None:
         return
     try:
-        stored = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        stored = read_checkpoint(path)
     except Exception:  # noqa: BLE001 - torch raises many types for a file that is not its own
         raise ConfigError(
             f"ckpt_path={path} is not a checkpoint that torch can read; give a .ckpt that train.py wrote, or ckpt_path=last"

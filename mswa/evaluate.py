@@ -34,7 +34,7 @@ from mswa.config import RunConfig, WandbConfig, parse_config
 from mswa.data.batches import eval_context
 from mswa.data.corpus import Corpus
 from mswa.factory import build_model, build_schedule, model_spec, with_pretrained_shape
-from mswa.lit import CorpusDataModule, LanguageModelTask
+from mswa.lit import CorpusDataModule, LanguageModelTask, read_checkpoint
 from mswa.run import git_commit, load_corpus
 
 # command-line keys of conf/evaluate.yaml; any other key (model.*, dataset.*, seq_len, ...) is refused
@@ -116,7 +116,7 @@ def checkpoint_file(run_dir: str | os.PathLike, checkpoint: str, key: str = "ckp
 
 def _checkpoint_state(path: Path, checkpoint: str, key: str) -> dict:
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        return read_checkpoint(path)["state_dict"]
     except Exception as error:  # noqa: BLE001 - unpickling fails in many ways; all mean "not a checkpoint"
         raise ValueError(
             f"{key}{checkpoint} ({path}) is not a Lightning checkpoint ({type(error).__name__}); "

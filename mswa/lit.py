@@ -314,6 +314,12 @@ class FolderCheckpoint(ModelCheckpoint):
         return str(Path(self.dirpath, Path(path).name)) if path else ""
 
 
+def read_checkpoint(path: str | Path) -> dict:
+    """A checkpoint as AtomicCheckpointIO wrote it, memory-mapped on the CPU (a tensor is read when used);
+    torch's own error when the file is not one."""
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoints written under a temporary name in their own folder and renamed when complete: a full disk or
     a kill never leaves half a checkpoint under its real name. (Lightning's own transaction writes to the

@@ -51,6 +51,7 @@ from mswa.lit import (
     RunInterrupted,
     StepProgressBar,
     Throughput,
+    read_checkpoint,
 )
 from mswa.sweeps import warn_if_repeating
 
@@ -207,7 +208,7 @@ class RunFolder:
 def checkpoint_step(path: Path) -> int | None:
     """The global step a checkpoint was saved at (memory-mapped: the tensors are not read)."""
     try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=False)["global_step"]
+        return read_checkpoint(path)["global_step"]
     except Exception:  # noqa: BLE001 - a missing or unreadable checkpoint has no step to tell
         return None
 

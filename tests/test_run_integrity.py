@@ -169,7 +169,7 @@ def test_a_full_disk_never_leaves_half_a_file_and_the_run_resumes_to_the_same_me
     real_open = open
 
     def full_disk_for_best(path, *args, **kwargs):
-        if ".best.ckpt." in str(path):
+        if "best.ckpt.part-" in str(path):  # the temporary file of best.ckpt (mswa.atomic.temporary_sibling)
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_open(path, *args, **kwargs)
 
@@ -387,7 +387,7 @@ def test_a_real_full_disk_then_resume_to_the_same_metric(straight, tmp_path):
         assert last_line.startswith("error: no space left on the device writing "), last_line
         for checkpoint in (run_dir / "checkpoints").iterdir():
             torch.load(checkpoint, weights_only=False)  # whole, or not there: never half a file
-        assert not list(run_dir.rglob("*.tmp"))
+        assert not list(run_dir.rglob("*.part-*"))
         assert results_of(run_dir)["status"] in ("failed", "running")  # running only if even results.json could not be written
         filler.unlink()
         run_printed_command(stderr, tmp_path)

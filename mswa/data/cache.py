@@ -20,13 +20,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from mswa.atomic import temporary_sibling, write_atomic
 from mswa.data.corpus import DataError
 
 MANIFEST = "manifest.json"
@@ -36,16 +36,6 @@ CACHE_FORMAT = 1  # bump when the layout of cache folders changes
 def sha256_file(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-@contextmanager
-def temporary_sibling(final: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``final``; deleted on exit unless the caller renamed it."""
-    temp = final.with_name(f"{final.name}.part-{os.getpid()}")
-    try:
-        yield temp
-    finally:
-        temp.unlink(missing_ok=True)
 
 
 @dataclass
@@ -109,10 +99,7 @@ class CacheFolder:
         files = {f"{name}.npy": self._write_array(f"{name}.npy", array) for name, array in content.arrays.items()}
         files |= {filename: self._write_text(filename, text) for filename, text in content.texts.items()}
         manifest = {"format": CACHE_FORMAT, "identity": self.identity, "files": files, "info": content.info}
-        final = self.path / MANIFEST
-        with temporary_sibling(final) as temp:
-            temp.write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-            os.replace(temp, final)
+        write_atomic(self.path / MANIFEST, json.dumps(manifest, indent=2))
         return manifest
 
     def _read_manifest(self, path: Path) -> dict:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from mswa.data.cache import temporary_sibling
+from mswa.atomic import temporary_sibling
 from mswa.data.corpus import DataError
 
 BLOCK_BYTES = 1 << 20

@@ -7,13 +7,16 @@ python -m mswa.report --wandb ENTITY/PROJECT [--out OUT]
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
+from matplotlib.figure import Figure
 
+from mswa.atomic import write_atomic
 from mswa.report.lm_eval import lm_eval_markdown, lm_eval_table, load_lm_eval, plot_lm_eval
 from mswa.report.markdown import common_overrides, shortened, summary_markdown
 from mswa.report.plots import plot_budget, plot_curves, plot_distance, plot_kinds, plot_windows
@@ -45,7 +48,7 @@ def write_report(runs: pd.DataFrame, out: str | Path, title: str, evals: pd.Data
         eval_paths, eval_markdown = write_lm_eval(evals, out)
         paths.update(eval_paths)
         markdown += "\n" + eval_markdown + "\n"
-    paths["summary.md"].write_text(markdown)
+    write_atomic(paths["summary.md"], markdown)
     return paths
 
 
@@ -54,19 +57,26 @@ def write_runs(runs: pd.DataFrame, out: Path, title: str) -> tuple[dict[str, Pat
     paths = {"summary.csv": out / "summary.csv"} | {name: out / name for name in RUN_PLOTS}
     labelled = shortened(runs, common_overrides(runs.variant))  # legends as short as the table
     for name, plot in RUN_PLOTS.items():
-        plot(labelled).savefig(paths[name], dpi=DPI)
+        save_figure(plot(labelled), paths[name])
     table, failed = summary_table(runs), failed_runs(runs)
     csv = pd.concat([table.assign(status="finished"), failed.rename(columns={"seed": "seeds"})], ignore_index=True)
-    csv.to_csv(paths["summary.csv"], index=False)
+    write_atomic(paths["summary.csv"], csv.to_csv(index=False))
     return paths, summary_markdown(runs, table, failed, title)
+
+
+def save_figure(figure: Figure, path: Path) -> None:
+    """A figure as PNG, written whole or not at all (a report rewritten over an old one never leaves half a plot)."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, dpi=DPI)
+    write_atomic(path, buffer.getvalue())
 
 
 def write_lm_eval(evals: pd.DataFrame, out: Path) -> tuple[dict[str, Path], str]:
     """lm_eval.csv (fractions, not %) and lm_eval.png written to ``out`` (their paths), and their markdown."""
     paths = {name: out / name for name in ("lm_eval.csv", "lm_eval.png")}
     table = lm_eval_table(evals)
-    table.to_csv(paths["lm_eval.csv"], index=False)
-    plot_lm_eval(table).savefig(paths["lm_eval.png"], dpi=DPI)
+    write_atomic(paths["lm_eval.csv"], table.to_csv(index=False))
+    save_figure(plot_lm_eval(table), paths["lm_eval.png"])
     return paths, lm_eval_markdown(table)
 
 
