@@ -65,7 +65,7 @@ QUIET_WARNINGS = (
 QUIET_INFO = ("💡 Tip: For seamless cloud logging",)
 
 
-def check_corpus(cfg: RunConfig, corpus: Corpus) -> None:
+def check_corpus(cfg: RunConfig, corpus: Corpus, eval_seq_len: int) -> None:
     if cfg.pretrained and corpus.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
             f"dataset {corpus.name!r} has {corpus.vocab_size} token ids but model.pretrained has {cfg.model.vocab_size}; "
@@ -77,6 +77,11 @@ def check_corpus(cfg: RunConfig, corpus: Corpus) -> None:
             raise ConfigError(
                 f"seq_len={cfg.seq_len} needs at least {needed} tokens in the {split} split of {corpus.name!r}, "
                 f"which has {len(tokens)}; lower seq_len or use a larger dataset"
+            )
+        if corpus.source is not None and split != "train" and len(tokens) < eval_seq_len + 1:
+            raise ConfigError(
+                f"the {split} split of {corpus.name!r} holds {len(tokens):,} bytes, less than one evaluation window "
+                f"({eval_seq_len + 1:,}); raise its share in dataset.loader.split_fractions or use a larger corpus"
             )
 
 
@@ -373,7 +378,9 @@ class Attempt:
         self.resume = self.folder.resolve_resume(cfg.ckpt_path, cfg.overwrite)
         self.earlier_metrics = self.folder.set_aside_metrics() if self.resume else None
         self.corpus = load_corpus(cfg.dataset)
-        check_corpus(cfg, self.corpus)
+        check_corpus(cfg, self.corpus, self.eval_context[0])
+        if self.corpus.source is not None:
+            self.results["data_source"] = self.corpus.source
 
     def build(self) -> None:
         """The model (a checkpoint to resume must be of it) and its task; a fresh run then takes the folder."""

@@ -35,6 +35,7 @@ class Corpus:
     kinds: dict[str, np.ndarray] | None = field(default=None, repr=False)  # "valid" / "test" -> kind id of every token
     kind_floor_bpb: dict[str, list[float | None]] | None = None  # "valid" / "test" -> entropy floor of each kind
     split_floor_bpb: dict[str, float] | None = None  # split -> entropy floor of its bytes
+    source: dict | None = None  # a user's corpus (dataset=bytes): its name, path, files, bytes and sha256
 
     def __post_init__(self) -> None:
         if self.unit not in ("byte", "word", "token"):

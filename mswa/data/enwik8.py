@@ -10,17 +10,16 @@ fractions.
 from __future__ import annotations
 
 import hashlib
-import numbers
 import os
 import zipfile
 import zlib
 from collections.abc import Sequence
-from fractions import Fraction
 from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
 
+from mswa.data.bytes import check_fractions, split_boundaries
 from mswa.data.cache import CacheContent, CacheFolder
 from mswa.data.corpus import SPLITS, Corpus, DataError
 from mswa.data.download import downloaded
@@ -30,28 +29,6 @@ SIZE = 100_000_000
 MD5 = "a1fa5ffddb56f4953e226637dabbb36a"
 SHA256 = "2b49720ec4d78c3c9fabaee6e4179a5e997302b3a70029f30f2d582218c024a8"
 STANDARD_FRACTIONS = (0.9, 0.05, 0.05)  # 90M / 5M / 5M of the 10^8 bytes
-
-
-def split_boundaries(total_bytes: int, fractions: Sequence[float]) -> tuple[int, int]:
-    """(end of train, end of valid) when ``total_bytes`` are split in order by (train, valid, test) fractions.
-
-    Exact: each fraction is read as the decimal it prints as (0.9 is 9/10), so 10^8 bytes split by
-    (0.9, 0.05, 0.05) give exactly (90_000_000, 95_000_000).
-    """
-    exact = [Fraction(repr(float(f))) for f in check_fractions(fractions)]
-    train_end, valid_end = int(total_bytes * exact[0]), int(total_bytes * (exact[0] + exact[1]))
-    if not 0 < train_end < valid_end < total_bytes:
-        raise DataError(f"{total_bytes:,} bytes split by {list(fractions)} leave a split empty; use a larger file or larger fractions")
-    return train_end, valid_end
-
-
-def check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
-    values = tuple(fractions)
-    if len(values) != 3 or not all(isinstance(f, numbers.Real) and not isinstance(f, bool) and f > 0 for f in values):
-        raise ValueError(f"split_fractions must be three positive numbers (train, valid, test), got {values!r}")
-    if abs(sum(Fraction(repr(float(f))) for f in values) - 1) > 1e-9:
-        raise ValueError(f"split_fractions must sum to 1, got {values!r} (sum {sum(values)})")
-    return tuple(float(f) for f in values)
 
 
 def load(
