@@ -215,6 +215,7 @@ def heading(runs: pd.DataFrame, failed: pd.DataFrame, title: str, common: Sequen
         REFERENCE_RULE,
         BUDGET_NOTE,
     ]
+    parts += sources_markdown(runs)
     if common:
         parts.append("Overrides common to all runs (left out of the variant names below): " + ", ".join(f"`{o}`" for o in common))
     return parts
@@ -251,3 +252,9 @@ def unfinished_markdown(runs: pd.DataFrame, failed: pd.DataFrame) -> list[str]:
     if len(refused):
         parts += ["## Refused attempts (each left its run folder as it was)", markdown_table(refused.astype("string").fillna(""))]
     return parts
+
+
+def sources_markdown(runs: pd.DataFrame) -> list[str]:
+    """One line naming each user corpus (dataset=bytes) the runs read: name, size and sha256, so a reader knows the bytes."""
+    sources = {(s["name"], s["bytes"], s["sha256"]) for s in runs.data_source if isinstance(s, dict)}
+    return [f"Data: `{name}`, {size:,} bytes, sha256 `{digest}`." for name, size, digest in sorted(sources)]

@@ -39,6 +39,7 @@ RESULT_KEYS = (
     "status",
     "error",
     "dataset",
+    "data_source",
     "unit",
     "metric",
     "model",
