@@ -86,6 +86,17 @@ def test_the_report_prints_and_draws_them(runs_with_evaluations, tmp_path):
     curves = report.plot_distance(runs).axes[0]
     assert {line.get_label().split(" (")[0] for line in curves.lines} == {"model=swa", "model=mswa"}
     assert paths["distance.png"].stat().st_size > 0 and paths["kinds.png"].stat().st_size > 0
+    assert "### Test metric by evaluation length" in markdown and paths["lengths.png"].stat().st_size > 0
+
+
+def test_length_table_puts_each_runs_own_length_beside_its_longer_evaluations(runs_with_evaluations):
+    runs = report.load_runs([runs_with_evaluations])
+    lengths = report.length_table(runs)
+    swa = lengths[lengths.variant == "model=swa"]
+    own_tests = runs[runs.variant == "model=swa"].test
+    assert swa.seq_len.tolist() == [64, 256]  # the file at 64 (another stride) gives way to the run's own result
+    assert swa.test.tolist() == pytest.approx([own_tests.mean(), own_tests.mean() + 0.256])
+    assert report.plot_lengths(runs).axes[0].get_xscale() == "log"
 
 
 def test_without_evaluation_data_the_sections_are_left_out(tmp_path):

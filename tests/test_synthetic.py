@@ -20,6 +20,11 @@ AMBIGUOUS = dict(
 )
 
 
+def reference_p_distance(law: str, d: int, low: int, high: int) -> float:
+    """p(d) of a copy distance in [low, high]: equal, or a continuous log-uniform law on [low, high + 1) binned to integers."""
+    return 1 / (high - low + 1) if law == "uniform" else math.log((d + 1) / d) / math.log((high + 1) / low)
+
+
 def decode_bits(data: bytes, settings: SyntheticSettings, language) -> tuple[list[float], int]:
     """Reference: -log2 p of each event, read from the bytes alone, and the count of ambiguous copies."""
     word_ids = {w: i for i, w in enumerate(language.words)}
@@ -35,7 +40,9 @@ def decode_bits(data: bytes, settings: SyntheticSettings, language) -> tuple[lis
             fits = [d for d in range(low, high + 1) if all(data[start + i] == data[start + i - d] for i in range(length))]
             assert fits, f"copy at byte {start} reproduces no byte span at a distance in [{low}, {high}]"
             ambiguous += len(fits) > 1
-            bits.append(-math.log2(settings.copy_probability) - math.log2(len(fits) / (high - low + 1)))
+            bits.append(
+                -math.log2(settings.copy_probability) - math.log2(sum(reference_p_distance(settings.copy_law, d, low, high) for d in fits))
+            )
             position = start + length
         else:
             end = data.index(b" ", position)
@@ -50,9 +57,11 @@ def decode_bits(data: bytes, settings: SyntheticSettings, language) -> tuple[lis
     return bits, ambiguous
 
 
-@pytest.mark.parametrize("successor_weight", [0.5, 1.0])  # 1.0: a non-successor word would have p = 0
-def test_event_bits_match_a_decoder_that_reads_only_the_bytes(successor_weight):
-    settings = SyntheticSettings(**AMBIGUOUS, successor_weight=successor_weight)
+@pytest.mark.parametrize(
+    ("successor_weight", "copy_law"), [(0.5, "uniform"), (1.0, "uniform"), (0.5, "log_uniform")]
+)  # 1.0: a non-successor word would have p = 0
+def test_event_bits_match_a_decoder_that_reads_only_the_bytes(successor_weight, copy_law):
+    settings = SyntheticSettings(**AMBIGUOUS, successor_weight=successor_weight, copy_law=copy_law)
     sample = generate(settings)
     bits, ambiguous = decode_bits(bytes(sample.data), settings, sample.language)
     assert ambiguous > 10  # the sum over distances is really exercised
@@ -145,3 +154,14 @@ def test_bad_settings_raise_before_any_work(tmp_path, bad, named):
     with pytest.raises(ValueError, match=named):
         load(str(tmp_path / "never"), **bad)
     assert not (tmp_path / "never").exists()
+
+
+def test_log_uniform_distances_spread_evenly_over_octaves():
+    low, high, n = 16, 111, 200_000
+    distances = synthetic._draw_distances("log_uniform", np.full(n, low), np.full(n, high), np.random.default_rng(0))
+    assert distances.min() == low and distances.max() == high
+    octave_share = math.log(32 / 16) / math.log((high + 1) / low)  # a continuous log-uniform law on [16, 112)
+    assert np.mean(distances < 32) == pytest.approx(octave_share, abs=0.005)
+    assert np.mean((distances >= 32) & (distances < 64)) == pytest.approx(octave_share, abs=0.005)
+    with pytest.raises(ValueError, match="copy_law='gauss' must be one of"):
+        SyntheticSettings(copy_law="gauss")

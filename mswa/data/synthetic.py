@@ -10,7 +10,8 @@ The process emits a sequence of *events*, each starting at an event boundary:
 * a **copy** at scale ``s`` (probability ``copy_probability`` for each scale): the marker byte
   ``MARKERS[s]`` followed by ``copy_length`` bytes repeated verbatim from ``d`` bytes back,
   ``x[c + i] = x[c + i - d]`` (LZ77 semantics, so ``d < copy_length`` repeats periodically), with ``d``
-  uniform over ``copy_ranges[s]`` (``copy_distances[s]`` +- ``copy_jitter``). These are the long
+  drawn from ``copy_ranges[s]`` (``copy_distances[s]`` +- ``copy_jitter``), uniformly or, with
+  ``copy_law="log_uniform"``, log-uniformly (distances spread over a range, not tuned to any window). These are the long
   dependencies (defaults ~32, ~100, ~300, ~1000 bytes). The first ``warmup_events`` events are
   always words, so every copy source exists.
 
@@ -60,6 +61,7 @@ EVAL_SPLITS = ("valid", "test")  # the splits whose bytes carry kind labels
 VERSION = 2  # bump when the cached files change for the same settings (2: per-byte kinds, verified cache)
 MARKERS = b"0123456789"  # marker byte of copy scale s; words use only a-z and space
 SPACE = ord(" ")
+COPY_LAWS = ("uniform", "log_uniform")
 _HASH_CHUNK = 4096  # copy events compared per block of the candidate matrix
 
 
@@ -76,7 +78,8 @@ class SyntheticSettings:
     n_successors: int = 4  # favourite next words per word
     successor_weight: float = 0.5  # probability that a word is one of the previous word's successors
     copy_distances: tuple[int, ...] = (32, 100, 300, 1000)  # centre of each copy scale, in bytes
-    copy_jitter: float = 0.25  # distances are uniform over centre * (1 -+ jitter)
+    copy_jitter: float = 0.25  # each scale's distances lie in centre * (1 -+ jitter)
+    copy_law: str = "uniform"  # how a distance is drawn from its scale's range: "uniform" or "log_uniform"
     copy_probability: float = 0.025  # per event and per scale
     copy_length: int = 32  # bytes repeated by one copy
 
@@ -142,6 +145,7 @@ def _validate(s: SyntheticSettings) -> None:
     )
     need(all(_is_integer(d) and d >= 1 for d in distances), f"copy_distances={list(distances)} must be integers >= 1")
     need(0 <= s.copy_jitter < 1, f"copy_jitter={s.copy_jitter} must lie in [0, 1)")
+    need(s.copy_law in COPY_LAWS, f"copy_law={s.copy_law!r} must be one of {list(COPY_LAWS)}")
     need(s.copy_probability >= 0, f"copy_probability={s.copy_probability} must be >= 0")
     need(
         len(distances) * s.copy_probability < 1,
@@ -260,7 +264,7 @@ def _draw_events(s: SyntheticSettings, language: Language, n_events: int, rng: n
     types[: s.warmup_events] = 0
     ranges = np.array(s.copy_ranges, dtype=np.int64)
     scale = np.maximum(types - 1, 0)
-    distances = np.where(types > 0, rng.integers(ranges[scale, 0], ranges[scale, 1] + 1), 0)
+    distances = np.where(types > 0, _draw_distances(s.copy_law, ranges[scale, 0], ranges[scale, 1], rng), 0)
 
     n_word_events = int((types == 0).sum())
     from_successor = rng.random(n_word_events) < s.successor_weight
@@ -278,6 +282,22 @@ def _draw_events(s: SyntheticSettings, language: Language, n_events: int, rng: n
     words = np.zeros(n_events, dtype=np.int64)
     words[types == 0] = chain
     return types, words, distances
+
+
+def distance_probabilities(law: str, low: int, high: int) -> np.ndarray:
+    """p(d) for d = low..high: equal under "uniform"; under "log_uniform" the mass a continuous
+    log-uniform law on [low, high + 1) puts on [d, d + 1), so every octave of distances is equally likely."""
+    if law == "uniform":
+        return np.full(high - low + 1, 1 / (high - low + 1))
+    edges = np.log(np.arange(low, high + 2, dtype=np.float64))
+    return np.diff(edges) / (edges[-1] - edges[0])
+
+
+def _draw_distances(law: str, low: np.ndarray, high: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    if law == "uniform":
+        return rng.integers(low, high + 1)
+    continuous = np.exp(rng.uniform(np.log(low), np.log(high + 1)))
+    return np.minimum(np.floor(continuous).astype(np.int64), high)  # floor of a draw in [low, high + 1)
 
 
 def _lay_out_bytes(s, language, types, words, distances, starts, lengths) -> np.ndarray:
@@ -329,14 +349,15 @@ def _copy_bits(s: SyntheticSettings, data: np.ndarray, types, starts) -> np.ndar
         events = np.flatnonzero(types == scale + 1)
         copy_starts = starts[events] + 1
         candidate_distances = np.arange(low, high + 1)
-        matches = np.concatenate(
+        p_distance = distance_probabilities(s.copy_law, low, high)
+        matched = np.concatenate(
             [
-                _count_matches(data, hashes, copy_starts[i : i + _HASH_CHUNK], candidate_distances, s.copy_length)
+                _matched_probability(data, hashes, copy_starts[i : i + _HASH_CHUNK], candidate_distances, p_distance, s.copy_length)
                 for i in range(0, len(events), _HASH_CHUNK)
             ]
             or [np.zeros(0)]
         )
-        bits[events] = -math.log2(s.copy_probability) - np.log2(matches / len(candidate_distances))
+        bits[events] = -math.log2(s.copy_probability) - np.log2(matched)
     return bits
 
 
@@ -362,14 +383,14 @@ def _powers(base: int, count: int) -> np.ndarray:
     return np.cumprod(factors)
 
 
-def _count_matches(data, hashes, copy_starts, candidate_distances, length) -> np.ndarray:
-    """For each copy, how many candidate distances d give x[c + i] == x[c + i - d] for all i."""
+def _matched_probability(data, hashes, copy_starts, candidate_distances, p_distance, length) -> np.ndarray:
+    """For each copy, the probability of the candidate distances d that give x[c + i] == x[c + i - d] for all i."""
     sources = copy_starts[:, None] - candidate_distances[None, :]
     same_hash = hashes[sources] == hashes[copy_starts][:, None]
     row, col = np.nonzero(same_hash)  # mostly the true source; verify each byte by byte
     span = np.arange(length)
     equal = (data[sources[row, col][:, None] + span] == data[copy_starts[row][:, None] + span]).all(axis=1)
-    return np.bincount(row[equal], minlength=len(copy_starts))
+    return np.bincount(row[equal], weights=p_distance[col[equal]], minlength=len(copy_starts))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ Data flows one way through the modules:
 - ``references``: each variant's SWA references (at w, at its budget), from the stored configs;
 - ``tables``: rows -> one row per variant, mean ± std over seeds and paired differences against the references
   (``summary_table``, ``paired_table``, ``failed_runs``), and the evaluation tables (``distance_table``,
-  ``kind_table``, ``load_evaluations``);
+  ``kind_table``, ``load_evaluations``, ``length_table``);
 - ``markdown``: tables -> the text of summary.md; ``plots``: curves, budget, windows, distance, kinds;
 - ``lm_eval``: ``lm_eval.json`` evaluations -> their table, section and plot;
 - ``cli``: ``write_report`` writes them all into one folder; ``main`` is the command.
@@ -22,7 +22,7 @@ fine; one with neither runs nor evaluations is an error. The same functions serv
 from mswa.report.cli import main, write_report
 from mswa.report.lm_eval import headline_accuracies, lm_eval_table, load_lm_eval, plot_lm_eval
 from mswa.report.markdown import evaluation_markdown, split_overrides, summary_markdown
-from mswa.report.plots import plot_budget, plot_curves, plot_distance, plot_kinds, plot_windows
+from mswa.report.plots import plot_budget, plot_curves, plot_distance, plot_kinds, plot_lengths, plot_windows
 from mswa.report.references import paired_references
 from mswa.report.runs import (
     DUPLICATE,
@@ -38,7 +38,7 @@ from mswa.report.runs import (
     variant_name,
     why_stopped,
 )
-from mswa.report.tables import distance_table, failed_runs, kind_table, load_evaluations, paired_table, summary_table
+from mswa.report.tables import distance_table, failed_runs, kind_table, length_table, load_evaluations, paired_table, summary_table
 from mswa.report.wandb import load_wandb_runs
 
 __all__ = [
@@ -51,6 +51,7 @@ __all__ = [
     "failed_runs",
     "headline_accuracies",
     "kind_table",
+    "length_table",
     "lm_eval_table",
     "load_evaluations",
     "load_lm_eval",
@@ -63,6 +64,7 @@ __all__ = [
     "plot_curves",
     "plot_distance",
     "plot_kinds",
+    "plot_lengths",
     "plot_lm_eval",
     "plot_windows",
     "read_history",

@@ -19,9 +19,9 @@ from matplotlib.figure import Figure
 from mswa.atomic import write_atomic
 from mswa.report.lm_eval import lm_eval_markdown, lm_eval_table, load_lm_eval, plot_lm_eval
 from mswa.report.markdown import common_overrides, shortened, summary_markdown
-from mswa.report.plots import plot_budget, plot_curves, plot_distance, plot_kinds, plot_windows
+from mswa.report.plots import plot_budget, plot_curves, plot_distance, plot_kinds, plot_lengths, plot_windows
 from mswa.report.runs import ReportError, load_runs
-from mswa.report.tables import failed_runs, summary_table
+from mswa.report.tables import failed_runs, length_table, summary_table
 from mswa.report.wandb import load_wandb_runs
 
 RUN_PLOTS = {
@@ -58,6 +58,9 @@ def write_runs(runs: pd.DataFrame, out: Path, title: str) -> tuple[dict[str, Pat
     labelled = shortened(runs, common_overrides(runs.variant))  # legends as short as the table
     for name, plot in RUN_PLOTS.items():
         save_figure(plot(labelled), paths[name])
+    if len(length_table(runs)):  # only runs evaluated at other lengths have this plot
+        paths["lengths.png"] = out / "lengths.png"
+        save_figure(plot_lengths(labelled), paths["lengths.png"])
     table, failed = summary_table(runs), failed_runs(runs)
     csv = pd.concat([table.assign(status="finished"), failed.rename(columns={"seed": "seeds"})], ignore_index=True)
     write_atomic(paths["summary.csv"], csv.to_csv(index=False))

@@ -8,7 +8,7 @@ import pandas as pd
 
 from mswa.report.references import AMBIGUOUS, PAIRED_AGAINST, REFERENCE_RULE
 from mswa.report.runs import refused_attempts
-from mswa.report.tables import PAIRED_SPLIT, distance_table, kind_table, load_evaluations, paired_table
+from mswa.report.tables import PAIRED_SPLIT, distance_table, kind_table, length_table, load_evaluations, paired_table
 
 MEANS_NOTE = (
     "val / test: final metric (bpc: bits per byte, ppl: perplexity per word; lower is better), "
@@ -179,7 +179,17 @@ def settings_markdown(runs: pd.DataFrame) -> list[str]:
     if not len(settings):
         return []
     shown = settings.assign(val=[fmt(v, ".4f") for v in settings.val], test=[fmt(v, ".4f") for v in settings.test])
-    return ["## Evaluation settings (`python -m mswa.evaluate`)", markdown_table(shown.astype(str))]
+    return ["## Evaluation settings (`python -m mswa.evaluate`)", markdown_table(shown.astype(str)), *lengths_markdown(runs)]
+
+
+def lengths_markdown(runs: pd.DataFrame) -> list[str]:
+    """Test metric by evaluation length (the run's own length and the evaluated ones), as a table and the plot."""
+    lengths = length_table(runs)
+    if not len(lengths):
+        return []
+    shown = lengths.pivot_table(index="variant", columns="seq_len", values="test", sort=False)
+    shown.columns = [f"test at {length:,}" for length in shown.columns]
+    return ["### Test metric by evaluation length", markdown_table(formatted(shown)), "![metric by evaluation length](lengths.png)"]
 
 
 def evaluation_markdown(runs: pd.DataFrame, split: str = "test") -> str:

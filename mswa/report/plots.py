@@ -14,7 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
-from mswa.report.tables import distance_table, finished_runs, kind_table, summary_table
+from mswa.report.tables import distance_table, finished_runs, kind_table, length_table, summary_table
 
 TITLE_WIDTH = 40  # characters per line of a window panel's title (variant names wrap at commas)
 LEGEND_ROW_INCHES = 0.16  # height of one legend entry at LEGEND_FONT_SIZE, added to the figure below its panels
@@ -238,4 +238,18 @@ def plot_kinds(runs: pd.DataFrame, split: str = "test") -> Figure:
         ax.scatter(x, rows.floor_bpc, marker="_", s=400 * width, color="black", zorder=3, label="entropy floor" if i == 0 else None)
     ax.set_xticks(np.arange(len(kinds)), kinds)
     finish_axes(ax, f"{split} bits per byte by byte kind", "byte kind", "bpc")
+    return add_legend(fig)
+
+
+def plot_lengths(runs: pd.DataFrame) -> Figure:
+    """Test metric against evaluation length (log axis), one line per variant: does a model hold its metric
+    beyond the length it was trained at (``length_table``)?"""
+    table = length_table(runs)
+    metrics = metrics_of(table) or ["bpc"]
+    fig, axes = new_figure(len(metrics), (6.0, 4.2), legend_rows=table.variant.nunique())
+    for ax, metric in zip(axes, metrics):
+        for variant, group in table[table.metric == metric].groupby("variant", sort=False):
+            ax.plot(group.seq_len.astype(float), group.test, "o-", label=f"{variant} (n={group.n_seeds.min()})")
+        ax.set_xscale("log", base=2)
+        finish_axes(ax, f"test {metric} by evaluation length", "evaluation length (tokens per chunk)", metric)
     return add_legend(fig)

@@ -230,6 +230,28 @@ def load_evaluations(runs: pd.DataFrame) -> pd.DataFrame:
     return grouped.agg(val=("val", "mean"), test=("test", "mean"), n_seeds=("val", "count")).reset_index()[EVALUATION_COLUMNS]
 
 
+def length_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Test metric by evaluation length, mean over seeds: each run's own final evaluation at its length, and its
+    ``python -m mswa.evaluate`` files of the best checkpoint at other lengths; empty when no run has such a file."""
+    rows = [row for run in finished_runs(runs).itertuples() for row in _lengths_of(run)]
+    if not any(row["evaluated"] for row in rows):
+        return pd.DataFrame(columns=["variant", "metric", "seq_len", "test", "n_seeds"])
+    rows.sort(key=lambda row: (natural_key(str(row["variant"])), row["seq_len"]))
+    grouped = pd.DataFrame(rows).groupby(["variant", "metric", "seq_len"], sort=False)
+    return grouped.agg(test=("test", "mean"), n_seeds=("test", "count")).reset_index()
+
+
+def _lengths_of(run) -> list[dict]:
+    """A run's test metric at its own evaluation length, then at each other length it was evaluated at."""
+    own_length = run.evaluation["seq_len"] if isinstance(run.evaluation, dict) else None
+    rows = [{"variant": run.variant, "metric": run.metric, "seq_len": own_length, "test": run.test, "evaluated": False}]
+    for path in sorted(Path(str(run.path)).glob(EVALUATION_FILES)):
+        row = evaluation_setting(run.variant, path)
+        if row["checkpoint"] == "best" and row["seq_len"] != own_length:
+            rows.append({key: row[key] for key in ("variant", "metric", "seq_len", "test")} | {"evaluated": True})
+    return rows if own_length is not None else rows[1:]
+
+
 def evaluation_setting(variant: str, path: Path) -> dict:
     """One evaluation file as a row: its setting and its val and test metric."""
     record = json.loads(path.read_text())
