@@ -114,3 +114,14 @@ def test_training_curves_are_drawn_in_the_validation_unit(tmp_path):
     logged = pd.read_csv(tmp_path / "0" / "metrics.csv")["train/loss"].dropna().to_numpy()
     np.testing.assert_allclose(train.get_ydata(), logged / math.log(2))
     assert ax.get_ylabel() == "bpc"
+
+
+def test_runs_compare_at_an_evaluation_setting_and_name_the_missing_file(runs_with_evaluations):
+    trained = report.load_runs([runs_with_evaluations])
+    at_256 = report.load_runs([runs_with_evaluations], setting="L256_stride64_best")
+    assert at_256.test.tolist() == pytest.approx((trained.test + 0.256).tolist())
+    assert (at_256.evaluation.map(lambda e: e["seq_len"]) == 256).all()
+    missing = report.load_runs([runs_with_evaluations], setting="L512_stride256_best")
+    assert set(missing.status) == {"failed"} and all("no evaluation_L512_stride256_best.json" in e for e in missing.error)
+    with pytest.raises(report.ReportError, match="must be the name of an evaluation"):
+        report.load_runs([runs_with_evaluations], setting="../x")

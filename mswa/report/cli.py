@@ -99,9 +99,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("dirs", nargs="*", metavar="DIR", help="folders searched recursively for runs")
     parser.add_argument("--out", help="output folder (default: reports/<parent>_<name> of the first DIR)")
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read runs from the W&B API instead of DIRs")
+    parser.add_argument(
+        "--setting", metavar="NAME", help="compare the runs at an evaluation setting of mswa.evaluate (e.g. L4096_stride2048_best)"
+    )
     args = parser.parse_args(argv)
     if bool(args.dirs) == bool(args.wandb):
         parser.error("pass either run folders (DIR ...) or --wandb ENTITY/PROJECT, not both and not neither")
+    if args.setting and args.wandb:
+        parser.error("--setting reads evaluation files in run folders; pass DIRs, not --wandb")
     return args
 
 
@@ -111,12 +116,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         evals = load_lm_eval(args.dirs)  # no DIRs with --wandb: none
-        runs = load_wandb_runs(args.wandb) if args.wandb else load_runs(args.dirs, allow_empty=len(evals) > 0)
+        runs = load_wandb_runs(args.wandb) if args.wandb else load_runs(args.dirs, allow_empty=len(evals) > 0, setting=args.setting)
     except ReportError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else default_out(args.dirs, args.wandb)
-    paths = write_report(runs, out, title=args.wandb or ", ".join(args.dirs), evals=evals)
+    title = (args.wandb or ", ".join(args.dirs)) + (f" at evaluation setting {args.setting}" if args.setting else "")
+    paths = write_report(runs, out, title=title, evals=evals)
     print(paths["summary.md"].read_text())
     for path in paths.values():
         print(f"wrote {path}")

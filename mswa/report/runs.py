@@ -79,9 +79,14 @@ class ReportError(ValueError):
     """Input the report cannot use; the message names the value and the fix."""
 
 
-def load_runs(dirs: Sequence[str | Path], allow_empty: bool = False) -> pd.DataFrame:
+def load_runs(dirs: Sequence[str | Path], allow_empty: bool = False, setting: str | None = None) -> pd.DataFrame:
     """One row per run found below ``dirs`` (columns ``RUN_COLUMNS``), sorted by variant then seed.
-    ``allow_empty``: no rows rather than an error (the dirs hold evaluations, lm_eval.json, only)."""
+    ``allow_empty``: no rows rather than an error (the dirs hold evaluations, lm_eval.json, only).
+    ``setting``: each run's metrics and evaluation sections come from its ``evaluation_<setting>.json``
+    (written by ``python -m mswa.evaluate``, e.g. ``L4096_stride2048_best``) instead of its training's own final
+    evaluation, so every table, interval and plot compares the runs at that setting."""
+    if setting is not None and (not setting or Path(setting).name != setting):
+        raise ReportError(f"--setting {setting!r} must be the name of an evaluation, e.g. L4096_stride2048_best")
     missing = [str(d) for d in dirs if not Path(d).is_dir()]
     if not dirs or missing:
         raise ReportError(
@@ -93,7 +98,7 @@ def load_runs(dirs: Sequence[str | Path], allow_empty: bool = False) -> pd.DataF
             f"no {RESULTS_FILE} or Hydra job folder (.hydra/overrides.yaml) found below {[str(d) for d in dirs]}, "
             f"and no {LM_EVAL_FILE} either; pass the folder a sweep (or `python -m mswa.hf.evaluate --out`) wrote into"
         )
-    rows = [row_from_results(read_results(d), str(d), read_history(d)) for d in results_dirs]
+    rows = [row_from_results(at_setting(read_results(d), d, setting), str(d), read_history(d)) for d in results_dirs]
     rows += [row_from_hydra_job(d) for d in job_dirs]
     return runs_frame(rows)
 
@@ -124,6 +129,19 @@ def read_results(run_dir: Path) -> dict:
             f"{path} has schema={results.get('schema')!r}, this report reads schema={SCHEMA}; use the mswa version that wrote the runs"
         )
     return results
+
+
+def at_setting(results: dict, run_dir: Path, setting: str | None) -> dict:
+    """The run's results with metrics and evaluation sections of ``evaluation_<setting>.json``; a finished run
+    without that file becomes a failed row that names the command to write it."""
+    if setting is None or results.get("status") != "finished":
+        return results
+    path = run_dir / f"evaluation_{setting}.json"
+    if not path.is_file():
+        fix = f"python -m mswa.evaluate 'run_dir=\"{run_dir}\"' with that setting"
+        return results | {"status": "failed", "error": f"no {path.name}; write it with {fix}"}
+    evaluation = json.loads(path.read_text())
+    return results | {"metrics": evaluation["metrics"], "evaluation": evaluation["evaluation"]}
 
 
 def read_history(run_dir: Path) -> pd.DataFrame | None:
