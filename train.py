@@ -13,7 +13,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from mswa.checks import check_launcher
 from mswa.lit import RunError, RunInterrupted
-from mswa.run import RunInfo, folder_name, hydra_value, optimised_metric, train
+from mswa.run import TRAIN_PATH_KEYS, RunInfo, folder_name, hydra_value, optimised_metric, quote_paths, train
 from mswa.sweeps import continue_job, variant_name
 
 OmegaConf.register_new_resolver("folder_name", folder_name, replace=True)
@@ -56,4 +56,5 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = quote_paths(sys.argv[1:], TRAIN_PATH_KEYS)
     main()

@@ -17,7 +17,7 @@ import torch
 from hydra.utils import get_method
 
 from mswa.config import FILLED_BY_RUN, PRETRAINED_SHAPE, ConfigError, RunConfig, model_config, parse_config, refuse_unknown
-from mswa.lit import read_checkpoint
+from mswa.lit import UnsafeCheckpointError, read_checkpoint
 
 MISSING = object()
 
@@ -133,30 +133,40 @@ def check_launcher(launcher: str | None, multirun: bool) -> None:
 RUNTIME_KEYS = ("attn_backend", "gradient_checkpointing")
 
 
-def check_checkpoint(path: str | None, model: dict) -> None:
-    """A checkpoint to resume must be one of train.py's, of the model about to be built."""
+def check_checkpoint(path: str | None, model: dict) -> dict | None:
+    """A checkpoint to resume must be one of train.py's, of the model about to be built; returned as read."""
     if path is None:
-        return
+        return None
+    named = f"ckpt_path={path}"
+    stored = read_run_checkpoint(path, named)
+    check_same_model(stored, model, named, "resume with the checkpoint's settings or start a fresh run")
+    return stored
+
+
+def read_run_checkpoint(path: str | os.PathLike, named: str) -> dict:
+    """The checkpoint at ``path`` (``named`` as the user gave it, e.g. ``ckpt_path=PATH``) if train.py wrote it; a
+    one-sentence ValueError for any other file (UnsafeCheckpointError, unread, for one that would run code)."""
     try:
         stored = read_checkpoint(path)
+    except UnsafeCheckpointError:
+        raise
     except Exception:  # noqa: BLE001 - torch raises many types for a file that is not its own
-        raise ConfigError(
-            f"ckpt_path={path} is not a checkpoint that torch can read; give a .ckpt that train.py wrote, or ckpt_path=last"
-        ) from None
+        raise ConfigError(f"{named} is not a checkpoint that torch can read; give a .ckpt that train.py wrote") from None
     hyper = stored.get("hyper_parameters") if isinstance(stored, dict) else None
     if not isinstance(hyper, dict) or not isinstance(hyper.get("model"), dict) or "state_dict" not in stored:
-        raise ConfigError(
-            f"ckpt_path={path} is not a checkpoint of train.py (it holds no model settings); give a .ckpt that train.py wrote"
-        )
-    before = hyper["model"]
+        raise ConfigError(f"{named} is not a checkpoint of train.py (it holds no model settings); give a .ckpt that train.py wrote")
+    return stored
+
+
+def check_same_model(stored: dict, model: dict, named: str, fix: str) -> None:
+    """The checkpoint ``stored`` holds the model of spec ``model`` (settings of how it runs aside); else what differs, and ``fix``."""
+    before = stored["hyper_parameters"]["model"]
     for key in sorted(set(before) | set(model)):
         there, here = before.get(key, MISSING), model.get(key, MISSING)
         if key not in RUNTIME_KEYS and there != here:
             name = f"{key} (from {FILLED_BY_RUN[key]})" if key in FILLED_BY_RUN else f"model.{key}"
             values = f"{shown(there)} there, {shown(here)} here" if len(shown(there) + shown(here)) < 120 else "differs from this config"
-            raise ConfigError(
-                f"ckpt_path={path} belongs to another model: {name} {values}; resume with the checkpoint's settings or start a fresh run"
-            )
+            raise ConfigError(f"{named} belongs to another model: {name} {values}; {fix}")
 
 
 def shown(value: Any) -> str:

@@ -30,16 +30,18 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from mswa.checks import check_same_model, read_run_checkpoint
 from mswa.config import RunConfig, WandbConfig, parse_config
 from mswa.data.batches import eval_context
 from mswa.data.corpus import Corpus
 from mswa.factory import build_model, build_schedule, model_spec, with_pretrained_shape
-from mswa.lit import CorpusDataModule, LanguageModelTask, read_checkpoint
-from mswa.run import git_commit, load_corpus
+from mswa.lit import CorpusDataModule, LanguageModelTask
+from mswa.run import git_commit, load_corpus, quote_paths
 
 # command-line keys of conf/evaluate.yaml; any other key (model.*, dataset.*, seq_len, ...) is refused
 EVALUATE_KEYS = ("run_dir", "ckpt", "eval.seq_len", "eval.stride", "batch_size", "torch_threads", "hardware")
 NAMED_CHECKPOINTS = {"best": "checkpoints/best.ckpt", "last": "checkpoints/last.ckpt"}
+PATH_KEYS = ("run_dir", "ckpt")  # paths that hold `=` and `,` (run folders are named by their overrides)
 
 
 def load_run(run_dir: str | os.PathLike, checkpoint: str = "best", key: str = "ckpt=") -> tuple[dict, LanguageModelTask, Corpus]:
@@ -50,25 +52,21 @@ def load_run(run_dir: str | os.PathLike, checkpoint: str = "best", key: str = "c
     current directory, then from the run folder). Returns the run's resolved config (a plain dict),
     its ``LanguageModelTask`` on the CPU in eval mode with the checkpoint's weights (``task.model`` is
     the language model: ``token_nll``, ``forward``), and its corpus (data paths as the run stored them).
-    A missing folder, config or checkpoint raises a one-sentence ValueError before anything is built;
-    a checkpoint of another model shape, one once the model is built. ``key`` is how the caller's user
+    A missing folder, config or checkpoint, or a file train.py did not write, raises a one-sentence ValueError
+    before anything is built; a checkpoint of another model (another run's), one once the corpus is loaded (the
+    model's vocabulary comes from it). ``key`` is how the caller's user
     names the checkpoint in those sentences (``ckpt=`` on a Hydra command line, ``--checkpoint `` for
     ``mswa.sample``).
     """
     cfg = run_config(run_dir)
-    path = checkpoint_file(run_dir, checkpoint, key)
-    state = _checkpoint_state(path, checkpoint, key)
+    named = f"{key}{checkpoint}"
+    stored = read_run_checkpoint(checkpoint_file(run_dir, checkpoint, key), named)
     settings = run_settings(cfg)
     corpus = load_corpus(settings.dataset)
     spec = model_spec(settings, corpus.vocab_size, build_schedule(settings))
+    check_same_model(stored, spec, named, f"pass a checkpoint written by the run in {run_dir}")
     task = LanguageModelTask(build_model(settings.model, spec), settings.optim, corpus.unit, spec=spec)
-    try:
-        task.load_state_dict(state, strict=task.strict_loading)
-    except RuntimeError as error:
-        first = str(error).strip().splitlines()[-1].strip()
-        raise ValueError(
-            f"{key}{checkpoint} does not fit the model of {run_dir}'s config ({first}); pass a checkpoint written by this run"
-        ) from None
+    task.load_state_dict(stored["state_dict"], strict=task.strict_loading)
     return cfg, task.eval(), corpus
 
 
@@ -112,16 +110,6 @@ def checkpoint_file(run_dir: str | os.PathLike, checkpoint: str, key: str = "ckp
         if path.is_file():
             return path
     raise ValueError(f"{key}{checkpoint} is not a file (from here or from {run_dir}); pass {key}best, {key}last or a .ckpt path")
-
-
-def _checkpoint_state(path: Path, checkpoint: str, key: str) -> dict:
-    try:
-        return read_checkpoint(path)["state_dict"]
-    except Exception as error:  # noqa: BLE001 - unpickling fails in many ways; all mean "not a checkpoint"
-        raise ValueError(
-            f"{key}{checkpoint} ({path}) is not a Lightning checkpoint ({type(error).__name__}); "
-            f"pass {key}best, {key}last or a .ckpt written by train.py"
-        ) from None
 
 
 def check_overrides(overrides: list[str]) -> None:
@@ -229,21 +217,8 @@ def _hydra_entry(cfg: DictConfig) -> None:
         sys.exit(f"error: {error}")
 
 
-def quote_run_dir(args: list[str]) -> list[str]:
-    """Run folders are named by their overrides (``model=mswa,seed=0``), which Hydra's override grammar
-    would parse: an existing folder is passed quoted, so it can be pasted as it is."""
-
-    def quoted(arg: str) -> str:
-        key, _, value = arg.partition("=")
-        if key.lstrip("+") != "run_dir" or value[:1] in ("'", '"') or not Path(value).is_dir():
-            return arg
-        return f"{key}='" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-    return [quoted(arg) for arg in args]
-
-
 def main() -> None:
-    args = quote_run_dir(sys.argv[1:])
+    args = quote_paths(sys.argv[1:], PATH_KEYS)
     try:
         check_overrides([arg for arg in args if not arg.startswith("-")])
     except ValueError as error:

@@ -7,6 +7,7 @@ import dataclasses
 import io
 import math
 import os
+import pickle
 import signal
 import threading
 import time
@@ -48,11 +49,21 @@ def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: fl
 
 class LanguageModelTask(L.LightningModule):
     """Trains and evaluates ``model`` (``token_nll(x, y)``, ``n_params()``); ``spec``, the keywords it was built
-    from, is saved with every checkpoint so that a resume can check it is of the same model."""
+    from, and the name of the ``dataset`` it trains on are saved with every checkpoint so that a resume can check
+    it is of the same model (and say when it comes from another dataset)."""
 
-    def __init__(self, model: torch.nn.Module, optim: OptimConfig | None, unit: str, compile: bool = False, spec: dict | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optim: OptimConfig | None,
+        unit: str,
+        compile: bool = False,
+        spec: dict | None = None,
+        dataset: str | None = None,
+    ):
         super().__init__()
-        self.save_hyperparameters({"model": spec, "optim": optim and dataclasses.asdict(optim), "unit": unit, "compile": compile})
+        hyper = {"model": spec, "optim": optim and dataclasses.asdict(optim), "unit": unit, "compile": compile, "dataset": dataset}
+        self.save_hyperparameters(hyper)
         self.model = model
         self.frozen = {name for name, p in self.named_parameters() if not p.requires_grad}
         self.strict_loading = not self.frozen  # checkpoints of a partly frozen model hold only what trains
@@ -314,21 +325,43 @@ class FolderCheckpoint(ModelCheckpoint):
         return str(Path(self.dirpath, Path(path).name)) if path else ""
 
 
-def read_checkpoint(path: str | Path) -> dict:
-    """A checkpoint as AtomicCheckpointIO wrote it, memory-mapped on the CPU (a tensor is read when used);
-    torch's own error when the file is not one."""
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+class UnsafeCheckpointError(ValueError):
+    """A file that would run code when loaded: refused unread."""
+
+
+def read_checkpoint(path: str | Path, map_location="cpu", mmap: bool = True) -> dict:
+    """A checkpoint as AtomicCheckpointIO wrote it, on the CPU and memory-mapped unless told otherwise (a tensor is
+    read when used). Only tensors and plain values are unpickled (``weights_only``: our checkpoints hold nothing
+    else), so a crafted file cannot run code: it raises UnsafeCheckpointError naming what it holds. Torch's own
+    error when the file is not a checkpoint at all."""
+    try:
+        return torch.load(path, map_location=map_location, mmap=mmap, weights_only=True)
+    except pickle.UnpicklingError:
+        try:  # names the objects without unpickling them
+            foreign = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # noqa: BLE001 - not a zip checkpoint: nothing to name
+            foreign = []
+        if not foreign:
+            raise
+        raise UnsafeCheckpointError(
+            f"{path} holds objects that could run code on loading ({', '.join(sorted(foreign))}), which no checkpoint of "
+            "train.py holds; it was not loaded: give a .ckpt that train.py wrote"
+        ) from None
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoints written under a temporary name in their own folder and renamed when complete: a full disk or
     a kill never leaves half a checkpoint under its real name. (Lightning's own transaction writes to the
-    system's temp folder and copies across file systems, which is not atomic.)"""
+    system's temp folder and copies across file systems, which is not atomic.) Read back, by Lightning's
+    ``ckpt_path=`` too, through :func:`read_checkpoint`, whatever ``weights_only`` Lightning asks for."""
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
         write_atomic(Path(path), buffer.getbuffer())
+
+    def load_checkpoint(self, path, map_location="cpu", weights_only=None) -> dict:
+        return read_checkpoint(path, map_location, mmap=False)  # read whole, as Lightning does: its states are updated in place
 
 
 class StepProgressBar(TQDMProgressBar):

@@ -63,6 +63,7 @@ QUIET_WARNINGS = (
     r".*isinstance\(treespec, LeafSpec\)` is deprecated",
 )
 QUIET_INFO = ("💡 Tip: For seamless cloud logging",)
+TRAIN_PATH_KEYS = ("ckpt_path", "hydra.run.dir")  # train.py's overrides that name a run's files (see quote_paths)
 
 
 def check_corpus(cfg: RunConfig, corpus: Corpus, eval_seq_len: int) -> None:
@@ -216,6 +217,27 @@ def checkpoint_step(path: Path) -> int | None:
         return read_checkpoint(path)["global_step"]
     except Exception:  # noqa: BLE001 - a missing or unreadable checkpoint has no step to tell
         return None
+
+
+def checkpoint_dataset(path: str, stored: dict) -> str | None:
+    """The dataset a checkpoint trained on: recorded in it, else (one written before checkpoints recorded it) in
+    the results.json of the run folder holding it; None when neither says."""
+    name = stored["hyper_parameters"].get("dataset")
+    folder = Path(path).resolve().parent
+    if name is None and folder.name == "checkpoints":
+        try:
+            return json.loads((folder.parent / "results.json").read_text()).get("dataset")
+        except (OSError, ValueError):
+            return None
+    return name
+
+
+@rank_zero_only
+def warn_if_other_dataset(path: str, trained_on: str | None, dataset: str) -> None:
+    """A resume on another dataset is a fine-tune, or a mistake: one line says which."""
+    if trained_on not in (None, dataset):
+        message = f"warning: ckpt_path={path} was trained on dataset {trained_on!r}; this run trains and evaluates on {dataset!r}"
+        print(message, file=sys.stderr)
 
 
 def build_loggers(cfg: RunConfig, folder: RunFolder, run: RunInfo, plain: dict) -> list:
@@ -389,8 +411,12 @@ class Attempt:
             torch.set_num_threads(cfg.torch_threads)
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         spec = model_spec(cfg, corpus.vocab_size, schedule)
-        check_checkpoint(self.resume, spec)
-        self.task = task = LanguageModelTask(build_model(cfg.model, spec), cfg.optim, corpus.unit, cfg.compile, spec)
+        stored = check_checkpoint(self.resume, spec)
+        self.resumed_step = stored and stored["global_step"]
+        if stored:
+            warn_if_other_dataset(self.resume, checkpoint_dataset(self.resume, stored), cfg.dataset.name)
+        model = build_model(cfg.model, spec)
+        self.task = task = LanguageModelTask(model, cfg.optim, corpus.unit, cfg.compile, spec, cfg.dataset.name)
         self.results.update(
             unit=corpus.unit,
             metric=corpus.metric,
@@ -436,8 +462,17 @@ class Attempt:
             print(self.schedule.describe(cfg.seq_len))
             print(f"{self.results['n_params']:,} parameters, {self.results['n_trainable']:,} trained")
             warn_if_repeating(self.plain, len(self.corpus.splits["train"]))
+        max_steps = cfg.trainer["max_steps"]
+        trained_out = self.resumed_step is not None and self.resumed_step >= max_steps
+        if trained_out and rank_zero_only.rank == 0:
+            print(
+                f"ckpt_path={self.resume} is already at step {self.resumed_step}, trainer.max_steps={max_steps}: nothing to train, "
+                "so it is evaluated and kept as this run's checkpoints/last.ckpt; raise trainer.max_steps to train further"
+            )
         fit_from(self.resume, self.trainer, self.task, self.data, folder)
-        folder.owned = True  # a resume that had nothing left to train (max_steps reached) loaded fine too
+        folder.owned = True  # a resume that had nothing left to train loaded fine too
+        if trained_out and Path(self.resume).resolve() != folder.last.resolve():
+            self.trainer.save_checkpoint(folder.last)  # another folder's checkpoint: this run's folder gets its own
         if interrupt.requested:
             raise RunInterrupted("Ctrl-C")
 
@@ -550,6 +585,20 @@ def hydra_value(key: str, path: Path | str) -> str:
     return f'{key}="{path}"'
 
 
+def quote_paths(args: list[str], keys: tuple[str, ...]) -> list[str]:
+    """Command-line overrides with the value of each of ``keys`` that names an existing file or folder quoted
+    for Hydra, whose override grammar would parse the `=` and `,` of run folder names (``model=mswa,seed=0``):
+    a path copied from our output works as typed."""
+
+    def quoted(arg: str) -> str:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+") not in keys or value[:1] in ("'", '"') or not Path(value).exists():
+            return arg
+        return f"{key}='" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+    return [quoted(arg) for arg in args]
+
+
 def what_next(folder: RunFolder, run: RunInfo) -> str:
     step = checkpoint_step(folder.last)
     if step is None:
@@ -567,6 +616,10 @@ def summary_lines(results: dict, folder: RunFolder) -> str:
         else "the final weights (no validation ran during training)"
     )
     lines = [f"finished {results['steps']} steps: {scores}, from {source}", f"results: {folder.results_path}"]
+    last_step = checkpoint_step(folder.last)
+    if last_step is not None:
+        resume = shlex.quote(hydra_value("ckpt_path", folder.last.resolve()))
+        lines.append(f"train further from step {last_step} with a higher trainer.max_steps and {resume}")
     if results["config"]["logger"]["name"] == "wandb" and results["config"]["logger"]["mode"] == "offline":
         lines.append(f"W&B (offline): upload with wandb sync {shlex.quote(str(folder.path / 'wandb'))}/offline-run-*")
     return "\n".join(lines)

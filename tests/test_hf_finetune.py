@@ -177,7 +177,7 @@ def test_lora_fine_tuning_through_train_py_lowers_the_loss(tiny_dir, tmp_path):
     assert results["metrics"]["val/loss"] < first_loss - 1.0
 
     # checkpoints hold only what trains; the saved adapter reproduces the run's validation loss
-    state = torch.load(results_path.parent / "checkpoints" / "best.ckpt", weights_only=False)["state_dict"]
+    state = torch.load(results_path.parent / "checkpoints" / "best.ckpt", weights_only=True)["state_dict"]
     assert state and all("lora_" in name or "modules_to_save" in name for name in state)
     from peft import PeftModel
 

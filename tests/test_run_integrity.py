@@ -118,7 +118,7 @@ def test_a_moved_run_resumes_and_evaluates_its_own_best(finished, tmp_path):
     assert results["evaluated_checkpoint"] == "checkpoints/best.ckpt" and "run_dir" not in results
     assert str(original) not in (moved / "results.json").read_text()
     for name in ("best.ckpt", "last.ckpt"):
-        callbacks = torch.load(moved / "checkpoints" / name, weights_only=False)["callbacks"]
+        callbacks = torch.load(moved / "checkpoints" / name, weights_only=True)["callbacks"]
         paths = [state[key] for state in callbacks.values() for key in ("best_model_path", "last_model_path") if key in state]
         assert paths and all("/" not in path for path in paths), paths
 
@@ -143,7 +143,7 @@ def test_nan_advice_says_only_what_is_true(finished, tmp_path):
     with pytest.raises(NonFiniteLossError) as error:
         train(smoke(finished, *diverge, "checkpoint.every_n_train_steps=1"), RunInfo(str(tmp_path / "some")))
     last = tmp_path / "some" / "checkpoints" / "last.ckpt"
-    step = torch.load(last, weights_only=False)["global_step"]
+    step = torch.load(last, weights_only=True)["global_step"]
     assert f"""continue from step {step} with 'ckpt_path="{last}"'""" in str(error.value)
     assert results_of(tmp_path / "some")["status"] == "failed"
 
@@ -155,7 +155,7 @@ def test_a_changed_optim_lr_takes_effect_on_resume(finished, tmp_path):
         RunInfo(str(tmp_path / "lower")),
     )
     assert resumed["status"] == "finished" and resumed["evaluated_checkpoint"] == "checkpoints/best.ckpt"
-    state = torch.load(tmp_path / "lower" / "checkpoints" / "last.ckpt", weights_only=False)
+    state = torch.load(tmp_path / "lower" / "checkpoints" / "last.ckpt", weights_only=True)
     assert state["global_step"] == 6
     # warm-up 2 steps, then cosine to 0.1 of the peak at max_steps: at step 6 the factor is 0.1
     factor = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (6 - 2) / (6 - 2)))
@@ -304,7 +304,7 @@ def only_run_dir(root: Path) -> Path:
 def checkpoint_at_step(run_dir: Path, least: int):
     def ready() -> bool:
         try:
-            return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] >= least
+            return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] >= least
         except Exception:  # noqa: BLE001 - not there yet
             return False
 
@@ -386,7 +386,7 @@ def test_a_real_full_disk_then_resume_to_the_same_metric(straight, tmp_path):
         assert job.proc.returncode == 1 and "Traceback" not in stderr, stderr[-3000:]
         assert last_line.startswith("error: no space left on the device writing "), last_line
         for checkpoint in (run_dir / "checkpoints").iterdir():
-            torch.load(checkpoint, weights_only=False)  # whole, or not there: never half a file
+            torch.load(checkpoint, weights_only=True)  # whole, or not there: never half a file
         assert not list(run_dir.rglob("*.part-*"))
         assert results_of(run_dir)["status"] in ("failed", "running")  # running only if even results.json could not be written
         filler.unlink()

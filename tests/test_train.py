@@ -138,7 +138,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint_before_it(tmp_pat
     ]
     with pytest.raises(NonFiniteLossError, match=r"at step \d+; lower optim.lr .* or continue from step \d+ with 'ckpt_path="):
         train(compose_config(overrides, tmp_path), RunInfo(str(tmp_path / "run")))
-    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert all(torch.isfinite(t).all() for t in saved["state_dict"].values())
     assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "failed"
 
@@ -165,7 +165,7 @@ def test_interrupted_run_resumes_to_the_same_final_metric(tmp_path):
     _, stderr = proc.communicate(timeout=120)
     interrupted = json.loads((run_dir / "results.json").read_text())
     assert interrupted["status"] == "interrupted", interrupted
-    stopped_at = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+    stopped_at = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
     assert 0 < stopped_at < 60
     message = stderr.strip().splitlines()[-1]
     command = shlex.join(["python", "train.py", f"paths.log_dir={tmp_path}/outputs", *args, "ckpt_path=last"])
