@@ -2,22 +2,45 @@
 
 Each refuses a bad config in one sentence that names the key, the value and the fix. The typed config
 (mswa/config.py) refuses unknown keys and values that break their field's rule; these are the checks
-between settings, and against the machine, the data loader's signature and a checkpoint to resume.
+between settings, and against the command line, the machine (its GPU, memory, W&B login and the folders
+a run writes), the data loader's signature and a checkpoint to resume. Legal settings that are probably
+not what was meant (every window covering the sequence) get a one-line warning instead.
 """
 
 from __future__ import annotations
 
 import inspect
+import netrc
 import os
 import sys
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlparse
 
+import psutil
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.utils import get_method
+from omegaconf import DictConfig, OmegaConf
 
-from mswa.config import FILLED_BY_RUN, PRETRAINED_SHAPE, ConfigError, RunConfig, model_config, parse_config, refuse_unknown
+from mswa.config import (
+    FILLED_BY_RUN,
+    PRETRAINED_SHAPE,
+    ConfigError,
+    EvaluateConfig,
+    RunConfig,
+    WandbConfig,
+    check_group,
+    check_hardware_keys,
+    model_config,
+    parse_config,
+    refuse_unknown,
+)
+from mswa.factory import build_model, model_spec
+from mswa.folders import check_folder
 from mswa.lit import UnsafeCheckpointError, read_checkpoint
+from mswa.windows import WindowSchedule
 
 MISSING = object()
 
@@ -30,6 +53,8 @@ def check_config(cfg: dict) -> RunConfig:
     check_hardware(settings)
     check_model(settings)
     check_lm_eval(settings)
+    if isinstance(settings.logger, WandbConfig):
+        check_wandb_login(settings.logger.mode)
     for key, path in (
         ("paths.data_dir", settings.paths.data_dir),
         ("paths.log_dir", settings.paths.log_dir),
@@ -38,6 +63,28 @@ def check_config(cfg: dict) -> RunConfig:
         if path is not None:
             check_folder(key, path)
     return settings
+
+
+class CheckRunFolder(Callback):
+    """Hydra makes the run's folder before train.py's main runs: what places it is checked first (conf/train.yaml
+    names this callback), so that no folder is made in a wrong place."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        refuse_run_folder(config, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        refuse_run_folder(config, "hydra.sweep.dir")
+
+
+def refuse_run_folder(config: DictConfig, key: str) -> None:
+    """Stop in one line when the task name or a folder that places the run (``key``: Hydra's) cannot hold it."""
+    HydraConfig.instance().set_config(config)  # the folder's name reads hydra:job.override_dirname
+    try:
+        check_group("", {"task_name": config.task_name}, RunConfig)
+        for name in ("paths.log_dir", key):
+            check_folder(name, OmegaConf.select(config, name))
+    except ValueError as error:
+        sys.exit(f"error: {error}")
 
 
 def check_loader_keys(loader: dict) -> None:
@@ -62,17 +109,104 @@ def check_warmup(cfg: RunConfig) -> None:
         )
 
 
+def check_repeated_overrides(overrides: list[str]) -> None:
+    """Hydra keeps the last of two overrides of one key without a word: a repeated key is refused instead."""
+    first: dict[str, str] = {}
+    for override in overrides:
+        key = override.partition("=")[0].lstrip("+~")
+        if key in first:
+            raise ConfigError(f"{key} is given twice ({first[key]} and {override}), and only the last would count; give it once")
+        first[key] = override
+
+
 def check_hardware(cfg: RunConfig) -> None:
-    accelerator = cfg.hardware["accelerator"]
+    check_accelerator(cfg.hardware)
+    if cfg.model.attn_backend == "flex" and cfg.hardware["accelerator"] == "cpu":
+        raise ConfigError(
+            "model.attn_backend=flex cannot train on hardware.accelerator=cpu (torch has no FlexAttention backward on CPU); "
+            "use model.attn_backend=blocked or auto"
+        )
+
+
+def check_accelerator(hardware: Mapping) -> None:
+    """The hardware group asks for nothing this machine lacks (train.py's run and mswa.evaluate)."""
+    accelerator = hardware.get("accelerator")
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(
             f"hardware.accelerator={accelerator} but this machine has no CUDA GPU; "
             "add hardware=cpu to run here (an experiment= that picks the GPU keeps its other settings)"
         )
-    if cfg.model.attn_backend == "flex" and accelerator == "cpu":
+
+
+def check_wandb_login(mode: str) -> None:
+    """W&B online needs credentials; without them wandb.init fails once everything is built."""
+    if mode == "online" and not wandb_credentials_found():
         raise ConfigError(
-            "model.attn_backend=flex cannot train on hardware.accelerator=cpu (torch has no FlexAttention backward on CPU); "
-            "use model.attn_backend=blocked or auto"
+            "logger.mode=online but W&B finds no credentials here (no WANDB_API_KEY, no netrc entry); run wandb login "
+            "first, or use logger.mode=offline and upload later with wandb sync"
+        )
+
+
+def wandb_credentials_found() -> bool:
+    """Whether W&B has credentials here, from the sources wandb.init reads, without asking the network: the
+    environment (an API key or an identity token file), else the netrc entry `wandb login` writes for its host."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    import wandb
+
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or wandb.Settings().base_url).hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def check_evaluation(options: dict, hardware: dict, wandb_mode: str | None) -> None:
+    """mswa.evaluate's settings, the hardware it runs on and the W&B run it writes to (``wandb_mode``, None: none),
+    checked before anything is loaded."""
+    check_group("", options, EvaluateConfig)
+    check_hardware_keys(hardware)
+    check_accelerator(hardware)
+    if wandb_mode is not None:
+        check_wandb_login(wandb_mode)
+
+
+TRAINED_IN_RAM_BYTES = 16  # a parameter trained in RAM: its float32 weight, its gradient and AdamW's two moments
+BUILT_IN_RAM_BYTES = 4  # a GPU run builds the float32 weights in RAM, then moves them (the GPU's memory is its own)
+
+
+def check_memory(cfg: RunConfig, schedule: WindowSchedule, vocab_size: int | None = None) -> None:
+    """The model fits in the memory available, counted from its settings; before the data is loaded
+    (``vocab_size`` None), with the smallest vocabulary it takes."""
+    if cfg.pretrained:  # its weights are the checkpoint's, loaded once
+        return
+    model, n_params = cfg.model, parameter_count(cfg, schedule, vocab_size)
+    in_ram = cfg.hardware["accelerator"] not in ("gpu", "cuda")
+    needed, available = n_params * (TRAINED_IN_RAM_BYTES if in_ram else BUILT_IN_RAM_BYTES), psutil.virtual_memory().available
+    if needed > available:
+        counted = "its weights, gradients and AdamW state" if in_ram else "its weights, built in RAM"
+        raise ConfigError(
+            f"the model (model.n_layer={model.n_layer}, model.d_model={model.d_model}: {n_params:,} parameters) needs "
+            f"{needed / 2**30:,.1f} GiB for {counted}, more than the {available / 2**30:,.1f} GiB of memory available; "
+            "lower model.d_model or model.n_layer"
+        )
+
+
+def parameter_count(cfg: RunConfig, schedule: WindowSchedule, vocab_size: int | None) -> int:
+    """The native model's parameters, counted on the meta device (which allocates nothing)."""
+    model = cfg.model
+    vocab_size = vocab_size or (max(model.adaptive_cutoffs) + 1 if model.output == "adaptive" else 1)
+    with torch.device("meta"):
+        return build_model(model, model_spec(cfg, vocab_size, schedule)).n_params()
+
+
+def warn_full_attention(cfg: RunConfig, schedule: WindowSchedule) -> None:
+    """Legal, but likely not meant: windows that all cover the sequence make a windowed model full attention."""
+    if not schedule.is_full and schedule.budget(cfg.seq_len)["pairs_vs_full"] == 1:
+        print(
+            f"warning: every window of window_schedule={cfg.window_schedule.name} (window={cfg.window}) covers seq_len={cfg.seq_len}, "
+            f"so model={cfg.model.name} trains full attention; set window below seq_len for windowed attention",
+            file=sys.stderr,
         )
 
 
@@ -107,17 +241,6 @@ def check_lm_eval(cfg: RunConfig) -> None:
         _check_request(options.tasks, options.num_fewshot, options.batch_size)
     except ValueError as error:
         raise ConfigError(f"lm_eval.{error}") from None
-
-
-def check_folder(key: str, path: str) -> None:
-    """A folder the run writes into: not a file, nor under one, and writable."""
-    folder = Path(path).expanduser().absolute()
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
-    if not existing.is_dir():
-        where = "is a file" if existing == folder else f"is inside the file {existing}"
-        raise ConfigError(f"{key}={path} {where}; give a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"{key}={path} cannot be written ({existing} is read-only to you); give a folder you can write to")
 
 
 def check_launcher(launcher: str | None, multirun: bool) -> None:

@@ -1,5 +1,5 @@
-"""The typed run config: one dataclass per config group, the rule every value must follow, and the parse of a
-composed config (the plain dict Hydra resolves, or a run folder's results.json) into them.
+"""The typed run config: one dataclass per config group, the rule (mswa/rules.py) every value must follow, and the
+parse of a composed config (the plain dict Hydra resolves, or a run folder's results.json) into them.
 
 The dataclasses are the one list of what a user can set: a key that no field names (``+model.n_layers=3``) is
 refused with the closest field, a value that breaks its field's rule or type in one sentence naming both; the
@@ -13,9 +13,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
-import math
 import typing
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,43 +26,27 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from mswa.attention import BACKENDS
 from mswa.attention.linear import FEATURE_MAPS
 from mswa.model import ModelConfig
+from mswa.rules import (
+    BETAS,
+    BOOLEAN,
+    DEVICES,
+    FOLDER_NAME,
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_OR_NULL,
+    PROBABILITY,
+    RATE,
+    RATE_OR_NULL,
+    SEED,
+    THREADS,
+    ConfigError,
+    Rule,
+    check_value,
+    one_of,
+)
 from mswa.sweeps import schedule_rule
 
-
-class ConfigError(ValueError):
-    """A config that cannot run; the message names the key and the fix."""
-
-
-@dataclass(frozen=True)
-class Rule:
-    """What a value must be, as the sentence a refusal ends with, and the test of it."""
-
-    must_be: str
-    ok: Callable[[Any], bool]
-
-
-def is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def one_of(choices: Collection) -> Rule:
-    return Rule(f"one of {', '.join(dict.fromkeys(map(str, choices)))}", lambda v: v in choices)
-
-
-POSITIVE = Rule("an integer >= 1", lambda v: is_int(v) and v >= 1)
-NON_NEGATIVE = Rule("an integer >= 0", lambda v: is_int(v) and v >= 0)
-SEED = Rule(f"an integer in [0, {2**32 - 1}]", lambda v: is_int(v) and 0 <= v < 2**32)
-POSITIVE_OR_NULL = Rule("an integer >= 1, or null", lambda v: v is None or POSITIVE.ok(v))
-RATE = Rule("a finite number >= 0", lambda v: is_number(v) and v >= 0)
-RATE_OR_NULL = Rule("a finite number >= 0, or null (no clipping)", lambda v: v is None or RATE.ok(v))
-FRACTION = Rule("a number in [0, 1]", lambda v: is_number(v) and 0 <= v <= 1)
-PROBABILITY = Rule("a number in [0, 1)", lambda v: is_number(v) and 0 <= v < 1)
-BETAS = Rule("two numbers in [0, 1), e.g. [0.9, 0.95]", lambda v: isinstance(v, list) and len(v) == 2 and all(PROBABILITY.ok(b) for b in v))
-BOOLEAN = Rule("true or false", lambda v: isinstance(v, bool))
 WANDB_MODES = ("offline", "online", "disabled")
 PRECISIONS = tuple(value for literal in typing.get_args(_PRECISION_INPUT) for value in typing.get_args(literal))
 
@@ -270,18 +253,30 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     lm_eval: LmEvalConfig | None = None
     slurm: SlurmConfig | None = None
-    task_name: str = "train"
+    task_name: str = setting(FOLDER_NAME, "train")
     seed: int = setting(SEED)
     window: int | None = None  # the base window w (checked by the schedule that uses it)
     seq_len: int = setting(POSITIVE)
     compile: bool = setting(BOOLEAN, False)
-    torch_threads: int | None = setting(Rule("an integer >= 1, or null (torch's default)", POSITIVE_OR_NULL.ok), None)
+    torch_threads: int | None = setting(THREADS, None)
     ckpt_path: str | None = None
     overwrite: bool = setting(BOOLEAN, False)
 
     @property
     def pretrained(self) -> bool:
         return isinstance(self.model, PretrainedModel)
+
+
+@dataclass
+class EvaluateConfig:
+    """conf/evaluate.yaml composed: what `python -m mswa.evaluate` takes (the rest comes from the run)."""
+
+    run_dir: str = setting()
+    ckpt: str = "best"
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    batch_size: int | None = setting(Rule("an integer >= 1, or null (the run's data.eval_batch_size)", POSITIVE_OR_NULL.ok), None)
+    torch_threads: int | None = setting(THREADS, None)
+    hardware: dict[str, Any] | None = None  # null: the run's
 
 
 # Trainer keywords that the run passes itself; the hardware group's keys go to the Trainer as well.
@@ -303,6 +298,7 @@ TRAINER_RULES = {  # the Trainer keywords a run relies on (Lightning checks the 
     "trainer.accumulate_grad_batches": POSITIVE,
     "trainer.gradient_clip_val": RATE_OR_NULL,
     "hardware.num_nodes": POSITIVE,
+    "hardware.devices": DEVICES,
     "hardware.precision": one_of(PRECISIONS),
 }
 
@@ -338,9 +334,7 @@ def check_group(group: str, values: Mapping, schema: type, chosen: Mapping[str, 
     hints = typing.get_type_hints(schema)
     prefix = f"{group}." if group else ""
     for name, value in values.items():
-        rule = fields[name].metadata.get("rule")
-        if rule is not None and not rule.ok(value):
-            raise ConfigError(f"{prefix}{name}={value!r} must be {rule.must_be}")
+        check_value(f"{prefix}{name}", value, fields[name].metadata.get("rule"))
         inner = (chosen or {}).get(name) or next(
             (t for t in typing.get_args(hints[name]) or (hints[name],) if dataclasses.is_dataclass(t)), None
         )
@@ -365,13 +359,23 @@ def refuse_unknown(group: str, values: Mapping, known: Collection[str], set_else
 
 def check_trainer_keys(cfg: Mapping) -> None:
     """trainer.* and hardware.* are lightning.Trainer's keywords, but those the run sets itself."""
+    check_hardware_keys(cfg["hardware"])
     set_by_run = dict.fromkeys(TRAINER_KEYS_SET_BY_RUN, "the run")
-    refuse_unknown("hardware", cfg["hardware"], TRAINER_KEYWORDS, set_by_run)
     refuse_unknown("trainer", cfg["trainer"], TRAINER_KEYWORDS, set_by_run | {key: f"hardware.{key}" for key in cfg["hardware"]})
+    check_trainer_rules("trainer", cfg["trainer"])
+
+
+def check_hardware_keys(hardware: Mapping) -> None:
+    """The hardware group, as train.py and mswa.evaluate hand it to lightning.Trainer."""
+    refuse_unknown("hardware", hardware, TRAINER_KEYWORDS, dict.fromkeys(TRAINER_KEYS_SET_BY_RUN, "the run"))
+    check_trainer_rules("hardware", hardware)
+
+
+def check_trainer_rules(group: str, values: Mapping) -> None:
     for key, rule in TRAINER_RULES.items():
-        group, name = key.split(".")
-        if name in cfg[group] and not rule.ok(cfg[group][name]):
-            raise ConfigError(f"{key}={cfg[group][name]!r} must be {rule.must_be}")
+        name = key.removeprefix(f"{group}.")
+        if name != key and name in values:
+            check_value(key, values[name], rule)
 
 
 _FROM_PRETRAINED = "model.pretrained's config"

@@ -30,13 +30,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from mswa.checks import check_same_model, read_run_checkpoint
+from mswa.checks import check_evaluation, check_repeated_overrides, check_same_model, read_run_checkpoint
 from mswa.config import RunConfig, WandbConfig, parse_config
 from mswa.data.batches import eval_context
 from mswa.data.corpus import Corpus
 from mswa.factory import build_model, build_schedule, model_spec, with_pretrained_shape
+from mswa.folders import check_folder
 from mswa.lit import CorpusDataModule, LanguageModelTask
-from mswa.run import git_commit, load_corpus, quote_paths
+from mswa.run import git_commit, load_corpus, quote_paths, warn_short_evaluations
 
 # command-line keys of conf/evaluate.yaml; any other key (model.*, dataset.*, seq_len, ...) is refused
 EVALUATE_KEYS = ("run_dir", "ckpt", "eval.seq_len", "eval.stride", "batch_size", "torch_threads", "hardware")
@@ -113,7 +114,9 @@ def checkpoint_file(run_dir: str | os.PathLike, checkpoint: str, key: str = "ckp
 
 
 def check_overrides(overrides: list[str]) -> None:
-    """Refuse, in one sentence, command-line keys that are not evaluation settings, and a missing run folder."""
+    """Refuse, in one sentence, command-line keys that are not evaluation settings or are repeated, and a missing
+    or read-only run folder (the evaluations are written into it)."""
+    check_repeated_overrides(overrides)
     keys = {}
     for override in overrides:
         key, _, value = override.partition("=")
@@ -133,6 +136,7 @@ def check_overrides(overrides: list[str]) -> None:
     for folder in [value] if Path(value).is_dir() else value.split(","):  # a multirun may list several
         if not Path(folder).is_dir():
             raise ValueError(f"run_dir={folder} is not a folder; pass the folder of a trained run (the one holding results.json)")
+        check_folder("run_dir", folder)
 
 
 def evaluate(options: dict) -> dict:
@@ -140,20 +144,21 @@ def evaluate(options: dict) -> dict:
     started = time.time()
     run_dir, checkpoint = Path(options["run_dir"]), str(options["ckpt"])
     cfg = run_config(run_dir)
+    logger, hardware = _wandb_logger(cfg, run_dir), options.get("hardware") or cfg["hardware"]
+    check_evaluation(options, hardware, wandb_mode=None if logger is None else _wandb_mode(logger))
     checkpoint_file(run_dir, checkpoint)
     cfg["eval"] = {"seq_len": options["eval"]["seq_len"], "stride": options["eval"]["stride"]}
     seq_len, stride = eval_context(cfg)
     batch_size = options.get("batch_size") or cfg["data"]["eval_batch_size"]
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} must be a positive integer (null: the run's data.eval_batch_size)")
     if options.get("torch_threads"):
         torch.set_num_threads(options["torch_threads"])
     cfg, task, corpus = load_run(run_dir, checkpoint)
+    warn_short_evaluations(corpus, seq_len)
     data = CorpusDataModule(
         corpus, cfg["seq_len"], cfg["data"]["batch_size"], batch_size, cfg["seed"], eval_seq_len=seq_len, eval_stride=stride
     )
     trainer = L.Trainer(
-        **(options.get("hardware") or cfg["hardware"]),
+        **hardware,
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
@@ -177,7 +182,8 @@ def evaluate(options: dict) -> dict:
     }
     if trainer.global_rank == 0:
         _write_json(run_dir / f"evaluation_{name}.json", record)
-        _mirror_to_wandb(cfg, run_dir, name, record)
+        if logger is not None:
+            _mirror_to_wandb(logger, run_dir, name, record)
         print(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in record["metrics"].items() if k.endswith(corpus.metric)))
     return record
 
@@ -188,19 +194,26 @@ def _write_json(path: Path, record: dict) -> None:
     temp.replace(path)
 
 
-def _mirror_to_wandb(cfg: dict, run_dir: Path, name: str, record: dict) -> None:
+def _wandb_logger(cfg: dict, run_dir: Path) -> WandbConfig | None:
+    """The W&B settings of a run that logged to W&B (it left its run id), whose summary the evaluations join."""
+    logger = parse_config(cfg).logger
+    return logger if isinstance(logger, WandbConfig) and (run_dir / "wandb_id").is_file() else None
+
+
+def _wandb_mode(logger: WandbConfig) -> str:
+    return os.environ.get("WANDB_MODE", logger.mode)
+
+
+def _mirror_to_wandb(logger: WandbConfig, run_dir: Path, name: str, record: dict) -> None:
     """The record into the summary of the run's own W&B run (offline unless the run was online)."""
-    id_file, logger = run_dir / "wandb_id", parse_config(cfg).logger
-    if not isinstance(logger, WandbConfig) or not id_file.is_file():
-        return
     import wandb
 
     run = wandb.init(
         project=logger.project,
         entity=logger.entity,
-        id=id_file.read_text().strip(),
+        id=(run_dir / "wandb_id").read_text().strip(),
         resume="allow",
-        mode=os.environ.get("WANDB_MODE", logger.mode),
+        mode=_wandb_mode(logger),
         dir=str(run_dir),
     )
     run.summary[f"evaluate/{name}"] = {key: record[key] for key in ("metrics", "evaluation", "checkpoint")}

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from mswa.attention.linear import mapped_feature_dim
+from mswa.rules import POSITIVE, POSITIVE_OR_NULL, RATE, Rule, check_value, is_number
 from mswa.windows import Window
 
 
@@ -197,16 +198,18 @@ def cache_bytes(cfg, seen: int, batch: int = 1, element_size: int = 4) -> dict[s
 # ----------------------------------------------------------------------------- sampling
 
 
+SAMPLING_RULES = {  # the config's rules (mswa.rules), worded for sampling
+    "max_new_tokens": Rule("an integer >= 1: ask for at least one new token", POSITIVE.ok),
+    "temperature": Rule("a finite number >= 0 (0 = greedy, 1 = the model's distribution)", RATE.ok),
+    "top_k": Rule("an integer >= 1, or unset to sample from every token", POSITIVE_OR_NULL.ok),
+    "top_p": Rule("a number in (0, 1]: 1 keeps every token, smaller values keep the likeliest", lambda v: is_number(v) and 0 < v <= 1),
+}
+
+
 def check_sampling(max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0) -> None:
     """Refuse sampling settings that cannot work, in one sentence each, before any work."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1: ask for at least one new token")
-    if not temperature >= 0:
-        raise ValueError(f"temperature={temperature!r} must be >= 0 (0 = greedy, 1 = the model's distribution)")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k={top_k!r} must be an integer >= 1, or unset to sample from every token")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p!r} must lie in (0, 1]: 1 keeps every token, smaller values keep the likeliest")
+    for key, value in {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p}.items():
+        check_value(key, value, SAMPLING_RULES[key])
 
 
 def check_prompt(cfg, prompt_tokens: int, max_new_tokens: int) -> None:

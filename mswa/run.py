@@ -34,7 +34,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from mswa.atomic import write_atomic
-from mswa.checks import check_checkpoint, check_config
+from mswa.checks import check_checkpoint, check_config, check_memory, check_repeated_overrides, warn_full_attention
 from mswa.config import ConfigError, DatasetConfig, RunConfig, WandbConfig
 from mswa.data.batches import eval_context
 from mswa.data.corpus import Corpus
@@ -79,11 +79,23 @@ def check_corpus(cfg: RunConfig, corpus: Corpus, eval_seq_len: int) -> None:
                 f"seq_len={cfg.seq_len} needs at least {needed} tokens in the {split} split of {corpus.name!r}, "
                 f"which has {len(tokens)}; lower seq_len or use a larger dataset"
             )
-        if corpus.source is not None and split != "train" and len(tokens) < eval_seq_len + 1:
-            raise ConfigError(
-                f"the {split} split of {corpus.name!r} holds {len(tokens):,} bytes, less than one evaluation window "
-                f"({eval_seq_len + 1:,}); raise its share in dataset.loader.split_fractions or use a larger corpus"
+    warn_short_evaluations(corpus, eval_seq_len, cfg.data.val_max_tokens)
+
+
+def warn_short_evaluations(corpus: Corpus, eval_seq_len: int, val_max_tokens: int | None = None) -> None:
+    """Legal, but its loss says little: an evaluation that scores fewer targets than one evaluation window."""
+    short = f"fewer than one evaluation window (eval.seq_len={eval_seq_len}), so its loss says little"
+    for split in ("valid", "test"):
+        if (targets := len(corpus.splits[split]) - 1) < eval_seq_len:
+            print(
+                f"warning: the {split} split of {corpus.name!r} holds {targets:,} target(s), {short}; use a larger corpus", file=sys.stderr
             )
+    if val_max_tokens is not None and val_max_tokens < min(eval_seq_len, len(corpus.splits["valid"]) - 1):
+        print(
+            f"warning: validation during training scores data.val_max_tokens={val_max_tokens} target(s), {short}; "
+            "raise data.val_max_tokens or set it null",
+            file=sys.stderr,
+        )
 
 
 def load_corpus(dataset: DatasetConfig) -> Corpus:
@@ -391,16 +403,20 @@ class Attempt:
     def check(self) -> None:
         """Every check that needs no model, the data loaded on the way; nothing in the folder is touched but the
         metrics of a run to resume, set aside to merge back."""
+        check_repeated_overrides(self.run_info.overrides)
         self.cfg = cfg = check_config(self.plain)
         if cfg.pretrained:  # its shape is recorded with the run's config
             cfg.model = with_pretrained_shape(cfg.model)
             self.plain["model"].update(n_layer=cfg.model.n_layer, n_head=cfg.model.n_head, vocab_size=cfg.model.vocab_size)
         self.eval_context = eval_context(self.plain)
         self.schedule = build_schedule(cfg)
+        check_memory(cfg, self.schedule)
+        warn_full_attention(cfg, self.schedule)
         self.resume = self.folder.resolve_resume(cfg.ckpt_path, cfg.overwrite)
         self.earlier_metrics = self.folder.set_aside_metrics() if self.resume else None
         self.corpus = load_corpus(cfg.dataset)
         check_corpus(cfg, self.corpus, self.eval_context[0])
+        check_memory(cfg, self.schedule, self.corpus.vocab_size)
         if self.corpus.source is not None:
             self.results["data_source"] = self.corpus.source
 

@@ -18,6 +18,7 @@ import torch
 from mswa.config import parse_config
 from mswa.evaluate import load_run, run_config
 from mswa.generate import check_prompt, check_sampling, generate
+from mswa.rules import POSITIVE, check_value
 
 EOS_WORD = "<eos>"
 
@@ -101,8 +102,9 @@ def main(argv=None) -> None:
         help="torch CPU threads; decoding one sequence is a string of small operations that more threads mostly slow",
     )
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, args.threads))
     try:
+        check_value("--threads", args.threads, POSITIVE)
+        torch.set_num_threads(args.threads)
         text = sample(
             args.run_dir,
             args.prompt,

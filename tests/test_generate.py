@@ -226,10 +226,10 @@ def test_sampling_a_word_run_speaks_its_vocabulary(word_run, capsys):
         ),
         (["--prompt", "", "--max-new-tokens", "5"], "the prompt is empty"),
         (["--prompt", "x", "--max-new-tokens", "0"], "max_new_tokens=0 must be an integer >= 1"),
-        (["--prompt", "x", "--top-p", "0"], r"top_p=0.0 must lie in \(0, 1\]"),
-        (["--prompt", "x", "--top-p", "1.5"], r"top_p=1.5 must lie in \(0, 1\]"),
+        (["--prompt", "x", "--top-p", "0"], r"top_p=0.0 must be a number in \(0, 1\]"),
+        (["--prompt", "x", "--top-p", "1.5"], r"top_p=1.5 must be a number in \(0, 1\]"),
         (["--prompt", "x", "--top-k", "0"], "top_k=0 must be an integer >= 1"),
-        (["--prompt", "x", "--temperature", "-1"], "temperature=-1.0 must be >= 0"),
+        (["--prompt", "x", "--temperature", "-1"], "temperature=-1.0 must be a finite number >= 0"),
     ],
 )
 def test_bad_input_is_one_sentence(byte_run, args, message):

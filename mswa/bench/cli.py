@@ -4,6 +4,7 @@ import argparse
 import importlib
 
 import mswa.bench
+from mswa.folders import FolderError, check_file
 
 COMMANDS = ("attention", "model", "eval", "generate", "data", "hf")  # modules of mswa.bench
 
@@ -15,4 +16,8 @@ def main(argv=None):
     for name in COMMANDS:
         importlib.import_module(f"mswa.bench.{name}").add_command(commands)
     args = parser.parse_args(argv)
+    try:  # before the benchmark runs, not after
+        check_file("--output", args.output)
+    except FolderError as error:
+        parser.exit(2, f"error: {error}\n")
     return args.run(args)

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset
 
+from mswa.rules import POSITIVE
+
 IGNORE = -100  # target id that metrics skip (padding)
 
 
@@ -120,10 +122,10 @@ def eval_context(cfg: dict) -> tuple[int, int]:
     the training length; rotary models (and pretrained ones) may be evaluated beyond it."""
     settings = cfg.get("eval") or {}
     seq_len = cfg["seq_len"] if settings.get("seq_len") is None else settings["seq_len"]
-    if not _positive_int(seq_len):
+    if not POSITIVE.ok(seq_len):
         raise ValueError(f"eval.seq_len={seq_len!r} must be a positive integer (null: the training seq_len)")
     stride = seq_len if settings.get("stride") is None else settings["stride"]
-    if not _positive_int(stride) or stride > seq_len:
+    if not POSITIVE.ok(stride) or stride > seq_len:
         raise ValueError(
             f"eval.stride={stride!r} must be an integer from 1 to eval.seq_len={seq_len} "
             "(each chunk scores its last `stride` targets; null: eval.seq_len)"
@@ -134,7 +136,3 @@ def eval_context(cfg: dict) -> tuple[int, int]:
             f"(model.positions=learned) cannot go beyond; set eval.seq_len<={cfg['seq_len']} or train with model.positions=rope"
         )
     return seq_len, stride
-
-
-def _positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1

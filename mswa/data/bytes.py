@@ -52,7 +52,7 @@ def load(data_dir: str | os.PathLike, path: str | os.PathLike | None, split_frac
     """The byte corpus of ``path`` (a file, or a folder read in sorted path order), split by ``split_fractions``."""
     fractions = check_fractions(split_fractions)
     root, files = source_files(path)
-    digest, size = _digest(files)
+    digest, size = content_digest(files)
     source = {"name": root.name, "path": str(root), "files": len(files), "bytes": size, "sha256": digest}
     identity = {"corpus": "bytes", "bytes": size, "sha256": digest, "fractions": list(fractions)}
     cache = CacheFolder(data_dir, f"bytes-{_safe(root.name)}", identity)
@@ -102,8 +102,8 @@ def _folder_files(root: Path) -> tuple[list[Path], list[tuple[str, str]]]:
     return files, skipped
 
 
-def _digest(files: list[Path]) -> tuple[str, int]:
-    """sha256 and size of the files' concatenation (what the corpus is)."""
+def content_digest(files: list[Path]) -> tuple[str, int]:
+    """sha256 and size of the files' concatenation (what the corpus is): what keys a cache built from local files."""
     digest, size = hashlib.sha256(), 0
     for file in files:
         try:

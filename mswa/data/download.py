@@ -1,4 +1,5 @@
-"""Downloads for the dataset loaders: a URL fetched into a temporary file, checked for truncation.
+"""Downloads for the dataset loaders: a URL (http(s), or file:// for a local mirror) fetched into a temporary
+file, checked for truncation.
 
 The caller verifies the content (checksums, zip CRCs) and keeps only what it derives from it, in a
 verified cache (``mswa.data.cache``).
@@ -34,7 +35,7 @@ def downloaded(url: str, final: Path) -> Iterator[Path]:
 def _fetch(url: str, destination: Path) -> None:
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(destination, "wb") as out:
-            announced = response.length  # Content-Length, None when the server does not say
+            announced = _announced_length(response)
             with tqdm(total=announced, unit="B", unit_scale=True, desc=f"downloading {Path(url).name}") as bar:
                 while block := response.read(BLOCK_BYTES):
                     out.write(block)
@@ -46,3 +47,9 @@ def _fetch(url: str, destination: Path) -> None:
         raise DataError(
             f"download of {url} is truncated ({received:,} of {announced:,} bytes, connection closed early); rerun to download it again"
         )
+
+
+def _announced_length(response) -> int | None:
+    """Content-Length: what an HTTP server, or the file behind a file:// URL (a local mirror), says it sends."""
+    length = response.headers.get("Content-Length")
+    return int(length) if length is not None and length.isdigit() else None

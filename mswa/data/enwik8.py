@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from mswa.data.bytes import check_fractions, split_boundaries
+from mswa.data.bytes import check_fractions, content_digest, split_boundaries
 from mswa.data.cache import CacheContent, CacheFolder
 from mswa.data.corpus import SPLITS, Corpus, DataError
 from mswa.data.download import downloaded
@@ -53,14 +53,17 @@ def load(
     source = None if path is None else _checked_local_file(path, expected_size, standard)
     if standard:
         identity = {"corpus": "enwik8", "bytes": expected_size, "md5": md5, "sha256": sha256, "fractions": list(fractions)}
-    else:
-        stat = None if source is None else source.stat()
-        origin = url if source is None else {"path": str(source), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-        identity = {"corpus": "custom bytes", "source": origin, "fractions": list(fractions)}
+    else:  # a local file by its content (an edit that keeps its size and time is still seen), a download by its URL
+        identity = {"corpus": "custom bytes", "source": url if source is None else _content(source), "fractions": list(fractions)}
     cache = CacheFolder(data_dir, "enwik8", identity)
     checks = (expected_size, md5, sha256) if standard else None
     cached = cache.load_or_build(lambda: _build(cache.path, url, source, fractions, checks))
     return Corpus(name="enwik8", splits={s: cached.arrays[s] for s in SPLITS}, vocab_size=256, unit="byte")
+
+
+def _content(source: Path) -> dict:
+    digest, size = content_digest([source])
+    return {"bytes": size, "sha256": digest}
 
 
 def _checked_local_file(path: str | os.PathLike, expected_size: int, standard: bool) -> Path:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from mswa.folders import FolderError, check_folder
 from mswa.hf.patch import apply_window_attention, patched_windows
 
 DEFAULT_TASKS = ("piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "boolq", "openbookqa")
@@ -248,8 +249,10 @@ def _check_paths(parser: argparse.ArgumentParser, args) -> None:
         if value is not None and not Path(value).expanduser().exists() and (not hub_ok or _looks_local(value)):
             kind = "a local folder or a hub id (owner/name)" if hub_ok else "an existing folder"
             parser.exit(2, f"error: {flag} {value}: no such file or folder; give {kind}\n")
-    if Path(args.out).is_file():
-        parser.exit(2, f"error: --out {args.out} is a file; give a folder for {RESULTS_FILE}\n")
+    try:
+        check_folder("--out", args.out)
+    except FolderError as error:
+        parser.exit(2, f"error: {error}\n")
 
 
 def _looks_local(name: str) -> bool:

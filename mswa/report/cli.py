@@ -17,6 +17,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from mswa.atomic import write_atomic
+from mswa.folders import FolderError, check_folder
 from mswa.report.lm_eval import lm_eval_markdown, lm_eval_table, load_lm_eval, plot_lm_eval
 from mswa.report.markdown import common_overrides, shortened, summary_markdown
 from mswa.report.plots import plot_budget, plot_curves, plot_distance, plot_kinds, plot_lengths, plot_windows
@@ -114,13 +115,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The command: 0 when the report is written, 2 (and one line on stderr) for input it cannot use."""
     args = parse_args(argv)
     start = time.perf_counter()
+    out = Path(args.out) if args.out else default_out(args.dirs, args.wandb)
     try:
+        check_folder("--out", out)
         evals = load_lm_eval(args.dirs)  # no DIRs with --wandb: none
         runs = load_wandb_runs(args.wandb) if args.wandb else load_runs(args.dirs, allow_empty=len(evals) > 0, setting=args.setting)
-    except ReportError as err:
+    except (FolderError, ReportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    out = Path(args.out) if args.out else default_out(args.dirs, args.wandb)
     title = (args.wandb or ", ".join(args.dirs)) + (f" at evaluation setting {args.setting}" if args.setting else "")
     paths = write_report(runs, out, title=title, evals=evals)
     print(paths["summary.md"].read_text())
