@@ -79,6 +79,11 @@ def check_corpus(cfg: RunConfig, corpus: Corpus, eval_seq_len: int) -> None:
                 f"seq_len={cfg.seq_len} needs at least {needed} tokens in the {split} split of {corpus.name!r}, "
                 f"which has {len(tokens)}; lower seq_len or use a larger dataset"
             )
+        if corpus.source is not None and split != "train" and len(tokens) < eval_seq_len + 1:  # the user's fractions decide
+            raise ConfigError(
+                f"the {split} split of {corpus.name!r} holds {len(tokens):,} bytes, less than one evaluation window "
+                f"({eval_seq_len + 1:,}); raise its share in dataset.loader.split_fractions or use a larger corpus"
+            )
     warn_short_evaluations(corpus, eval_seq_len, cfg.data.val_max_tokens)
 
 
