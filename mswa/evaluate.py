@@ -30,7 +30,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from mswa.config import RunConfig, WandbConfig, parse_config
+from mswa.config import RunConfig, WandbConfig, parse_config, with_wandb_environment
 from mswa.data.batches import eval_context
 from mswa.data.corpus import Corpus
 from mswa.factory import build_model, build_schedule, model_spec, with_pretrained_shape
@@ -201,9 +201,11 @@ def _write_json(path: Path, record: dict) -> None:
 
 
 def _mirror_to_wandb(cfg: dict, run_dir: Path, name: str, record: dict) -> None:
-    """The record into the summary of the run's own W&B run (offline unless the run was online)."""
-    id_file, logger = run_dir / "wandb_id", parse_config(cfg).logger
-    if not isinstance(logger, WandbConfig) or not id_file.is_file():
+    """The record into the summary of the run's own W&B run, with the run's W&B settings as W&B's environment
+    variables have them now (WANDB_MODE=disabled: nothing)."""
+    id_file = run_dir / "wandb_id"
+    logger = parse_config({**cfg, "logger": with_wandb_environment(cfg["logger"])}).logger
+    if not isinstance(logger, WandbConfig) or logger.mode == "disabled" or not id_file.is_file():
         return
     import wandb
 
@@ -212,8 +214,8 @@ def _mirror_to_wandb(cfg: dict, run_dir: Path, name: str, record: dict) -> None:
         entity=logger.entity,
         id=id_file.read_text().strip(),
         resume="allow",
-        mode=os.environ.get("WANDB_MODE", logger.mode),
-        dir=str(run_dir),
+        mode=logger.mode,
+        dir=logger.dir or str(run_dir),
     )
     run.summary[f"evaluate/{name}"] = {key: record[key] for key in ("metrics", "evaluation", "checkpoint")}
     run.finish()
