@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import hydra
@@ -13,10 +14,12 @@ from omegaconf.errors import MissingMandatoryValue
 
 from mswa.checks import check_launcher
 from mswa.lit import RunError, RunInterrupted
+from mswa.progress import show_on_console
 from mswa.run import TRAIN_PATH_KEYS, RunInfo, folder_name, hydra_value, optimised_metric, quote_paths, train
 from mswa.sweeps import continue_job, variant_name
 
 OmegaConf.register_new_resolver("folder_name", folder_name, replace=True)
+log = logging.getLogger("mswa.train")
 
 
 class JobFailed(CompactHydraException):
@@ -31,6 +34,9 @@ def main(cfg: DictConfig) -> float:
     run_name = hydra_cfg.job.override_dirname or "default"
     variant = variant_name(overrides, hydra_cfg.job.config.override_dirname.exclude_keys)  # paths, hardware: not a variant
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    launcher = hydra_cfg.runtime.choices.get("launcher")
+    job = f"#{hydra_cfg.job.num} {run_name}" if multirun else None
+    show_on_console(job)  # Hydra's logging config writes the job's train.log; the console is ours
     group = hydra_cfg.sweep.dir.rstrip("/").split("/")[-1] if multirun else None
     # a resume must find this folder again: a multirun job's, or one the command named
     run_dir = (
@@ -39,19 +45,21 @@ def main(cfg: DictConfig) -> float:
         else [o for o in hydra_cfg.overrides.hydra if o.startswith("hydra.run.dir=")]
     )
     try:
-        check_launcher(hydra_cfg.runtime.choices.get("launcher"), multirun)
+        check_launcher(launcher, multirun)
         plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
         if multirun and (earlier := continue_job(plain, hydra_cfg.runtime.output_dir)) is not None:
             return optimised_metric(earlier)  # a rerun sweep skips its finished jobs and resumes the others
-        run = RunInfo(hydra_cfg.runtime.output_dir, run_name, variant, overrides, group, run_dir)
+        shares_output = multirun and launcher != "basic"  # other launchers run jobs side by side, or elsewhere
+        run = RunInfo(hydra_cfg.runtime.output_dir, run_name, variant, overrides, group, run_dir, job, shares_output)
         results = train(plain, run)
     except (ValueError, MissingMandatoryValue, RunError) as error:  # ConfigError, ScheduleError are ValueErrors
+        log.error(f"error: {error}")
         if multirun:  # the sweep records this job as failed and goes on with the others
-            print(f"error: {error}", file=sys.stderr)
             raise JobFailed("its error is printed above and recorded in its results.json") from None
-        sys.exit(f"error: {error}")
+        sys.exit(1)
     except RunInterrupted as stop:
-        sys.exit(f"interrupted: {stop}")
+        log.error(f"interrupted: {stop}")
+        sys.exit(1)
     return optimised_metric(results)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import os
 import typing
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
@@ -48,6 +49,9 @@ from mswa.rules import (
 from mswa.sweeps import schedule_rule
 
 WANDB_MODES = ("offline", "online", "disabled")
+WANDB_MODE_ALIASES = {"dryrun": "offline", "run": "online"}  # W&B's older names, which its WANDB_MODE still takes
+# logger=wandb keys that W&B's own environment variables set when the command line does not
+WANDB_ENVIRONMENT = {"mode": "WANDB_MODE", "project": "WANDB_PROJECT", "entity": "WANDB_ENTITY", "dir": "WANDB_DIR"}
 PRECISIONS = tuple(value for literal in typing.get_args(_PRECISION_INPUT) for value in typing.get_args(literal))
 
 
@@ -133,6 +137,28 @@ class WandbConfig(LoggerConfig):
     group: str | None = None
     job_type: str = "train"
     tags: list[str] = setting(None, [])
+    dir: str | None = None  # where W&B writes its files (wandb/ below it); null: the run folder
+
+
+def with_wandb_environment(logger: Mapping, given: Collection[str] = ()) -> dict:
+    """logger=wandb settings as W&B's environment variables have them: a ``logger.*`` key given on the command line
+    (``given``: the override keys) wins, then WANDB_MODE, WANDB_PROJECT, WANDB_ENTITY and WANDB_DIR, then
+    conf/logger/wandb.yaml. Other loggers are returned as they are."""
+    logger = dict(logger)
+    if logger.get("name") != "wandb":
+        return logger
+    for key, variable in WANDB_ENVIRONMENT.items():
+        value = os.environ.get(variable)
+        if not value or f"logger.{key}" in given:
+            continue
+        if key == "mode":
+            value = WANDB_MODE_ALIASES.get(value, value)
+            if value not in WANDB_MODES:
+                raise ConfigError(f"WANDB_MODE={value!r} in the environment must be one of {', '.join(WANDB_MODES)}; change or unset it")
+        logger[key] = value
+    if logger.get("dir"):
+        logger["dir"] = os.path.abspath(logger["dir"])  # recorded as it was meant from where the run started
+    return logger
 
 
 LOGGERS = {"wandb": WandbConfig}  # the logger's name picks its settings; any other logs only to CSV

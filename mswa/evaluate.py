@@ -31,7 +31,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from mswa.checks import check_evaluation, check_repeated_overrides, check_same_model, read_run_checkpoint
-from mswa.config import RunConfig, WandbConfig, parse_config
+from mswa.config import RunConfig, WandbConfig, parse_config, with_wandb_environment
 from mswa.data.batches import eval_context
 from mswa.data.corpus import Corpus
 from mswa.factory import build_model, build_schedule, model_spec, with_pretrained_shape
@@ -145,7 +145,7 @@ def evaluate(options: dict) -> dict:
     run_dir, checkpoint = Path(options["run_dir"]), str(options["ckpt"])
     cfg = run_config(run_dir)
     logger, hardware = _wandb_logger(cfg, run_dir), options.get("hardware") or cfg["hardware"]
-    check_evaluation(options, hardware, wandb_mode=None if logger is None else _wandb_mode(logger))
+    check_evaluation(options, hardware, wandb_mode=None if logger is None else logger.mode)
     checkpoint_file(run_dir, checkpoint)
     cfg["eval"] = {"seq_len": options["eval"]["seq_len"], "stride": options["eval"]["stride"]}
     seq_len, stride = eval_context(cfg)
@@ -195,17 +195,16 @@ def _write_json(path: Path, record: dict) -> None:
 
 
 def _wandb_logger(cfg: dict, run_dir: Path) -> WandbConfig | None:
-    """The W&B settings of a run that logged to W&B (it left its run id), whose summary the evaluations join."""
-    logger = parse_config(cfg).logger
-    return logger if isinstance(logger, WandbConfig) and (run_dir / "wandb_id").is_file() else None
-
-
-def _wandb_mode(logger: WandbConfig) -> str:
-    return os.environ.get("WANDB_MODE", logger.mode)
+    """The W&B settings of a run that logged to W&B (it left its run id), as W&B's environment variables have them
+    now; None when it did not or WANDB_MODE=disabled. The evaluations join that run's summary."""
+    logger = parse_config({**cfg, "logger": with_wandb_environment(cfg["logger"])}).logger
+    if not isinstance(logger, WandbConfig) or logger.mode == "disabled" or not (run_dir / "wandb_id").is_file():
+        return None
+    return logger
 
 
 def _mirror_to_wandb(logger: WandbConfig, run_dir: Path, name: str, record: dict) -> None:
-    """The record into the summary of the run's own W&B run (offline unless the run was online)."""
+    """The record into the summary of the run's own W&B run."""
     import wandb
 
     run = wandb.init(
@@ -213,8 +212,8 @@ def _mirror_to_wandb(logger: WandbConfig, run_dir: Path, name: str, record: dict
         entity=logger.entity,
         id=(run_dir / "wandb_id").read_text().strip(),
         resume="allow",
-        mode=_wandb_mode(logger),
-        dir=str(run_dir),
+        mode=logger.mode,
+        dir=logger.dir or str(run_dir),
     )
     run.summary[f"evaluate/{name}"] = {key: record[key] for key in ("metrics", "evaluation", "checkpoint")}
     run.finish()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader
 
@@ -97,6 +97,19 @@ class LanguageModelTask(L.LightningModule):
             self.eval_results[f"{stage}/{name}"] = value
             # already summed across ranks by the metric, so no sync_dist
             self.log(f"{stage}/{name}", value, prog_bar=name in ("bpc", "ppl"))
+        self.log("step", float(self.measured_step()))  # Lightning logs the metrics at this step, not its own count
+
+    def measured_step(self) -> int:
+        """The optimizer steps the weights being evaluated have taken, the step every metric is logged at (as the
+        training loss, computed before its batch's update, is): validation after 125 steps at 125, a checkpoint
+        evaluated after training at the step it was saved."""
+        trainer = self.trainer
+        if trainer.state.fn != "fit" and trainer.ckpt_path:
+            return self.loaded_step
+        return trainer.global_step
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.loaded_step = checkpoint["global_step"]
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch)
@@ -362,31 +375,3 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location="cpu", weights_only=None) -> dict:
         return read_checkpoint(path, map_location, mmap=False)  # read whole, as Lightning does: its states are updated in place
-
-
-class StepProgressBar(TQDMProgressBar):
-    """``step N/max_steps``: a run is one endless epoch, so Lightning's own bar reads ``Epoch 0/-2`` and
-    miscounts after a resume (which starts mid-epoch, without an epoch start)."""
-
-    def on_train_start(self, trainer, pl_module):
-        super().on_train_start(trainer, pl_module)
-        self._count_steps(trainer)
-
-    def on_train_epoch_start(self, trainer, *args):
-        super().on_train_epoch_start(trainer, *args)
-        self._count_steps(trainer)
-
-    def _count_steps(self, trainer) -> None:
-        bar = self.train_progress_bar
-        bar.reset(total=trainer.max_steps)
-        bar.set_description("step", refresh=False)
-        bar.initial = bar.n = trainer.global_step
-        bar.refresh()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, trainer.global_step - 1)
-
-    def on_exception(self, trainer, pl_module, exception):
-        for bar in (self._train_progress_bar, self._val_progress_bar, self._test_progress_bar):
-            if bar is not None:
-                bar.close()  # so the error is printed on a line of its own

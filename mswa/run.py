@@ -18,8 +18,8 @@ import secrets
 import shlex
 import shutil
 import socket
-import subprocess
 import sys
+import subprocess
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -35,7 +35,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from mswa.atomic import write_atomic
 from mswa.checks import check_checkpoint, check_config, check_memory, check_repeated_overrides, warn_full_attention
-from mswa.config import ConfigError, DatasetConfig, RunConfig, WandbConfig
+from mswa.config import ConfigError, DatasetConfig, RunConfig, WandbConfig, with_wandb_environment
 from mswa.data.batches import eval_context
 from mswa.data.corpus import Corpus
 from mswa.factory import build_model, build_schedule, finish_pretrained, model_spec, with_pretrained_shape
@@ -49,10 +49,10 @@ from mswa.lit import (
     NonFiniteLossError,
     RunError,
     RunInterrupted,
-    StepProgressBar,
     Throughput,
     read_checkpoint,
 )
+from mswa.progress import messages_shown, progress
 from mswa.sweeps import warn_if_repeating
 
 HEARTBEAT_EVERY_S = 60.0  # how often a live run rewrites results.json; the report reads it from there
@@ -64,6 +64,9 @@ QUIET_WARNINGS = (
 )
 QUIET_INFO = ("💡 Tip: For seamless cloud logging",)
 TRAIN_PATH_KEYS = ("ckpt_path", "hydra.run.dir")  # train.py's overrides that name a run's files (see quote_paths)
+LIGHTNING_INFO = "lightning.pytorch.utilities.rank_zero"  # the logger of Lightning's rank_zero_info messages
+STEP_CONVENTION = "optimizer steps done"  # results.json says metrics.csv's steps are the measured weights' steps
+log = logging.getLogger(__name__)
 
 
 def check_corpus(cfg: RunConfig, corpus: Corpus, eval_seq_len: int) -> None:
@@ -202,16 +205,17 @@ class RunFolder:
             return None
         return self.metrics_csv.rename(self.path / "metrics.before_resume.csv")
 
-    def merge_metrics(self, earlier: Path) -> None:
-        """Earlier rows up to where the resumed attempt starts, then the resumed attempt's rows; an attempt
-        that never owned the folder puts the earlier file back as it was."""
+    def merge_metrics(self, earlier: Path, resumed_step: int) -> None:
+        """The earlier rows measured on weights of fewer steps than the resumed checkpoint's (and its own
+        evaluations, at its step), then the resumed attempt's rows; an attempt that never owned the folder puts
+        the earlier file back as it was."""
         if not self.owned:
             earlier.replace(self.metrics_csv)
             return
         now = pd.read_csv(self.metrics_csv) if self.metrics_csv.exists() else pd.DataFrame(columns=["step"])
         before = pd.read_csv(earlier)
-        if len(now):
-            before = before[before["step"] < now["step"].min()]
+        evaluation = before.filter(regex=r"^(val|test)/").notna().any(axis=1)
+        before = before[(before["step"] < resumed_step) | (evaluation & (before["step"] == resumed_step))]
         write_atomic(self.metrics_csv, pd.concat([before, now], ignore_index=True).to_csv(index=False))
         earlier.unlink()
 
@@ -223,9 +227,25 @@ class RunFolder:
 
     @rank_zero_only
     def record_attempt(self, attempt: dict) -> None:
-        """Append one line to attempts.jsonl (the whole file rewritten and renamed, so never half a line)."""
-        before = self.attempts_path.read_text() if self.attempts_path.exists() else ""
-        write_atomic(self.attempts_path, before + json.dumps(attempt, default=str) + "\n")
+        """This attempt's line of attempts.jsonl: added when it starts (status ``running``), replaced by its end
+        (the whole file rewritten and renamed, so never half a line). A line left ``running`` by a process that
+        is gone is an attempt killed before it could record its end."""
+        lines = self.attempts_path.read_text().splitlines() if self.attempts_path.exists() else []
+        mine = [i for i, line in enumerate(lines) if attempt_id(line) == attempt["attempt"]]
+        record = json.dumps(attempt, default=str)
+        if mine:
+            lines[mine[0]] = record
+        else:
+            lines.append(record)
+        write_atomic(self.attempts_path, "\n".join(lines) + "\n")
+
+
+def attempt_id(line: str) -> str | None:
+    """The id of the attempt an attempts.jsonl line records (lines written before ids have none)."""
+    try:
+        return json.loads(line).get("attempt")
+    except ValueError:
+        return None
 
 
 def checkpoint_step(path: Path) -> int | None:
@@ -258,10 +278,11 @@ def warn_if_other_dataset(path: str, trained_on: str | None, dataset: str) -> No
 
 
 def build_loggers(cfg: RunConfig, folder: RunFolder, run: RunInfo, plain: dict) -> list:
-    """The CSV log every run writes, and W&B when logger=wandb (its run config: ``plain``, as results.json has it)."""
+    """The CSV log every run writes, and W&B when logger=wandb and not disabled (its run config: ``plain``, as results.json
+    has it)."""
     loggers = [CSVLogger(save_dir=str(folder.path), name="", version="")]
     log = cfg.logger
-    if isinstance(log, WandbConfig):
+    if isinstance(log, WandbConfig) and log.mode != "disabled":
         import wandb
 
         tags = [f"dataset={cfg.dataset.name}", f"model={cfg.model.name}", f"schedule={cfg.window_schedule.name}", *log.tags]
@@ -274,7 +295,7 @@ def build_loggers(cfg: RunConfig, folder: RunFolder, run: RunInfo, plain: dict) 
                 job_type=log.job_type,
                 tags=tags,
                 mode=log.mode,
-                save_dir=str(folder.path),
+                save_dir=log.dir or str(folder.path),
                 id=folder.wandb_id(),
                 resume="allow",
                 config=plain,
@@ -330,6 +351,12 @@ class RunInfo:
     overrides: list[str] = field(default_factory=list)
     group: str | None = None  # W&B group: the sweep folder of a multirun
     hydra_overrides: list[str] = field(default_factory=list)  # hydra.* ones a resume needs (e.g. hydra.run.dir=)
+    job: str | None = None  # a multirun job's tag (``#3 model=swa,seed=1``), on its progress bars
+    shares_output: bool = False  # parallel jobs write to one stream (a multirun's joblib launcher): lines, never bars
+
+    def given_keys(self) -> set[str]:
+        """The config keys the command line set."""
+        return {override.split("=")[0].lstrip("+~") for override in self.overrides}
 
 
 def resume_command(run: RunInfo) -> str:
@@ -343,8 +370,7 @@ def quiet_lightning() -> None:
     Safe to repeat: a filter added twice is kept once."""
     for message in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
-    for handler in logging.getLogger("lightning.pytorch").handlers:
-        handler.addFilter(not_ours)
+    logging.getLogger(LIGHTNING_INFO).addFilter(not_ours)  # on the logger that makes them, wherever they are sent
 
 
 def not_ours(record: logging.LogRecord) -> bool:
@@ -359,24 +385,8 @@ def train(cfg: dict, run: RunInfo) -> dict:
     """Check, build, fit, evaluate the best checkpoint on valid and test, and write (and return) the results. Faults a
     user can act on come out as one sentence: ConfigError, RunError (NaN, full disk, unloadable checkpoint),
     RunInterrupted (Ctrl-C, with the resume command)."""
-    attempt = Attempt(cfg, run)
-    quiet_lightning()
-    try:
-        with GracefulInterrupt(str(attempt.folder.last)) as interrupt:
-            attempt.check()
-            attempt.build()
-            attempt.fit(interrupt)
-            attempt.evaluate()
-        attempt.write()  # a finished run's results that cannot be saved are its error
-        return attempt.results
-    except BaseException as error:  # noqa: BLE001 - Ctrl-C and crashes are recorded, then re-raised
-        stop = explain(error, attempt.folder, run)
-        if not attempt.ended:
-            attempt.stopped(stop)
-            attempt.write(after=stop)
-        if stop is error:
-            raise
-        raise stop from None
+    with messages_shown():
+        return Attempt(cfg, run).run()
 
 
 class Attempt:
@@ -385,7 +395,13 @@ class Attempt:
 
     def __init__(self, cfg: dict, run: RunInfo):
         self.plain, self.run_info, self.folder = cfg, run, RunFolder(Path(run.dir))
-        self.process = {"pid": os.getpid(), "host": socket.gethostname(), "started": now(), "heartbeat_every_s": HEARTBEAT_EVERY_S}
+        self.process = {
+            "attempt": secrets.token_hex(4),  # its line in attempts.jsonl
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": now(),
+            "heartbeat_every_s": HEARTBEAT_EVERY_S,
+        }
         self.results = {
             "schema": 1,
             "status": "running",
@@ -400,15 +416,53 @@ class Attempt:
             "schedule": cfg["window_schedule"]["name"],
             "git_commit": git_commit(),
             "process": self.process,
+            "step_convention": STEP_CONVENTION,
         }
         self.loggers: list = []
         self.earlier_metrics: Path | None = None
         self.started, self.ended = time.time(), False
 
+    def run(self) -> dict:
+        quiet_lightning()
+        try:
+            self.record("running")  # first, so that even a kill leaves a line
+            with GracefulInterrupt(str(self.folder.last)) as interrupt:
+                self.check()
+                self.build()
+                self.fit(interrupt)
+                self.evaluate()
+            self.write()  # a finished run's results that cannot be saved are its error
+            return self.results
+        except BaseException as error:  # noqa: BLE001 - Ctrl-C and crashes are recorded, then re-raised
+            stop = explain(error, self.folder, self.run_info)
+            if not self.ended:
+                self.stopped(stop)
+                self.write(after=stop)
+            if stop is error:
+                raise
+            raise stop from None
+
+    def record(self, status: str) -> None:
+        """This attempt's line of attempts.jsonl: ``running`` at its start, how it ended at its end."""
+        ended = None if status == "running" else now()
+        self.folder.record_attempt(
+            {
+                "attempt": self.process["attempt"],
+                "started": self.process["started"],
+                "ended": ended,
+                "status": status,
+                "error": self.results["error"],
+                "pid": self.process["pid"],
+                "host": self.process["host"],
+                "overrides": self.run_info.overrides,
+            }
+        )
+
     def check(self) -> None:
         """Every check that needs no model, the data loaded on the way; nothing in the folder is touched but the
         metrics of a run to resume, set aside to merge back."""
         check_repeated_overrides(self.run_info.overrides)
+        self.plain["logger"] = with_wandb_environment(self.plain["logger"], self.run_info.given_keys())
         self.cfg = cfg = check_config(self.plain)
         if cfg.pretrained:  # its shape is recorded with the run's config
             cfg.model = with_pretrained_shape(cfg.model)
@@ -419,6 +473,7 @@ class Attempt:
         warn_full_attention(cfg, self.schedule)
         self.resume = self.folder.resolve_resume(cfg.ckpt_path, cfg.overwrite)
         self.earlier_metrics = self.folder.set_aside_metrics() if self.resume else None
+        self.resumed_step = checkpoint_step(Path(self.resume)) if self.resume else 0
         self.corpus = load_corpus(cfg.dataset)
         check_corpus(cfg, self.corpus, self.eval_context[0])
         check_memory(cfg, self.schedule, self.corpus.vocab_size)
@@ -476,12 +531,19 @@ class Attempt:
             cfg,
             folder,
             self.loggers,
-            [self.best, last, self.throughput, interrupt, Heartbeat(self.beat, HEARTBEAT_EVERY_S), StepProgressBar()],
+            [
+                self.best,
+                last,
+                self.throughput,
+                interrupt,
+                Heartbeat(self.beat, HEARTBEAT_EVERY_S),
+                progress(self.run_info.job, self.run_info.shares_output),
+            ],
         )
         summarise_wandb(self.loggers, self.corpus.metric, self.corpus.entropy_floor_bpb)
         if rank_zero_only.rank == 0:
-            print(self.schedule.describe(cfg.seq_len))
-            print(f"{self.results['n_params']:,} parameters, {self.results['n_trainable']:,} trained")
+            log.info(self.schedule.describe(cfg.seq_len))
+            log.info(f"{self.results['n_params']:,} parameters, {self.results['n_trainable']:,} trained")
             warn_if_repeating(self.plain, len(self.corpus.splits["train"]))
         max_steps = cfg.trainer["max_steps"]
         trained_out = self.resumed_step is not None and self.resumed_step >= max_steps
@@ -544,30 +606,19 @@ class Attempt:
         results["wall_time_s"] = time.time() - self.started
         try:
             folder.write(results)
-            folder.record_attempt(
-                {
-                    "started": self.process["started"],
-                    "ended": now(),
-                    "status": results["status"] if folder.owned else "refused",
-                    "error": results["error"],
-                    "pid": self.process["pid"],
-                    "host": self.process["host"],
-                    "overrides": self.run_info.overrides,
-                }
-            )
+            self.record(results["status"] if folder.owned else "refused")
         except OSError as error:
             if after is None:
                 raise
-            print(
+            log.warning(
                 f"warning: could not record how this attempt ended ({error.strerror}: {error.filename}); "
-                "the report reads the run as stopped",
-                file=sys.stderr,
+                "the report reads the run as stopped"
             )
         finish_wandb(self.loggers, results, mirror=folder.owned)
         if self.earlier_metrics is not None:
-            folder.merge_metrics(self.earlier_metrics)
+            folder.merge_metrics(self.earlier_metrics, self.resumed_step)
         if results["status"] == "finished" and rank_zero_only.rank == 0:
-            print(summary_lines(results, folder))
+            log.info(summary_lines(results, folder))
 
 
 def fit_from(resume: str | None, trainer: L.Trainer, task: LanguageModelTask, data: CorpusDataModule, folder: RunFolder) -> None:
@@ -641,8 +692,10 @@ def summary_lines(results: dict, folder: RunFolder) -> str:
     if last_step is not None:
         resume = shlex.quote(hydra_value("ckpt_path", folder.last.resolve()))
         lines.append(f"train further from step {last_step} with a higher trainer.max_steps and {resume}")
-    if results["config"]["logger"]["name"] == "wandb" and results["config"]["logger"]["mode"] == "offline":
-        lines.append(f"W&B (offline): upload with wandb sync {shlex.quote(str(folder.path / 'wandb'))}/offline-run-*")
+    logger = results["config"]["logger"]
+    if logger["name"] == "wandb" and logger["mode"] == "offline":
+        wandb_dir = Path(logger.get("dir") or folder.path) / "wandb"
+        lines.append(f"W&B (offline): upload with wandb sync {shlex.quote(str(wandb_dir))}/offline-run-*")
     return "\n".join(lines)
 
 

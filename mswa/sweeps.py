@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import sys
+import logging
 from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 
@@ -36,6 +36,7 @@ NOT_IDENTITY = (
 NOT_IDENTITY_DOTTED = ("model.name", "dataset.loader.data_dir")
 # what may differ between a variant and the SWA run it is compared with: its attention
 ATTENTION_KEYS = ("window_schedule", "model.windowed")
+log = logging.getLogger(__name__)
 
 
 def schedule_rule(cfg: Mapping) -> str:
@@ -133,7 +134,7 @@ def repetition_warning(cfg: Mapping, train_tokens: int) -> str | None:
 def warn_if_repeating(cfg: Mapping, train_tokens: int) -> None:
     message = repetition_warning(cfg, train_tokens)
     if message:
-        print(message, file=sys.stderr, flush=True)
+        log.warning(message)
 
 
 # ---------------------------------------------------------------- continuing a sweep
@@ -158,10 +159,10 @@ def continue_job(cfg: dict, run_dir: str | Path) -> dict | None:
                 f"{run_dir} holds a finished run of another config (variant {variant_id(earlier)}, this job's "
                 f"{variant_id(cfg)}); rerun the sweep into a new hydra.sweep.dir or pass overwrite=true"
             )
-        print(f"skipped: {run_dir} already finished (results.json); overwrite=true reruns it", flush=True)
+        log.info(f"skipped: {run_dir} already finished (results.json); overwrite=true reruns it")
         return results
     if (run_dir / "checkpoints" / "last.ckpt").is_file():
-        print(f"resuming: {run_dir} from checkpoints/last.ckpt", flush=True)
+        log.info(f"resuming: {run_dir} from checkpoints/last.ckpt")
         cfg["ckpt_path"] = "last"
     return None
 

@@ -24,6 +24,7 @@ from PIL import Image
 
 from helpers.report_runs import FINISHED, N_HEAD, N_LAYER, SEQ_LEN, W, compose_run, run_results, write_run
 from mswa import report
+from mswa.report.runs import UNKNOWN
 from mswa.windows import make_schedule
 
 REPO = Path(__file__).resolve().parents[1]
@@ -190,7 +191,7 @@ def test_wandb_without_login_errors_clearly(tmp_path: Path):
 def test_wandb_runs_convert_to_the_same_rows(sweep: Path):
     """Stand-ins with the public-API attributes the converter reads; no network involved."""
     results = json.loads((sweep / "2" / "results.json").read_text())
-    history = report.read_history(sweep / "2").rename(columns={"step": "trainer/global_step"})
+    history = pd.read_csv(sweep / "2" / "metrics.csv").rename(columns={"step": "trainer/global_step"})
     finished = SimpleNamespace(
         name=results["run_name"],
         state="finished",
@@ -281,7 +282,44 @@ def test_refused_attempts_are_listed_and_the_run_kept(sweep: Path):
     assert (runs.status == "finished").sum() == 4  # the run the attempt found is still counted as finished
 
 
+def test_an_attempt_that_never_recorded_its_end_reads_stopped_here_and_unknown_elsewhere(sweep: Path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    here = socket.gethostname()
+    started = {"started": "2026-01-01T00:00:00+00:00", "ended": None, "status": "running", "error": None, "overrides": ["seed=1"]}
+    lines = [
+        {**started, "attempt": "killed", "pid": dead.pid, "host": here},
+        {**started, "attempt": "elsewhere", "pid": 1, "host": "another-machine"},
+        {**started, "attempt": "alive", "pid": os.getpid(), "host": here},
+    ]
+    (sweep / "0" / "attempts.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    runs = report.load_runs([sweep])
+    assert report.attempts(runs).status.tolist() == [report.STOPPED, UNKNOWN, "running"]
+    markdown = report.summary_markdown(runs, report.summary_table(runs), report.failed_runs(runs), "t")
+    unended = markdown.split("## Attempts that never recorded their end (killed, or running on another machine)")[1]
+    assert f"its process ({dead.pid}) ended without recording an end" in unended and "another-machine" in unended
+    assert f"({os.getpid()})" not in unended  # a live attempt is no news
+
+
 COMMITTED = [REPO / "sweep" / "results" / "cpu_main", REPO / "sweep" / "results" / "cpu_budget"]
+VALIDATED = [125, 250, 375, 500, 625, 750]  # the committed runs' validation steps (experiment=cpu)
+
+
+def test_runs_written_before_the_step_convention_read_at_optimizer_steps_done():
+    """The committed runs logged validation during training at 124, 249, ... (the index of the step's batch) and
+    the final full pass of the step-750 weights at 750; read at optimizer steps done, the curves have one point
+    per validation, the final pass at 750."""
+    runs = report.load_runs(COMMITTED[:1])
+    for history, val in zip(runs.history, runs.val):
+        validation = history[["step", "val/bpc"]].dropna()
+        assert validation.step.tolist() == [*VALIDATED, 750]
+        assert validation["val/bpc"].iloc[-1] == pytest.approx(val, rel=1e-6)
+    (ax,) = report.plot_curves(runs).axes
+    val_lines = [line for line in ax.get_lines() if " val (n=" in str(line.get_label())]
+    assert len(val_lines) == 3 and all(list(line.get_xdata()) == VALIDATED for line in val_lines)
+    for line in val_lines:  # the last point is the mean of the final full passes
+        variant = str(line.get_label()).split(" val (n=")[0]
+        assert line.get_ydata()[-1] == pytest.approx(runs[runs.variant == variant].val.mean(), rel=1e-6)
 
 
 def test_both_config_layouts_give_the_same_references_from_the_schedule_rule(tmp_path: Path):

@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -103,6 +104,21 @@ def test_a_resume_whose_checkpoint_fails_to_load_leaves_the_run_as_it_was(finish
         train(smoke(finished, "ckpt_path=last"), RunInfo(str(folder)))
     assert files_of(folder) == before and results_of(folder)["status"] == "finished"
     assert attempts_of(folder)[-1]["status"] == "refused"
+
+
+def test_a_resume_keeps_the_validation_at_the_step_it_resumes_from(finished, tmp_path):
+    """Metrics sit at the optimizer steps of the weights they measured: validation after 3 steps at 3, the
+    resumed attempt's first training loss (of the step-3 weights) at 3 too. The merge keeps the earlier
+    attempt's evaluations of the checkpoint it resumes from and replaces its training rows from there on."""
+    folder = tmp_path / "run"
+    train(smoke(finished, "trainer.max_steps=3"), RunInfo(str(folder)))
+    train(smoke(finished, "ckpt_path=last"), RunInfo(str(folder)))
+    merged, straight = (pd.read_csv(run / "metrics.csv") for run in (folder, finished / "run"))
+    assert merged["train/loss"].dropna().tolist() == straight["train/loss"].dropna().tolist()
+    assert merged.dropna(subset="train/loss").step.tolist() == [0, 1, 2, 3, 4, 5]
+    # at 3: the first attempt's validation during training, then its final passes; at 6: the same as a straight run
+    assert merged.dropna(subset="val/bpc").step.tolist() == [3, 3, 6, 6] == [3, *straight.dropna(subset="val/bpc").step]
+    assert merged.dropna(subset="val/bpc")["val/bpc"].iloc[0] == straight.dropna(subset="val/bpc")["val/bpc"].iloc[0]
 
 
 # ---------------------------------------------------------------- paths relative to the run folder
@@ -246,6 +262,27 @@ def test_a_failed_multirun_job_prints_one_line_and_the_sweep_goes_on(tmp_path):
     assert statuses == ["failed", "failed"]
 
 
+def test_a_killed_attempt_leaves_its_start_line_and_reads_stopped(tmp_path):
+    """attempts.jsonl gets an attempt's line when it starts: SIGKILL mid-training leaves it ``running``, which the
+    report reads as stopped (its process is gone); the next attempt adds its own line."""
+    args = ["debug=smoke", "logger=none", "trainer.max_steps=100000"]
+    job = Train(args, tmp_path)
+    job.wait_for(lambda: list((tmp_path / "outputs").glob("train/runs/*/checkpoints")), "a run folder")
+    run_dir = only_run_dir(tmp_path / "outputs")
+    job.wait_for(checkpoint_at_step(run_dir, 3), "a checkpoint at step 3")
+    job.proc.kill()
+    job.finish()
+    (killed,) = attempts_of(run_dir)
+    assert (killed["status"], killed["ended"], killed["pid"]) == ("running", None, job.proc.pid)
+    assert results_of(run_dir)["process"]["attempt"] == killed["attempt"]
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(compose_config(args, tmp_path), RunInfo(str(run_dir)))
+    assert [a["status"] for a in attempts_of(run_dir)] == ["running", "refused"]
+    recorded = report.attempts(report.load_runs([run_dir]))
+    assert recorded.status.tolist() == [report.STOPPED, "refused"]
+    assert f"its process ({job.proc.pid}) ended without recording an end (killed?)" == recorded.error[0]
+
+
 # ---------------------------------------------------------------- slow: real faults, resumed to the same numbers
 
 RESUME = [
@@ -340,6 +377,9 @@ def test_sigkill_reads_stopped_then_resumes_to_the_same_metric(straight, tmp_pat
     assert row.status == "stopped" and f"its process ({job.proc.pid} " in row.error
     run_train([*RESUME, "ckpt_path=last"], tmp_path)
     assert_resumed_equal(run_dir, straight, "SIGKILL")
+    assert [a["status"] for a in attempts_of(run_dir)] == ["running", "finished"]  # the killed attempt's line stays
+    validated = pd.read_csv(run_dir / "metrics.csv").dropna(subset="val/bpc").step
+    assert sorted(set(validated)) == [20, 40, 60]  # at the optimizer steps done, across the kill
 
 
 @pytest.mark.slow

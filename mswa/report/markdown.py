@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 import pandas as pd
 
 from mswa.report.references import AMBIGUOUS, PAIRED_AGAINST, REFERENCE_RULE
-from mswa.report.runs import refused_attempts
+from mswa.report.runs import REFUSED, STOPPED, UNKNOWN, attempts
 from mswa.report.tables import PAIRED_SPLIT, distance_table, kind_table, length_table, load_evaluations, paired_table
 
 MEANS_NOTE = (
@@ -35,6 +35,10 @@ KIND_NOTE = (
     "Synthetic corpus: bits per byte by what the byte is (word bytes; copies at each scale, named by their "
     "distance back, marker included) beside the entropy floor of that kind on the same split."
 )
+ATTEMPT_SECTIONS = {  # the attempts summary.md lists, by status
+    "Refused attempts (each left its run folder as it was)": (REFUSED,),
+    "Attempts that never recorded their end (killed, or running on another machine)": (STOPPED, UNKNOWN),
+}
 PLOTS = (
     "## Plots\n\n![validation curves](curves.png)\n\n![metric vs budget](budget.png)\n\n![windows](windows.png)"
     "\n\n![metric by context offered](distance.png)\n\n![bpc by byte kind](kinds.png)"
@@ -256,11 +260,12 @@ def unpaired_notes(table: pd.DataFrame) -> list[str]:
 
 
 def unfinished_markdown(runs: pd.DataFrame, failed: pd.DataFrame) -> list[str]:
-    """The sections on failed or unfinished runs and on refused attempts (this one only when there are some)."""
+    """The sections on failed or unfinished runs, and on refused and unended attempts (each only when there are some)."""
     parts = ["## Failed or unfinished runs", markdown_table(failed.astype("string").fillna("")) if len(failed) else "None."]
-    refused = refused_attempts(runs)
-    if len(refused):
-        parts += ["## Refused attempts (each left its run folder as it was)", markdown_table(refused.astype("string").fillna(""))]
+    recorded = attempts(runs)
+    for title, statuses in ATTEMPT_SECTIONS.items():
+        if len(rows := recorded[recorded.status.isin(statuses)]):
+            parts += [f"## {title}", markdown_table(rows.astype("string").fillna(""))]
     return parts
 
 

@@ -96,7 +96,9 @@ def _mean_curve(ax, variant: str, histories: pd.Series, column: str, metric: str
 
 
 def _in_unit(curve: pd.DataFrame, column: str, metric: str) -> pd.DataFrame:
-    """A logged curve as column ``value`` in the metric's unit (train/loss is in nats per token)."""
+    """A logged curve as column ``value`` in the metric's unit (train/loss is in nats per token), one value per step:
+    the last logged there (at a step validated during training and then evaluated in full at the end, the full pass)."""
+    curve = curve.drop_duplicates("step", keep="last")
     values = curve[column]
     if column == "train/loss":
         values = values / np.log(2) if metric == "bpc" else np.exp(values)

@@ -26,7 +26,9 @@ SCHEMA = 1
 RESULTS_FILE, HISTORY_FILE, ATTEMPTS_FILE = "results.json", "metrics.csv", "attempts.jsonl"
 LM_EVAL_FILE = "lm_eval.json"  # mswa.hf.evaluate.RESULTS_FILE; not imported, that module needs torch
 NO_RESULTS = "no results"  # status of a Hydra job folder that never wrote results.json
-STOPPED = "stopped"  # results.json says running, but its process is gone or silent
+STOPPED = "stopped"  # results.json (or an attempt's line) says running, but its process is gone or silent
+UNKNOWN = "unknown"  # an attempt's line says running, on another machine: killed there, or still running
+REFUSED = "refused"  # an attempt that left the run folder as it was
 DUPLICATE = "duplicate"  # status of a finished run whose variant and seed another run already has
 SILENT_HEARTBEATS = 5  # missed heartbeats after which a run on another machine counts as stopped
 SEED_KEYS = ("seed", "+seed", "++seed")
@@ -72,7 +74,7 @@ NUMERIC_RUN_COLUMNS = (
     "test",
 )
 INTEGER_RUN_COLUMNS = ("seed", "window", "n_params", "steps", "seq_len", "attended_pairs")
-ATTEMPT_COLUMNS = ("ended", "path", "error", "overrides")
+ATTEMPT_COLUMNS = ("started", "ended", "status", "path", "error", "overrides")
 
 
 class ReportError(ValueError):
@@ -98,7 +100,7 @@ def load_runs(dirs: Sequence[str | Path], allow_empty: bool = False, setting: st
             f"no {RESULTS_FILE} or Hydra job folder (.hydra/overrides.yaml) found below {[str(d) for d in dirs]}, "
             f"and no {LM_EVAL_FILE} either; pass the folder a sweep (or `python -m mswa.hf.evaluate --out`) wrote into"
         )
-    rows = [row_from_results(at_setting(read_results(d), d, setting), str(d), read_history(d)) for d in results_dirs]
+    rows = [row_from_results(results := at_setting(read_results(d), d, setting), str(d), read_history(d, results)) for d in results_dirs]
     rows += [row_from_hydra_job(d) for d in job_dirs]
     return runs_frame(rows)
 
@@ -144,10 +146,24 @@ def at_setting(results: dict, run_dir: Path, setting: str | None) -> dict:
     return results | {"metrics": evaluation["metrics"], "evaluation": evaluation["evaluation"]}
 
 
-def read_history(run_dir: Path) -> pd.DataFrame | None:
-    """The run's metrics.csv (sparse: one row per logging step), or None when the run has none."""
+def read_history(run_dir: Path, results: Mapping) -> pd.DataFrame | None:
+    """The run's metrics.csv (sparse: one row per logging step) at the optimizer steps its weights had taken, or
+    None when the run has none."""
     path = run_dir / HISTORY_FILE
-    return pd.read_csv(path) if path.is_file() else None
+    return at_steps_done(pd.read_csv(path), results) if path.is_file() else None
+
+
+def at_steps_done(history: pd.DataFrame, results: Mapping) -> pd.DataFrame:
+    """A history whose every metric sits at the number of optimizer steps of the weights it measured. Runs written
+    before results.json said ``step_convention`` logged validation during training one step early (at the index of
+    the step's batch: 124 for the weights of step 125) and the final evaluation at the last step: their in-training
+    validation rows, those before ``steps``, move one step on."""
+    if results.get("step_convention") or "step" not in history:
+        return history
+    validation = history.filter(regex=r"^val/").notna().any(axis=1)
+    final = results.get("steps")
+    early = validation & (history["step"] < final if final is not None else True)
+    return history.assign(step=history["step"] + early.astype(int))
 
 
 def row_from_results(results: Mapping, path: str, history: pd.DataFrame | None) -> dict:
@@ -282,14 +298,34 @@ def merge_identical_variants(runs: pd.DataFrame) -> pd.DataFrame:
     return runs
 
 
-def refused_attempts(runs: pd.DataFrame) -> pd.DataFrame:
-    """Attempts on a run folder that were refused and left the run as it was (attempts.jsonl, written by
-    train.py beside results.json): a start into a folder holding a run, a resume whose checkpoint failed to load."""
+def attempts(runs: pd.DataFrame) -> pd.DataFrame:
+    """Every attempt on the runs' folders (attempts.jsonl, written by train.py beside results.json: a line when an
+    attempt starts, replaced by how it ended). A line still ``running`` reads ``stopped`` when its process is gone
+    from this machine (killed before it could record its end), ``unknown`` when it ran on another one."""
     rows = []
     for path in runs.path:
         log = Path(str(path)) / ATTEMPTS_FILE
         lines = log.read_text().splitlines() if log.is_file() else []
         for attempt in (json.loads(line) for line in lines if line.strip()):
-            if attempt.get("status") == "refused":
-                rows.append({**attempt, "path": str(path), "overrides": ",".join(attempt.get("overrides") or [])})
+            overrides = ",".join(attempt.get("overrides") or [])
+            rows.append({**attempt, **attempt_end(attempt), "path": str(path), "overrides": overrides})
     return pd.DataFrame(rows, columns=list(ATTEMPT_COLUMNS))
+
+
+def attempt_end(attempt: Mapping) -> dict:
+    """How an attempt ended: as its line says, or for a line still ``running``, whether its process is alive."""
+    if attempt.get("status") != "running":
+        return {}
+    pid, host = attempt.get("pid"), attempt.get("host")
+    if host != socket.gethostname():
+        return {"status": UNKNOWN, "error": f"no end recorded; its process ({pid} on {host}) was killed or still runs there"}
+    if not _alive(pid):
+        return {"status": STOPPED, "error": f"its process ({pid}) ended without recording an end (killed?)"}
+    return {}
+
+
+def refused_attempts(runs: pd.DataFrame) -> pd.DataFrame:
+    """Attempts that were refused and left the run as it was: a start into a folder holding a run, a resume whose
+    checkpoint failed to load."""
+    recorded = attempts(runs)
+    return recorded[recorded.status == REFUSED].reset_index(drop=True)

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 import pandas as pd
 
-from mswa.report.runs import ReportError, row_from_results, runs_frame, seed_of, variant_name
+from mswa.report.runs import ReportError, at_steps_done, row_from_results, runs_frame, seed_of, variant_name
 
 WANDB_STATUS = {
     "finished": "finished",
@@ -47,7 +47,7 @@ def row_from_wandb(run) -> dict:
     history = history.rename(columns={step: "step"}) if len(history) else None
     results = _plain(run.summary.get("results"))
     if results:
-        return row_from_results(results, run.url, history)
+        return row_from_results(results, run.url, history if history is None else at_steps_done(history, results))
     names = run.name.split(",")
     results = {
         "run_name": run.name,

@@ -12,6 +12,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
 from helpers.runs import REPO
+from mswa.run import STEP_CONVENTION
 from mswa.windows import make_schedule
 
 SEQ_LEN, W, N_LAYER, N_HEAD = 64, 16, 4, 4
@@ -75,6 +76,7 @@ def run_results(overrides: list[str], status: str, val: float | None, test: floa
         "wall_time_s": 12.0,
         "git_commit": "abc123",
         "wandb": {"id": "x", "mode": "disabled", "group": "g", "project": "p"},
+        "step_convention": STEP_CONVENTION,
     }
 
 
