@@ -18,8 +18,8 @@ import secrets
 import shlex
 import shutil
 import socket
-import sys
 import subprocess
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
