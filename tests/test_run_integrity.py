@@ -266,12 +266,7 @@ def test_a_killed_attempt_leaves_its_start_line_and_reads_stopped(tmp_path):
     """attempts.jsonl gets an attempt's line when it starts: SIGKILL mid-training leaves it ``running``, which the
     report reads as stopped (its process is gone); the next attempt adds its own line."""
     args = ["debug=smoke", "logger=none", "trainer.max_steps=100000"]
-    job = Train(args, tmp_path)
-    job.wait_for(lambda: list((tmp_path / "outputs").glob("train/runs/*/checkpoints")), "a run folder")
-    run_dir = only_run_dir(tmp_path / "outputs")
-    job.wait_for(checkpoint_at_step(run_dir, 3), "a checkpoint at step 3")
-    job.proc.kill()
-    job.finish()
+    job, run_dir = killed_after(args, tmp_path, step=3)
     (killed,) = attempts_of(run_dir)
     assert (killed["status"], killed["ended"], killed["pid"]) == ("running", None, job.proc.pid)
     assert results_of(run_dir)["process"]["attempt"] == killed["attempt"]
@@ -348,6 +343,17 @@ def checkpoint_at_step(run_dir: Path, least: int):
     return ready
 
 
+def killed_after(args: list[str], tmp_path: Path, step: int) -> tuple[Train, Path]:
+    """`python train.py ARGS` SIGKILLed once it has a checkpoint at ``step`` or later; the job and its run folder."""
+    job = Train(args, tmp_path)
+    job.wait_for(lambda: list((tmp_path / "outputs").glob("train/runs/*/checkpoints")), "a run folder")
+    run_dir = only_run_dir(tmp_path / "outputs")
+    job.wait_for(checkpoint_at_step(run_dir, step), f"a checkpoint at step {step}")
+    job.proc.kill()
+    job.finish()
+    return job, run_dir
+
+
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory) -> dict:
     tmp_path = tmp_path_factory.mktemp("straight")
@@ -366,12 +372,7 @@ def assert_resumed_equal(run_dir: Path, straight: dict, what: str) -> None:
 
 @pytest.mark.slow
 def test_sigkill_reads_stopped_then_resumes_to_the_same_metric(straight, tmp_path):
-    job = Train(RESUME, tmp_path)
-    job.wait_for(lambda: list((tmp_path / "outputs").glob("train/runs/*/checkpoints")), "a run folder")
-    run_dir = only_run_dir(tmp_path / "outputs")
-    job.wait_for(checkpoint_at_step(run_dir, 10), "a checkpoint at step 10")
-    job.proc.kill()
-    job.finish()
+    job, run_dir = killed_after(RESUME, tmp_path, step=10)
     assert results_of(run_dir)["status"] == "running"
     (row,) = report.load_runs([run_dir]).itertuples()
     assert row.status == "stopped" and f"its process ({job.proc.pid} " in row.error
