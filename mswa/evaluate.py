@@ -30,6 +30,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from mswa.atomic import write_atomic
 from mswa.checks import check_evaluation, check_repeated_overrides, check_same_model, read_run_checkpoint
 from mswa.config import RunConfig, WandbConfig, parse_config, with_wandb_environment
 from mswa.data.batches import eval_context
@@ -181,17 +182,11 @@ def evaluate(options: dict) -> dict:
         "git_commit": git_commit(),
     }
     if trainer.global_rank == 0:
-        _write_json(run_dir / f"evaluation_{name}.json", record)
+        write_atomic(run_dir / f"evaluation_{name}.json", json.dumps(record, indent=2, default=str))
         if logger is not None:
             _mirror_to_wandb(logger, run_dir, name, record)
         print(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in record["metrics"].items() if k.endswith(corpus.metric)))
     return record
-
-
-def _write_json(path: Path, record: dict) -> None:
-    temp = path.with_name(f"{path.name}.part-{os.getpid()}")
-    temp.write_text(json.dumps(record, indent=2, default=str))
-    temp.replace(path)
 
 
 def _wandb_logger(cfg: dict, run_dir: Path) -> WandbConfig | None:
