@@ -211,3 +211,15 @@ def _check_window(key: str, window) -> Window:
     if value < 1:
         raise ValueError(f"{key}={value}: a window must be >= 1 (1 = the query itself only).")
     return value
+
+
+def custom_schedule_yaml(name: str, windows: Sequence[Sequence[Window]], header: Sequence[str]) -> str:
+    """A conf/window_schedule file of kind ``custom`` holding ``windows`` ([layer][head]), ``header`` as comments."""
+    rows = "\n".join("  - [" + ", ".join("null" if w is None else str(w) for w in layer) + "]" for layer in windows)
+    comments = "\n".join(f"# {line}".rstrip() for line in header)
+    return f"{comments}\nname: {name}\nkind: custom\nhead_ratios: null\nlayer_ratios: null\nwindows:\n{rows}\n"
+
+
+def mswa_budget(w: int, n_layer: int, n_head: int, seq_len: int) -> float:
+    """mswa's attended pairs relative to SWA at w (0.850 at w=64, N=1024): the budget data-chosen windows get."""
+    return make_schedule("mswa", w=w, n_layer=n_layer, n_head=n_head).budget(seq_len)["pairs_vs_swa"]
