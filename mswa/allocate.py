@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from mswa.atomic import write_atomic
 from mswa.data.batches import EvalChunks
 from mswa.folders import check_file
-from mswa.windows import WindowSchedule, attended_pairs, custom_schedule_yaml, mswa_budget
+from mswa.windows import WindowSchedule, attended_pairs, corpus_label, custom_schedule_yaml, mswa_budget
 
 CONF_SCHEDULES = Path(__file__).resolve().parent.parent / "conf" / "window_schedule"
 DEFAULT_RATIOS = (0.25, 0.5, 1, 2, 4)  # candidates w/4 ... 4w
@@ -140,11 +140,6 @@ def check_source_windows(windows: list[list], largest: int) -> None:
             f"the run's windows (smallest {min(narrow)}) are smaller than the largest candidate {largest}, so restricting a head "
             "to it would widen it; profile a run with full attention or SWA at a window >= the largest candidate"
         )
-
-
-def corpus_label(name: str) -> str:
-    """A corpus name as it goes in a schedule's name: searched_kernel_docs for kernel-docs.txt."""
-    return re.sub(r"[^0-9a-zA-Z]+", "_", Path(name).stem).strip("_").lower() or "corpus"
 
 
 def parse_budget(text: str, w: int, windows: list[list], seq_len: int) -> float:

@@ -1,11 +1,18 @@
 """Learned windows: the blocked kernel's soft span mask against a dense reference written here (outputs and the
 gradients of q, k, v and the spans), its cost following the spans, and a learned run end to end."""
 
+import dataclasses
+
 import pytest
 import torch
+import yaml
 
 from helpers.attention import fixed_grad_out, make_inputs
+from helpers.runs import compose_config
 from mswa.attention import blocked, window_attention
+from mswa.model import LanguageModel, ModelConfig
+from mswa.run import RunInfo, train
+from mswa.windows import attended_pairs, mswa_budget
 
 
 def dense_soft_reference(q, k, v, spans, ramp, caps):
@@ -63,3 +70,52 @@ def test_the_cost_follows_the_spans_not_the_caps():
     assert [band.window for band in plans[0].bands] == [7, 25, 4, 128]
     # keys per query block: window 7 and 4 -> 16 + 16, window 25 -> 32 + 32; the cap's band would be 256 + 32
     assert [band.span for band in plans[0].bands[:3]] == [32, 64, 32]
+
+
+def tiny_learned_model(budget=0.6, w=16, n=128):
+    spans = {"ramp": 4, "budget": budget, "w": w, "rate": 0.1, "penalty": 100.0}
+    cfg = ModelConfig(n_layer=2, n_head=2, d_model=16, max_seq_len=n, windows=[[4 * w] * 2] * 2, learned_spans=spans)
+    return LanguageModel(cfg)
+
+
+def test_spans_start_at_the_budget_and_the_multiplier_drives_them_to_a_new_one():
+    model = tiny_learned_model()
+    assert model.soft_pairs_vs_swa().item() == pytest.approx(0.6, abs=1e-4)
+    model.cfg.learned_spans["budget"] = 0.35  # from above the budget
+    optimizer = torch.optim.Adam([p for name, p in model.named_parameters() if "span" in name], lr=0.02)
+    for _ in range(300):
+        term, logged = model.training_penalty()
+        optimizer.zero_grad()
+        (term - 0.5 * model.soft_pairs_vs_swa()).backward()  # a loss that gains 0.5 per unit of budget pulls up
+        optimizer.step()
+    # the constrained optimum: the budget held, the multiplier at the price of budget (0.5)
+    assert model.soft_pairs_vs_swa().item() == pytest.approx(0.35, abs=0.005)
+    assert logged["train/span_multiplier"] == pytest.approx(0.5, abs=0.25)
+
+
+@pytest.mark.parametrize("long_head", [2.0, 5.0], ids=["near the budget", "far above it"])
+def test_hardened_windows_meet_the_budget_and_replace_the_soft_mask(long_head):
+    model = tiny_learned_model()
+    with torch.no_grad():
+        model.blocks[0].mixer.span_logits.copy_(torch.tensor([-3.0, long_head]))  # one short head, one long
+    target = 0.6 * 4 * attended_pairs(16, 128)
+    windows = model.harden_spans()
+    assert sum(attended_pairs(w, 128) for row in windows for w in row) <= target
+    assert windows[0][0] < windows[0][1] <= 64 and not model.learned_attention()
+    x = torch.randint(0, 256, (1, 128))
+    hard = LanguageModel(dataclasses.replace(model.cfg, learned_spans=None, windows=windows))
+    hard.load_state_dict(model.state_dict(), strict=False)
+    torch.testing.assert_close(model.token_nll(x, x), hard.token_nll(x, x))  # plain windowed attention now
+
+
+def test_a_learned_run_writes_its_hardened_schedule_beside_results(tmp_path):
+    overrides = ["debug=smoke", "dataset.loader.n_bytes=60000", "window_schedule=learned", "trainer.max_steps=3"]
+    results = train(compose_config(overrides, tmp_path), RunInfo(str(tmp_path / "learned")))
+    assert results["status"] == "finished", results["error"]
+    learned = results["learned"]
+    assert results["budget"]["pairs_vs_swa"] <= learned["budget_target"] + 1e-12  # mswa's at this shape and length
+    assert learned["budget_target"] == pytest.approx(mswa_budget(16, 4, 4, 64))
+    assert set(learned["hardened_minus_soft"]) == set(results["metrics"])
+    assert results["metrics"]["test/loss"] - learned["soft_metrics"]["test/loss"] == learned["hardened_minus_soft"]["test/loss"]
+    schedule = yaml.safe_load((tmp_path / "learned" / "learned_synthetic.yaml").read_text())
+    assert schedule["kind"] == "custom" and schedule["windows"] == results["windows"]
