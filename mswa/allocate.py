@@ -80,7 +80,7 @@ def profile_heads(model, batches: list, candidates: Sequence[int], show: bool = 
     """(baseline loss, loss[layer][head][candidate]) of ``model`` on ``batches`` with one head restricted at a time."""
     mixers = [block.mixer for block in model.blocks]
     passes = 1 + sum(len(m.windows) for m in mixers) * len(candidates)
-    with tqdm(total=passes, desc="profiling heads", unit="pass", disable=not show) as bar:
+    with tqdm(total=passes, desc="profiling heads", unit="pass", disable=None if show else True) as bar:  # off a terminal: none
         baseline = _loss(model, batches)
         bar.update()
         table = []

@@ -38,7 +38,7 @@ from mswa.checks import check_checkpoint, check_config, check_memory, check_repe
 from mswa.config import ConfigError, DatasetConfig, RunConfig, WandbConfig, with_wandb_environment
 from mswa.data.batches import eval_context
 from mswa.data.corpus import Corpus
-from mswa.factory import build_model, build_schedule, finish_pretrained, model_spec, with_pretrained_shape
+from mswa.factory import build_model, build_schedule, finish_pretrained, learned_spans, model_spec, with_pretrained_shape
 from mswa.lit import (
     AtomicCheckpointIO,
     CorpusDataModule,
@@ -470,6 +470,7 @@ class Attempt:
             self.plain["model"].update(n_layer=cfg.model.n_layer, n_head=cfg.model.n_head, vocab_size=cfg.model.vocab_size)
         self.eval_context = eval_context(self.plain)
         self.schedule = build_schedule(cfg)
+        learned_spans(cfg, self.schedule)  # window_schedule=learned's settings, refused here rather than once data is loaded
         check_memory(cfg, self.schedule)
         warn_full_attention(cfg, self.schedule)
         self.resume = self.folder.resolve_resume(cfg.ckpt_path, cfg.overwrite)

@@ -10,7 +10,10 @@ import yaml
 from helpers.attention import fixed_grad_out, make_inputs
 from helpers.runs import compose_config
 from mswa.attention import blocked, window_attention
+from mswa.checks import check_config
+from mswa.factory import build_schedule, learned_spans
 from mswa.model import LanguageModel, ModelConfig
+from mswa.rules import ConfigError
 from mswa.run import RunInfo, train
 from mswa.windows import attended_pairs, mswa_budget
 
@@ -119,3 +122,19 @@ def test_a_learned_run_writes_its_hardened_schedule_beside_results(tmp_path):
     assert results["metrics"]["test/loss"] - learned["soft_metrics"]["test/loss"] == learned["hardened_minus_soft"]["test/loss"]
     schedule = yaml.safe_load((tmp_path / "learned" / "learned_synthetic.yaml").read_text())
     assert schedule["kind"] == "custom" and schedule["windows"] == results["windows"]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("window_schedule.ramp=0", "window_schedule.ramp=0 must be an integer >= 1 below the cap 64"),
+        ("window_schedule.ramp=64", "window_schedule.ramp=64 must be an integer >= 1 below the cap 64"),
+        ("window_schedule.budget_rate=-1", "window_schedule.budget_rate=-1.0 must be a number >= 0"),
+        ("window_schedule.budget=9", "window_schedule.budget=9.0 must lie in (0, 2.3009)"),
+    ],
+)
+def test_bad_learned_settings_are_refused_in_one_sentence(tmp_path, override, message):
+    settings = check_config(compose_config(["debug=smoke", "window_schedule=learned", override], tmp_path))
+    with pytest.raises(ConfigError) as refused:
+        learned_spans(settings, build_schedule(settings))
+    assert str(refused.value).startswith(message) and "\n" not in str(refused.value)
