@@ -11,6 +11,7 @@ from helpers.attention import fixed_grad_out, make_inputs
 from helpers.runs import compose_config
 from mswa.attention import blocked, window_attention
 from mswa.checks import check_config
+from mswa.evaluate import load_run
 from mswa.factory import build_schedule, learned_spans
 from mswa.model import LanguageModel, ModelConfig
 from mswa.rules import ConfigError
@@ -122,6 +123,8 @@ def test_a_learned_run_writes_its_hardened_schedule_beside_results(tmp_path):
     assert results["metrics"]["test/loss"] - learned["soft_metrics"]["test/loss"] == learned["hardened_minus_soft"]["test/loss"]
     schedule = yaml.safe_load((tmp_path / "learned" / "learned_synthetic.yaml").read_text())
     assert schedule["kind"] == "custom" and schedule["windows"] == results["windows"]
+    _, task, _ = load_run(tmp_path / "learned")  # evaluate, sample and allocate see the hardened windows
+    assert [block.mixer.windows for block in task.model.blocks] == results["windows"] and not task.model.learned_attention()
 
 
 @pytest.mark.parametrize(
