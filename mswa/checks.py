@@ -254,6 +254,7 @@ def check_launcher(launcher: str | None, multirun: bool) -> None:
 
 # Model settings that change how the model runs, not what it is: a checkpoint resumes across them.
 RUNTIME_KEYS = ("attn_backend", "gradient_checkpointing")
+ADDED_SINCE = {"learned_spans": None}  # model settings newer than some checkpoints, with the value those models had
 
 
 def check_checkpoint(path: str | None, model: dict) -> dict | None:
@@ -285,7 +286,8 @@ def check_same_model(stored: dict, model: dict, named: str, fix: str) -> None:
     """The checkpoint ``stored`` holds the model of spec ``model`` (settings of how it runs aside); else what differs, and ``fix``."""
     before = stored["hyper_parameters"]["model"]
     for key in sorted(set(before) | set(model)):
-        there, here = before.get(key, MISSING), model.get(key, MISSING)
+        # a setting added after the checkpoint was written: the checkpoint's model had its default
+        there, here = before.get(key, ADDED_SINCE.get(key, MISSING)), model.get(key, MISSING)
         if key not in RUNTIME_KEYS and there != here:
             name = f"{key} (from {FILLED_BY_RUN[key]})" if key in FILLED_BY_RUN else f"model.{key}"
             values = f"{shown(there)} there, {shown(here)} here" if len(shown(there) + shown(here)) < 120 else "differs from this config"

@@ -74,6 +74,10 @@ class ScheduleConfig:
     head_ratios: list[float] | None = None
     layer_ratios: list[float] | None = None
     windows: list[list[int | None]] | None = None  # kind=custom: [layer][head]
+    ramp: int | None = None  # kind=learned: width R (tokens) of the soft mask's ramp
+    budget: float | None = None  # kind=learned: attended pairs / SWA(w) to end training at; null: mswa's
+    budget_rate: float | None = None  # kind=learned: the Lagrange multiplier's step per training step
+    budget_penalty: float | None = None  # kind=learned: weight of the quadratic term of the augmented Lagrangian
 
 
 @dataclass
@@ -186,7 +190,12 @@ class SlurmConfig:
 
 # Model keys the run fills in itself: the vocabulary from the data, the length from seq_len, the windows from
 # window and window_schedule.
-FILLED_BY_RUN = {"vocab_size": "the dataset", "max_seq_len": "seq_len", "windows": "window and window_schedule"}
+FILLED_BY_RUN = {
+    "vocab_size": "the dataset",
+    "max_seq_len": "seq_len",
+    "windows": "window and window_schedule",
+    "learned_spans": "window_schedule=learned",
+}
 MODEL_RULES = {  # values of mswa.model's settings that ModelConfig itself does not check
     "n_layer": POSITIVE,
     "n_head": POSITIVE,

@@ -53,7 +53,8 @@ def load_run(run_dir: str | os.PathLike, checkpoint: str = "best", key: str = "c
     ``"last"`` (``checkpoints/last.ckpt``) or the path of a ``.ckpt`` (relative paths are tried from the
     current directory, then from the run folder). Returns the run's resolved config (a plain dict),
     its ``LanguageModelTask`` on the CPU in eval mode with the checkpoint's weights (``task.model`` is
-    the language model: ``token_nll``, ``forward``), and its corpus (data paths as the run stored them).
+    the language model: ``token_nll``, ``forward``; learned spans hardened to the run's windows), and its
+    corpus (data paths as the run stored them).
     A missing folder, config or checkpoint, or a file train.py did not write, raises a one-sentence ValueError
     before anything is built; a checkpoint of another model (another run's), one once the corpus is loaded (the
     model's vocabulary comes from it). ``key`` is how the caller's user
@@ -69,6 +70,8 @@ def load_run(run_dir: str | os.PathLike, checkpoint: str = "best", key: str = "c
     check_same_model(stored, spec, named, f"pass a checkpoint written by the run in {run_dir}")
     task = LanguageModelTask(build_model(settings.model, spec), settings.optim, corpus.unit, spec=spec)
     task.load_state_dict(stored["state_dict"], strict=task.strict_loading)
+    if hasattr(task.model, "harden_spans"):
+        task.model.harden_spans()  # learned spans: the hardened windows, which the run's final numbers are of
     return cfg, task.eval(), corpus
 
 

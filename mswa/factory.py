@@ -15,7 +15,7 @@ import torch
 
 from mswa.config import PRETRAINED_KEYS, ConfigError, NativeModel, PretrainedModel, RunConfig, model_config
 from mswa.model import LanguageModel, ModelConfig
-from mswa.windows import WindowSchedule, make_schedule
+from mswa.windows import WindowSchedule, attended_pairs, make_schedule, mswa_budget
 
 Model = NativeModel | PretrainedModel
 
@@ -50,8 +50,30 @@ def model_spec(cfg: RunConfig, vocab_size: int, schedule: WindowSchedule) -> dic
     windows = None if schedule.is_full else schedule.as_lists()
     if cfg.pretrained:
         return {key: plain(getattr(cfg.model, key)) for key in PRETRAINED_KEYS} | {"windows": windows}
-    config = model_config(cfg.model, vocab_size=vocab_size, max_seq_len=cfg.seq_len, windows=windows)
+    learned = learned_spans(cfg, schedule)
+    config = model_config(cfg.model, vocab_size=vocab_size, max_seq_len=cfg.seq_len, windows=windows, learned_spans=learned)
     return dataclasses.asdict(config)
+
+
+def learned_spans(cfg: RunConfig, schedule: WindowSchedule) -> dict | None:
+    """window_schedule=learned: the model's learned-span settings (the budget null: mswa's at this shape and length),
+    each checked; None for any other schedule."""
+    ws = cfg.window_schedule
+    if ws.kind != "learned":
+        return None
+    if cfg.pretrained:
+        raise ConfigError("window_schedule=learned trains models of mswa.model; pick another schedule for a pretrained model")
+    cap = schedule.windows[0][0]
+    if isinstance(ws.ramp, bool) or not isinstance(ws.ramp, int) or not 1 <= ws.ramp < cap:
+        raise ConfigError(f"window_schedule.ramp={ws.ramp!r} must be an integer >= 1 below the cap {cap} (w x head_ratios)")
+    for key in ("budget_rate", "budget_penalty"):
+        if getattr(ws, key) is None or not getattr(ws, key) >= 0:
+            raise ConfigError(f"window_schedule.{key}={getattr(ws, key)!r} must be a number >= 0 (the budget's augmented Lagrangian)")
+    budget = ws.budget if ws.budget is not None else mswa_budget(schedule.w, schedule.n_layer, schedule.n_head, cfg.seq_len)
+    largest = attended_pairs(cap, cfg.seq_len) / attended_pairs(schedule.w, cfg.seq_len)
+    if not 0 < budget < largest:
+        raise ConfigError(f"window_schedule.budget={budget} must lie in (0, {largest:.4f}), below every head at its cap {cap}")
+    return {"ramp": ws.ramp, "budget": budget, "w": schedule.w, "rate": ws.budget_rate, "penalty": ws.budget_penalty}
 
 
 def build_model(model: Model, spec: dict) -> torch.nn.Module:

@@ -48,7 +48,8 @@ def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: fl
 
 
 class LanguageModelTask(L.LightningModule):
-    """Trains and evaluates ``model`` (``token_nll(x, y)``, ``n_params()``); ``spec``, the keywords it was built
+    """Trains and evaluates ``model`` (``token_nll(x, y)``, ``n_params()``, and optionally ``training_penalty()``: a
+    term added to the training loss, with values to log); ``spec``, the keywords it was built
     from, and the name of the ``dataset`` it trains on are saved with every checkpoint so that a resume can check
     it is of the same model (and say when it comes from another dataset)."""
 
@@ -79,6 +80,11 @@ class LanguageModelTask(L.LightningModule):
         if not torch.isfinite(loss):
             raise NonFiniteLossError(f"training loss became {loss.item()} at step {self.global_step}")
         self.log("train/loss", loss, prog_bar=True)
+        penalty = self.model.training_penalty() if hasattr(self.model, "training_penalty") else None
+        if penalty is not None:  # a term the model adds to what it minimises (learned spans: their budget)
+            term, logged = penalty
+            self.log_dict(logged)
+            return loss + term
         return loss
 
     def _eval_step(self, batch) -> None:

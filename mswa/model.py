@@ -8,13 +8,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from mswa.attention import window_attention
 from mswa.attention.linear import LinearAttentionState, causal_linear_attention, linear_attention_step, mapped_feature_dim
-from mswa.windows import Window, validate_window_table
+from mswa.windows import Window, attended_pairs, validate_window_table, window_for_pairs
 
 
 @dataclass
@@ -28,6 +29,9 @@ class ModelConfig:
     max_seq_len: int = 1024  # learned positions are sized by it
     positions: str = "rope"  # "rope" | "learned"
     windows: list[list[Window]] | None = None  # [layer][head]; None = full causal everywhere
+    # learned windows (window_schedule=learned): {"ramp": R, "budget": pairs / SWA(w), "w": w, "rate": multiplier
+    # step, "penalty": quadratic weight}; every head learns a span below its window (its cap), starting at the budget
+    learned_spans: dict | None = None
     attn_backend: str = "auto"
     output: str = "softmax"  # "softmax" (tied to the embedding) | "adaptive" (adaptive softmax)
     adaptive_cutoffs: list[int] = field(default_factory=lambda: [20000, 40000, 200000])
@@ -61,6 +65,8 @@ class ModelConfig:
             raise ValueError(f"model.pattern={list(self.pattern)} must be a non-empty list of 'linear' and 'window'")
         if self.windows is not None:
             validate_window_table(self.windows, self.n_layer, self.n_head, key="model.windows")
+        if self.learned_spans is not None and (self.windows is None or any(w is None for row in self.windows for w in row)):
+            raise ValueError("learned spans need a cap (an integer window) for every head: window_schedule=learned sets them")
 
     def layer_windows(self, layer: int) -> list[Window]:
         return [None] * self.n_head if self.windows is None else list(self.windows[layer])
@@ -107,6 +113,25 @@ class WindowedSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.rotary = Rotary(cfg.d_model // cfg.n_head) if cfg.positions == "rope" else None
+        self.learned = cfg.learned_spans is not None  # until harden_spans
+        if self.learned:
+            self.ramp = float(cfg.learned_spans["ramp"])
+            self.register_buffer("caps", torch.tensor(windows, dtype=torch.float32), persistent=False)
+            self.span_logits = nn.Parameter(torch.full((cfg.n_head,), _initial_logit(cfg, windows)))
+
+    def spans(self) -> torch.Tensor:
+        """Each head's span z in [0, cap - R]: its soft mask then ends at its cap."""
+        return (self.caps - self.ramp) * torch.sigmoid(self.span_logits)
+
+    def soft_pairs(self, seq_len: int) -> torch.Tensor:
+        """Attended pairs of each head under its soft mask: sum over lags d of m(d) (N - d) (differentiable)."""
+        lag = torch.arange(seq_len, device=self.span_logits.device, dtype=torch.float32)
+        weight = ((self.spans()[:, None] + self.ramp - lag) / self.ramp).clamp(0, 1)
+        return (weight * (seq_len - lag)).sum(-1)
+
+    def fix_windows(self, windows: list[int]) -> None:
+        """From now on hard windows (the hardened spans); the soft mask is dropped."""
+        self.windows, self.learned = list(windows), False
 
     def heads(self, x: torch.Tensor, cache=None, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-head attention outputs (B, H, N, D) and the values v they mixed; x holds positions start..."""
@@ -114,10 +139,14 @@ class WindowedSelfAttention(nn.Module):
         q, k, v = self.qkv(x).view(b, n, 3, self.n_head, d // self.n_head).permute(2, 0, 3, 1, 4)
         if self.rotary is not None:
             q, k = self.rotary(q, start), self.rotary(k, start)
+        if cache is not None and self.learned:
+            raise ValueError("a model with learned spans decodes with its hardened windows: train the run's learned_*.yaml schedule")
         if cache is not None and start > 0:  # decoding: the new tokens against the cached keys
             return cache.attend(q, k, v), v
         if cache is not None:  # a prompt: keep what later tokens will see
             cache.store(k, v)
+        if self.learned:
+            return window_attention(q, k, v, self.windows, backend=self.backend, spans=self.spans(), ramp=self.ramp), v
         return window_attention(q, k, v, self.windows, backend=self.backend), v
 
     def merge(self, heads: torch.Tensor) -> torch.Tensor:
@@ -126,6 +155,37 @@ class WindowedSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache=None, start: int = 0) -> torch.Tensor:
         return self.merge(self.heads(x, cache, start)[0])
+
+
+def _initial_logit(cfg: ModelConfig, caps: list[int]) -> float:
+    """The logit at which a head's soft mask attends SWA's pairs at the budget (every head the same, found by
+    bisection on the span): the spans start where the budget holds, and the multiplier holds it while they move."""
+    spans, n = cfg.learned_spans, cfg.max_seq_len
+    target, ramp, room = spans["budget"] * attended_pairs(spans["w"], n), spans["ramp"], min(caps) - spans["ramp"]
+    lag = np.arange(n, dtype=np.float64)  # numpy: models are also built on the meta device (mswa.checks counts them)
+    low, high = 0.0, float(room)
+    for _ in range(60):
+        span = (low + high) / 2
+        pairs = float((np.clip((span + ramp - lag) / ramp, 0, 1) * (n - lag)).sum())
+        low, high = (span, high) if pairs < target else (low, span)
+    fraction = min(max(low / room, 1e-4), 1 - 1e-4)
+    return math.log(fraction / (1 - fraction))
+
+
+def _within(real: list[list[float]], caps: list[list[float]], room: float, n: int) -> list[list[int]]:
+    """``real`` windows rounded down, scaled by the largest factor (bisection) whose windows' pairs fit ``room``."""
+
+    def floors(scale: float) -> list[list[int]]:
+        return [[max(1, min(int(cap), math.floor(scale * r))) for r, cap in zip(row, cap_row)] for row, cap_row in zip(real, caps)]
+
+    def fits(scale: float) -> bool:
+        return sum(attended_pairs(w, n) for row in floors(scale) for w in row) <= room
+
+    low, high = 0.0, 1.0
+    if not fits(high):
+        for _ in range(50):
+            low, high = ((low + high) / 2, high) if fits((low + high) / 2) else (low, (low + high) / 2)
+    return floors(high if fits(high) else low)
 
 
 class ParallelHybridAttention(WindowedSelfAttention):
@@ -243,6 +303,8 @@ class LanguageModel(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, make_mixer(cfg, i)) for i in range(cfg.n_layer))
         self.norm = nn.LayerNorm(cfg.d_model)
+        if cfg.learned_spans is not None:  # the Lagrange multiplier of the budget, resumed with the run
+            self.register_buffer("span_multiplier", torch.zeros(()))
         if cfg.output == "adaptive":  # its own head and tail clusters; not tied to the embedding
             self.adaptive = nn.AdaptiveLogSoftmaxWithLoss(cfg.d_model, cfg.vocab_size, list(cfg.adaptive_cutoffs), div_value=4.0)
         else:
@@ -262,6 +324,56 @@ class LanguageModel(nn.Module):
 
     def n_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def learned_attention(self) -> list[WindowedSelfAttention]:
+        return [block.mixer for block in self.blocks if getattr(block.mixer, "learned", False)]
+
+    def soft_pairs_vs_swa(self) -> torch.Tensor | None:
+        """The learned heads' attended pairs under their soft masks at max_seq_len, relative to SWA(w)'s (None: none)."""
+        heads, n = self.learned_attention(), self.cfg.max_seq_len
+        if not heads:
+            return None
+        pairs = torch.stack([head.soft_pairs(n) for head in heads]).sum()
+        return pairs / (len(heads) * self.cfg.n_head * attended_pairs(self.cfg.learned_spans["w"], n))
+
+    def training_penalty(self) -> tuple[torch.Tensor, dict[str, float]] | None:
+        """Learned spans: the augmented Lagrangian of the budget, multiplier x r + penalty / 2 x (r - budget)^2 with r
+        the soft attended pairs / SWA(w)'s, after one dual-ascent step of the multiplier (kept >= 0); with what to
+        log. The quadratic damps the multiplier's overshoot (spans move at the optimiser's pace). None for a model
+        without learned spans."""
+        ratio = self.soft_pairs_vs_swa()
+        if ratio is None:
+            return None
+        spans, multiplier = self.cfg.learned_spans, self.span_multiplier
+        excess = ratio - spans["budget"]
+        multiplier.add_(spans["rate"] * excess.detach()).clamp_(min=0)
+        return multiplier * ratio + spans["penalty"] / 2 * excess**2, {
+            "train/span_pairs_vs_swa": ratio.item(),
+            "train/span_multiplier": multiplier.item(),
+        }
+
+    def harden_spans(self) -> list[list[Window]] | None:
+        """Every learned span fixed to an integer window: the window whose attended pairs match its soft mask's,
+        rounded down (all scaled down alike first if the spans ended above the budget), then up one at a time
+        (largest fractions first) while the total stays within the budget: the hardened windows always meet it.
+        The window table; None without learned spans."""
+        learned, n = self.learned_attention(), self.cfg.max_seq_len
+        if not learned:
+            return None
+        spans = self.cfg.learned_spans
+        real = [[window_for_pairs(p, n) for p in m.soft_pairs(n).detach().double().tolist()] for m in learned]
+        room = spans["budget"] * len(learned) * self.cfg.n_head * attended_pairs(spans["w"], n)
+        hard = _within(real, [m.caps.tolist() for m in learned], room, n)
+        room -= sum(attended_pairs(w, n) for row in hard for w in row)
+        heads = [(layer, head) for layer, row in enumerate(real) for head in range(len(row))]
+        for layer, head in sorted(heads, key=lambda lh: real[lh[0]][lh[1]] - hard[lh[0]][lh[1]], reverse=True):
+            window = hard[layer][head]
+            extra = attended_pairs(window + 1, n) - attended_pairs(window, n)
+            if real[layer][head] > window and window + 1 <= learned[layer].caps[head] and extra <= room:
+                hard[layer][head], room = window + 1, room - extra
+        for mixer, row in zip(learned, hard):
+            mixer.fix_windows(row)
+        return [list(block.mixer.windows) if hasattr(block.mixer, "windows") else [None] * self.cfg.n_head for block in self.blocks]
 
     def hidden(self, idx: torch.Tensor, cache=None) -> torch.Tensor:
         """Final hidden states (B, N, d_model). With a decoding cache (`mswa.generate.DecodingCache`),

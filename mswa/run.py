@@ -38,7 +38,7 @@ from mswa.checks import check_checkpoint, check_config, check_memory, check_repe
 from mswa.config import ConfigError, DatasetConfig, RunConfig, WandbConfig, with_wandb_environment
 from mswa.data.batches import eval_context
 from mswa.data.corpus import Corpus
-from mswa.factory import build_model, build_schedule, finish_pretrained, model_spec, with_pretrained_shape
+from mswa.factory import build_model, build_schedule, finish_pretrained, learned_spans, model_spec, with_pretrained_shape
 from mswa.lit import (
     AtomicCheckpointIO,
     CorpusDataModule,
@@ -54,6 +54,7 @@ from mswa.lit import (
 )
 from mswa.progress import messages_shown, progress
 from mswa.sweeps import warn_if_repeating
+from mswa.windows import WindowSchedule, corpus_label, custom_schedule_yaml
 
 HEARTBEAT_EVERY_S = 60.0  # how often a live run rewrites results.json; the report reads it from there
 # Lightning's output that is not ours to act on (matched by message: other warnings stay on)
@@ -469,6 +470,7 @@ class Attempt:
             self.plain["model"].update(n_layer=cfg.model.n_layer, n_head=cfg.model.n_head, vocab_size=cfg.model.vocab_size)
         self.eval_context = eval_context(self.plain)
         self.schedule = build_schedule(cfg)
+        learned_spans(cfg, self.schedule)  # window_schedule=learned's settings, refused here rather than once data is loaded
         check_memory(cfg, self.schedule)
         warn_full_attention(cfg, self.schedule)
         self.resume = self.folder.resolve_resume(cfg.ckpt_path, cfg.overwrite)
@@ -576,6 +578,9 @@ class Attempt:
             evaluated_step=evaluated and checkpoint_step(Path(evaluated)),
             evaluation={**data.eval_settings, **task.eval_details},
         )
+        soft_ratio = task.model.soft_pairs_vs_swa() if hasattr(task.model, "soft_pairs_vs_swa") else None
+        if soft_ratio is not None:
+            self.evaluate_hardened(soft_ratio.detach().item(), task.model.harden_spans())
         if self.cfg.pretrained and rank_zero_only.rank == 0:
             record = {
                 "schedule": results["schedule"],
@@ -584,6 +589,45 @@ class Attempt:
             }
             wandb_run = next((logger.experiment for logger in self.loggers if isinstance(logger, WandbLogger)), None)
             results["lm_eval"] = finish_pretrained(self.cfg, task.model, self.folder.path, wandb_run, record)
+
+    def evaluate_hardened(self, soft_pairs: float, windows: list[list]) -> None:
+        """Learned spans, hardened to ``windows``: the final numbers are those of the hardened model (what the schedule
+        file beside results.json trains), beside the soft mask's and their difference."""
+        trainer, task, data, results = self.trainer, self.task, self.data, self.results
+        soft = dict(task.eval_results)
+        trainer.validate(task, datamodule=data, verbose=False)  # the loaded checkpoint's weights, hardened
+        trainer.test(task, datamodule=data, verbose=False)
+        schedule = WindowSchedule(f"learned_{corpus_label(self.corpus.name)}", self.schedule.w, tuple(map(tuple, windows)))
+        budget = schedule.budget(self.cfg.seq_len)
+        spans, hardened = task.model.cfg.learned_spans, dict(task.eval_results)
+        results.update(
+            metrics=hardened,
+            windows=windows,
+            budget=budget,
+            evaluation={**data.eval_settings, **task.eval_details},
+            learned={
+                "budget_target": spans["budget"],
+                "ramp": spans["ramp"],
+                "soft_pairs_vs_swa": soft_pairs,
+                "hardened_pairs_vs_swa": budget["pairs_vs_swa"],
+                "multiplier": float(task.model.span_multiplier),
+                "soft_metrics": soft,
+                "hardened_minus_soft": {key: value - soft[key] for key, value in hardened.items() if key in soft},
+                "schedule_file": f"{schedule.name}.yaml",
+            },
+        )
+        if rank_zero_only.rank == 0:
+            metric = f"test/{self.corpus.metric}"
+            header = [
+                f"{schedule.name}: windows learned by the run in {self.folder.path.resolve()} (seed {self.cfg.seed})",
+                f"spans with a soft ramp of {spans['ramp']} tokens, budget {spans['budget']:.6f} x SWA(w={schedule.w}) in attended "
+                f"pairs at seq_len={self.cfg.seq_len}; soft mask at the end: {soft_pairs:.6f}",
+                f"hardened to the integer windows of the nearest attended pairs: {metric} {results['metrics'][metric]:.6f} "
+                f"({results['learned']['hardened_minus_soft'][metric]:+.6f} against the soft mask)",
+                *schedule.describe(self.cfg.seq_len).splitlines()[-2:],
+            ]
+            write_atomic(self.folder.path / f"{schedule.name}.yaml", custom_schedule_yaml(schedule.name, windows, header))
+            log.info(schedule.describe(self.cfg.seq_len) + "\n" + header[2])
 
     def beat(self) -> None:
         """Training has started, so a resumed checkpoint has loaded: the folder is this run's."""

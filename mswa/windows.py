@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import operator
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ NAMED_RATIOS: dict[str, tuple[tuple[float, ...], tuple[float, ...], str]] = {
     "mswa_official": ((2.0, 1.0, 0.5, 0.5), (0.5, 0.5, 1.0, 2.0), "authors' released fine-tuning code"),
     "mswa_h": ((0.25, 0.5, 1.0, 2.0), (1.0,), "ablation: heads only"),
     "mswa_l": ((1.0,), (0.25, 0.5, 1.0, 2.0), "ablation: layers only"),
+    "learned": ((4.0,), (1.0,), "learned spans (adaptive-span style) under a budget; the ratios give each head's cap"),
 }
 SCHEDULES = (*NAMED_RATIOS, "custom", "full")
 
@@ -211,3 +213,26 @@ def _check_window(key: str, window) -> Window:
     if value < 1:
         raise ValueError(f"{key}={value}: a window must be >= 1 (1 = the query itself only).")
     return value
+
+
+def custom_schedule_yaml(name: str, windows: Sequence[Sequence[Window]], header: Sequence[str]) -> str:
+    """A conf/window_schedule file of kind ``custom`` holding ``windows`` ([layer][head]), ``header`` as comments."""
+    rows = "\n".join("  - [" + ", ".join("null" if w is None else str(w) for w in layer) + "]" for layer in windows)
+    comments = "\n".join(f"# {line}".rstrip() for line in header)
+    return f"{comments}\nname: {name}\nkind: custom\nhead_ratios: null\nlayer_ratios: null\nwindows:\n{rows}\n"
+
+
+def window_for_pairs(pairs: float, seq_len: int) -> float:
+    """The real window W whose attended pairs W * N - W (W - 1) / 2 equal ``pairs`` (the inverse of attended_pairs)."""
+    b = 2 * seq_len + 1
+    return (b - math.sqrt(max(0.0, b * b - 8 * pairs))) / 2
+
+
+def mswa_budget(w: int, n_layer: int, n_head: int, seq_len: int) -> float:
+    """mswa's attended pairs relative to SWA at w (0.850 at w=64, N=1024): the budget data-chosen windows get."""
+    return make_schedule("mswa", w=w, n_layer=n_layer, n_head=n_head).budget(seq_len)["pairs_vs_swa"]
+
+
+def corpus_label(name: str) -> str:
+    """A corpus name as it goes in a schedule's name (searched_<label>, learned_<label>): kernel_docs for kernel-docs.txt."""
+    return re.sub(r"[^0-9a-zA-Z]+", "_", name.rsplit(".", 1)[0] if "." in name else name).strip("_").lower() or "corpus"

@@ -28,7 +28,7 @@ def compose_with_hydra(overrides):
 
 def test_every_sweep_is_documented():
     table = (REPO / "sweep" / "README.md").read_text()
-    assert SWEEPS == ["base_window", "budget_matched", "groups", "head_vs_layer", "linear", "main", "order"]
+    assert SWEEPS == ["allocation", "base_window", "budget_matched", "groups", "head_vs_layer", "linear", "main", "order"]
     for name in SWEEPS:
         assert f"+sweep={name}`" in table, name
 

@@ -18,6 +18,11 @@ per head; no recomputation), which adds each chunk's key and value gradients str
 buffer, span tile by span tile: tile t of every block's span is B consecutive keys, so one
 in-place baddbmm per tile does it, with no copy of the spans and no fold.
 
+Learned spans (``spans``, one real span z per head, with a ramp of width R): head h's scores get the additive
+log-mask log m(d), m(d) = clamp((z + R - d) / R, 0, 1) at lag d (adaptive-span's soft mask), and the spans get
+their gradients. A head's band is its current window ceil(z + R) (its cap at most): blocks beyond the span are
+never computed, so the cost follows the spans, not the cap.
+
 Grouped-query k/v rows are repeated per query head in the layout and summed back in the backward.
 Half-precision inputs are computed in fp32 (the layout copy converts them) and the output cast back,
 as fused SDPA does inside. Heads with no window (None, or W >= N) run fused causal SDPA instead.
@@ -66,16 +71,23 @@ class _Plan(NamedTuple):
     n: int
     n_padded: int
     front: int  # zero rows before the keys and values: the largest reach
+    ramp: float | None = None  # learned spans: the soft mask's ramp width R (None: hard windows)
 
 
-def blocked_window_attention(q, k, v, windows, block_size=None):
-    """Window attention per band of equal-window heads; `block_size=None` picks `block_size_for(W)`."""
-    groups = _window_groups(windows, q.shape[2])
+def blocked_window_attention(q, k, v, windows, block_size=None, spans=None, ramp=None):
+    """Window attention per band of equal-window heads; `block_size=None` picks `block_size_for(W)`.
+
+    With `spans` (a (heads,) float tensor, z >= 0) and `ramp` (R > 0), head h is softly masked to its span
+    (see the module's notes) within its cap `windows[h]`; gradients reach `spans`."""
+    n = q.shape[2]
+    if spans is not None:
+        windows = soft_windows(spans, ramp, windows, n)
+    groups = _window_groups(windows, n, soft=spans is not None)
     causal_heads = groups.pop(None, [])
     outputs, order = [], []
     if groups:
-        plan = _plan(groups, q.shape, k.shape[1], block_size)
-        outputs.append(_BandAttention.apply(q, k, v, plan))
+        plan = _plan(groups, q.shape, k.shape[1], block_size, ramp if spans is not None else None)
+        outputs.append(_BandAttention.apply(q, k, v, plan, spans))
         order += plan.heads
     if causal_heads:
         kv = [h // (q.shape[1] // k.shape[1]) for h in causal_heads]
@@ -88,11 +100,19 @@ def blocked_window_attention(q, k, v, windows, block_size=None):
     return out
 
 
-def _window_groups(windows, n):
-    """{window: [heads]} in order of first appearance; window None (full causal) also for W >= N."""
+def soft_windows(spans, ramp, caps, n):
+    """Each head's hard window under its soft mask: lags d < z + R, i.e. ceil(z + R), at most its cap and N."""
+    reach = torch.ceil(spans.detach().double() + ramp).clamp(min=1).tolist()
+    return [int(min(r, n if cap is None else cap, n)) for r, cap in zip(reach, caps)]
+
+
+def _window_groups(windows, n, soft=False):
+    """{window: [heads]} in order of first appearance; window None (full causal) also for W >= N, unless the
+    heads are softly masked (their scores need the mask whatever their window)."""
     groups = {}
     for head, window in enumerate(windows):
-        groups.setdefault(None if window is None or window >= n else window, []).append(head)
+        full = window is None or (window >= n and not soft)
+        groups.setdefault(None if full else min(window, n), []).append(head)
     return groups
 
 
@@ -100,7 +120,7 @@ def _heads(x, heads):
     return x if heads == list(range(x.shape[1])) else x.index_select(1, torch.tensor(heads, device=x.device))
 
 
-def _plan(groups, q_shape, kv_heads, block_size):
+def _plan(groups, q_shape, kv_heads, block_size, ramp=None):
     batch, n_head, n, _ = q_shape
     blocks = [block_size or block_size_for(window) for window in groups]
     n_padded = _round_up(n, math.lcm(*blocks))
@@ -110,7 +130,7 @@ def _plan(groups, q_shape, kv_heads, block_size):
         heads += band_heads
         first_row += bands[-1].rows
     kv = tuple(h // (n_head // kv_heads) for h in heads)
-    return _Plan(tuple(bands), tuple(heads), kv, batch, n, n_padded, max(band.reach for band in bands))
+    return _Plan(tuple(bands), tuple(heads), kv, batch, n, n_padded, max(band.reach for band in bands), ramp)
 
 
 def _round_up(n, multiple):
@@ -118,12 +138,13 @@ def _round_up(n, multiple):
 
 
 class _BandAttention(torch.autograd.Function):
-    """(q, k, v, plan) -> the output of the plan's heads, (batch, len(plan.heads), n, head_dim)."""
+    """(q, k, v, plan, spans) -> the output of the plan's heads, (batch, len(plan.heads), n, head_dim); spans
+    (learned, or None) softly mask each head's scores."""
 
     @staticmethod
-    def forward(ctx, q, k, v, plan):
+    def forward(ctx, q, k, v, plan, spans):
         with torch.autocast(q.device.type, enabled=False):  # the products run in the dtype chosen here
-            return _BandAttention._forward(ctx, q, k, v, plan)
+            return _BandAttention._forward(ctx, q, k, v, plan, spans)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -131,7 +152,7 @@ class _BandAttention(torch.autograd.Function):
             return _BandAttention._backward(ctx, grad_out)
 
     @staticmethod
-    def _forward(ctx, q, k, v, plan):
+    def _forward(ctx, q, k, v, plan, spans):
         dtype = _compute_dtype(q.dtype)
         q_rows = _to_rows(q, plan.heads, plan, dtype, front=0)
         k_rows, v_rows = (_to_rows(x, plan.kv_heads, plan, dtype, plan.front) for x in (k, v))
@@ -143,42 +164,88 @@ class _BandAttention(torch.autograd.Function):
             out = _blocks(out_rows, band, plan)
             prob = queries.new_empty(queries.shape[0], band.block, band.span)
             mask = _band_mask(band.window, band.block, dtype, q.device)
+            soft = _soft_mask(spans, band, plan, dtype) if spans is not None else None
             # a chunk's scores stay in cache from product to softmax to product
             for chunk in _chunks(band, plan, _scores_per_chunk(q_rows)):
                 scores = prob[chunk.blocks]
                 torch.baddbmm(mask, queries[chunk.blocks], keys[chunk.blocks].mT, alpha=scale, out=scores)
                 _mask_before_row_start(scores, band, chunk)
+                if soft is not None:
+                    _per_row(scores, chunk).add_(soft.log_mask[_chunk_rows(band, plan, chunk), None])
                 torch.ops.aten._softmax.out(scores, -1, False, out=scores)
                 torch.bmm(scores, values[chunk.blocks], out=out[chunk.blocks])
             probs.append(prob)
-        ctx.save_for_backward(q_rows, k_rows, v_rows, *probs)  # tensors only here: saved-tensor hooks see them all
+        spans = spans.detach() if spans is not None else q_rows.new_empty(0)
+        ctx.save_for_backward(q_rows, k_rows, v_rows, spans, *probs)  # tensors only here: saved-tensor hooks see them all
         ctx.plan, ctx.scale = plan, scale
         ctx.dtypes, ctx.shapes = (q.dtype, k.dtype), (q.shape, k.shape)
         return _from_rows(out_rows, plan, front=0).to(q.dtype)
 
     @staticmethod
     def _backward(ctx, grad_out):
-        q_rows, k_rows, v_rows, *probs = ctx.saved_tensors
+        q_rows, k_rows, v_rows, spans, *probs = ctx.saved_tensors
         plan, scale = ctx.plan, ctx.scale
+        learned = plan.ramp is not None
+        grad_spans = torch.zeros(len(plan.heads), dtype=q_rows.dtype, device=q_rows.device) if learned else None
         grad_out_rows = _to_rows(grad_out, range(len(plan.heads)), plan, q_rows.dtype, front=0)
         grad_q, grad_k, grad_v = torch.empty_like(q_rows), torch.zeros_like(k_rows), torch.zeros_like(v_rows)
         for band, prob in zip(plan.bands, probs):
             queries, keys, values = _band_views(band, plan, q_rows, k_rows, v_rows)
             grad_blocks, grad_queries = _blocks(grad_out_rows, band, plan), _blocks(grad_q, band, plan)
+            soft = _soft_mask(spans, band, plan, q_rows.dtype) if learned else None
             for chunk in _chunks(band, plan, _scores_per_chunk(q_rows)):
                 blocks, first_key = chunk.blocks, _first_key_row(band, plan) + chunk.blocks.start * band.block
                 _accumulate_tiles(grad_v, prob[blocks], grad_blocks[blocks], first_key, band, alpha=1.0)
                 grad_scores = torch.bmm(grad_blocks[blocks], values[blocks].mT)
                 torch.ops.aten._softmax_backward_data.out(grad_scores, prob[blocks], -1, prob.dtype, grad_input=grad_scores)
+                if soft is not None:  # d score / d z = d log m / d z, on the ramp only
+                    rows = _chunk_rows(band, plan, chunk)
+                    soft.grad_rows[rows] += (_per_row(grad_scores, chunk) * soft.slope[rows, None]).sum((1, 2, 3))
                 grad_queries[blocks].baddbmm_(grad_scores, keys[blocks], beta=0, alpha=scale)
                 _accumulate_tiles(grad_k, grad_scores, queries[blocks], first_key, band, alpha=scale)
+            if soft is not None:
+                grad_spans[soft.heads] += soft.grad_rows.view(-1, plan.batch).sum(1)
         (q_shape, k_shape), (q_dtype, k_dtype) = ctx.shapes, ctx.dtypes
         return (
             _sum_heads(grad_q, plan.heads, q_shape, plan, front=0).to(q_dtype),
             _sum_heads(grad_k, plan.kv_heads, k_shape, plan, plan.front).to(k_dtype),
             _sum_heads(grad_v, plan.kv_heads, k_shape, plan, plan.front).to(k_dtype),
             None,
+            grad_spans[torch.tensor(plan.heads).argsort()].to(spans.dtype) if learned else None,
         )
+
+
+class _SoftMask(NamedTuple):
+    """A band's learned-span mask, per (head, batch) row of the band: log m and d log m / dz at each (query, key)."""
+
+    heads: list  # the band's heads, as positions in plan.heads
+    log_mask: torch.Tensor  # (rows, block, span)
+    slope: torch.Tensor  # (rows, block, span)
+    grad_rows: torch.Tensor  # (rows,) the backward's sums
+
+
+def _soft_mask(spans, band, plan, dtype):
+    """log m(d) = log clamp((z + R - d) / R, 0, 1) and its slope in z, 1 / (z + R - d) on the ramp z < d < z + R."""
+    first = band.first_row // plan.batch
+    heads = list(range(first, first + band.rows // plan.batch))
+    z = spans.detach()[list(plan.heads[h] for h in heads)].to(dtype)[:, None, None]
+    lag = (torch.arange(band.block, device=z.device)[:, None] + band.reach - torch.arange(band.span, device=z.device)).to(dtype)
+    room = z + plan.ramp - lag  # R * m before clamping
+    log_mask = torch.log((room / plan.ramp).clamp(0, 1))
+    slope = torch.where((lag > z) & (room > 0), 1 / room, torch.zeros_like(room))
+    rows = (t.repeat_interleave(plan.batch, 0) for t in (log_mask, slope))
+    return _SoftMask(heads, *rows, z.new_zeros(band.rows))
+
+
+def _chunk_rows(band, plan, chunk):
+    """The band rows a chunk's blocks lie in."""
+    first = chunk.blocks.start // (plan.n_padded // band.block)
+    return slice(first, first + chunk.rows)
+
+
+def _per_row(scores, chunk):
+    """A chunk's (blocks, block, span) scores as (rows, blocks per row, block, span)."""
+    return scores.view(chunk.rows, -1, *scores.shape[1:])
 
 
 def _compute_dtype(dtype):

@@ -20,8 +20,13 @@ _KERNELS = {"dense": dense_window_attention, "blocked": blocked_window_attention
 _warned_flex_fallback = False
 
 
-def window_attention(q, k, v, windows, backend="auto"):
+def window_attention(q, k, v, windows, backend="auto", spans=None, ramp=None):
     """Causal attention where head h sees its last `windows[h]` keys (None = all).
+
+    Learned spans: `spans` (a (heads,) float tensor, z >= 0, which gets gradients) and `ramp` R > 0 weight key
+    lag d by the soft mask clamp((z + R - d) / R, 0, 1), an additive log-mask on the scores, within each
+    head's cap `windows[h]`; only the blocked kernel takes them (`auto` picks it), and its cost follows the
+    spans (mswa/attention/blocked.py).
 
     q: (batch, heads, seq, head_dim); k, v: (batch, kv_heads, seq, head_dim) with heads % kv_heads
     == 0 (grouped-query: q head h uses kv head h // (heads // kv_heads)). Scale 1/sqrt(head_dim).
@@ -31,10 +36,20 @@ def window_attention(q, k, v, windows, backend="auto"):
     q, k, v = _in_autocast_dtype(q, k, v)
     _check_tensors(q, k, v)
     windows = validate_windows(windows, q.shape[1])
+    if spans is not None:
+        return _learned_span_attention(q, k, v, windows, backend, spans, ramp)
     backend = resolve_backend(backend, q.device, q.dtype)
     if all(w is None or w >= q.shape[2] for w in windows):
         return causal_attention(q, k, v)
     return _KERNELS[backend](q, k, v, windows)
+
+
+def _learned_span_attention(q, k, v, caps, backend, spans, ramp):
+    if check_backend(backend) not in ("auto", "blocked"):
+        raise ValueError(f"backend={backend!r} does not take learned spans; use backend='blocked' (or 'auto')")
+    if spans.shape != (q.shape[1],) or not (isinstance(ramp, (int, float)) and ramp > 0):
+        raise ValueError(f"spans must hold one span per head ({q.shape[1]}) and ramp must be > 0; got {tuple(spans.shape)}, {ramp!r}")
+    return blocked_window_attention(q, k, v, caps, spans=spans, ramp=ramp)
 
 
 def resolve_backend(backend, device, dtype=torch.float32):

@@ -25,7 +25,8 @@ PAIRED_NOTE = (
     "the finished variant whose config equals this one's except for its attention (schedule, windowed flag) and "
     "whose schedule is `uniform` at mean window 1; SWA at budget the same with the `uniform` schedule at this "
     "variant's mean window, to the nearest whole window (`uniform_mswa_budget` for `mswa`: 56 = 0.875 w at w = 64 "
-    "for mswa's 0.879 w)."
+    "for mswa's 0.879 w); windows chosen from data (searched, learned, custom) are also paired with `mswa` and, "
+    "when they attend no more pairs than it, with mswa's SWA at budget."
 )
 DISTANCE_NOTE = (
     "Context offered = tokens before the target inside its evaluation chunk (log-spaced buckets), whatever "

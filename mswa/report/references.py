@@ -5,7 +5,10 @@ windowed flag): variants of one comparison differ only in their windows. Among t
 
 - SWA at w: the variant whose schedule rule (``kind``) is ``uniform`` at mean window 1;
 - SWA at budget: the ``uniform`` variant whose mean window is this variant's, to the nearest whole window
-  (``uniform_mswa_budget`` for ``mswa``: 56 = 0.875 w at w = 64 for mswa's 0.879 w).
+  (``uniform_mswa_budget`` for ``mswa``: 56 = 0.875 w at w = 64 for mswa's 0.879 w);
+- mswa, for windows chosen from data or given as a table (rule ``custom`` or ``learned``): the ``mswa`` variant
+  at mswa's own ratios (mean window (15/16)^2 w). Such a variant that attends no more pairs than that mswa (the
+  allocation sweep gives it mswa's budget) has mswa's SWA at budget as its own.
 
 Two candidates for one reference name both (``ambiguous: a | b``) and give no numbers.
 """
@@ -16,7 +19,9 @@ import pandas as pd
 
 UNIFORM = "uniform"  # the schedule rule of sliding window attention
 AMBIGUOUS = "ambiguous: "
-PAIRED_AGAINST = {"swa": "SWA at w", "budget": "SWA at budget"}  # the references a variant is paired with
+PAIRED_AGAINST = {"swa": "SWA at w", "budget": "SWA at budget", "mswa": "mswa"}  # the references a variant is paired with
+DATA_CHOSEN = ("custom", "learned")  # schedule rules whose windows are a table (searched, learned, or a user's)
+MSWA_MEAN_WINDOW = (15 / 16) ** 2  # mean window / w of the mswa rule at its own ratios
 PAIRED_KINDS = tuple(PAIRED_AGAINST)
 
 REFERENCE_RULE = (
@@ -49,7 +54,13 @@ def swa_reference(row, table: pd.DataFrame) -> str | None:
 
 
 def budget_reference(row, table: pd.DataFrame) -> str | None:
-    """SWA at the row's mean window, another variant of its comparison (None for a variant at mean window 1)."""
+    """SWA at the row's mean window, another variant of its comparison (None for a variant at mean window 1); for
+    windows chosen from data within mswa's attended pairs, mswa's SWA at budget."""
+    mswa = mswa_reference(row, table)
+    if mswa is not None and not mswa.startswith(AMBIGUOUS):
+        reference = table[table.variant == mswa].iloc[0]
+        if row.pairs_vs_swa <= reference.pairs_vs_swa + 1e-9:
+            return budget_reference(reference, table)
     if pd.isna(row.mean_window_over_w) or pd.isna(row.window) or abs(row.mean_window_over_w - 1.0) < 1e-9:
         return None
     candidates = uniform_variants(row, table)
@@ -59,7 +70,18 @@ def budget_reference(row, table: pd.DataFrame) -> str | None:
     return one_of(candidates.variant[gaps <= 0.5 / row.window + 1e-9].tolist())
 
 
+def mswa_reference(row, table: pd.DataFrame) -> str | None:
+    """For windows chosen from data (rule custom or learned): the ``mswa`` variant of the row's comparison at mswa's
+    own ratios; None for other variants."""
+    if row.schedule_rule not in DATA_CHOSEN or pd.isna(row.comparison_id) or pd.isna(row.window):
+        return None
+    candidates = table[(table.comparison_id == row.comparison_id) & (table.schedule_rule == "mswa")]
+    own = (pd.to_numeric(candidates.mean_window_over_w) - MSWA_MEAN_WINDOW).abs() <= 0.5 / row.window
+    return one_of(candidates.variant[own].tolist())
+
+
 def paired_references(row, table: pd.DataFrame) -> dict[str, str | None]:
-    """{"swa": SWA at w, "budget": SWA at the row's mean window} among ``table``'s other variants (None: none)."""
+    """{"swa": SWA at w, "budget": SWA at the row's budget, "mswa": mswa for windows chosen from data} among
+    ``table``'s other variants (None: none)."""
     swa = swa_reference(row, table)
-    return {"swa": None if swa == row.variant else swa, "budget": budget_reference(row, table)}
+    return {"swa": None if swa == row.variant else swa, "budget": budget_reference(row, table), "mswa": mswa_reference(row, table)}
