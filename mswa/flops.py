@@ -56,24 +56,30 @@ def rate_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-@lru_cache(maxsize=8)
-def matmul_flops_per_s(device: torch.device, dtype: torch.dtype | None = None, size: int | None = None, threads: int = 0) -> float:
-    """This machine's matmul rate in FLOP/s: the median of 5 timed (size x size) products after a warm-up, at
-    torch's current thread count (`threads` keys the cache). Size 1024 on CPU (near its peak in ~0.1 s),
-    8192 on a GPU."""
+def matmul_step(device: torch.device, dtype: torch.dtype | None = None, size: int | None = None):
+    """(a function running one (size x size) product, its FLOPs): what the rate is timed on. Size 1024 on CPU
+    (near its peak in ~0.1 s), 8192 on a GPU; dtype `rate_dtype(device)` unless given."""
     dtype = dtype or rate_dtype(device)
     size = size or (8192 if device.type == "cuda" else 1024)
     a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    return (lambda: a @ b), 2 * size**3
+
+
+@lru_cache(maxsize=8)
+def matmul_flops_per_s(device: torch.device, dtype: torch.dtype | None = None, size: int | None = None, threads: int = 0) -> float:
+    """This machine's matmul rate in FLOP/s: the median of 5 timed `matmul_step`s after a warm-up, at torch's
+    current thread count (`threads` keys the cache)."""
+    step, flops = matmul_step(device, dtype, size)
     seconds = []
     for _ in range(6):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        a @ b
+        step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds.append(time.perf_counter() - start)
-    return 2 * size**3 / statistics.median(seconds[1:])
+    return flops / statistics.median(seconds[1:])
 
 
 def machine_matmul_rate(device: torch.device) -> float:

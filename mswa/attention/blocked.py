@@ -27,6 +27,7 @@ import contextlib
 import contextvars
 import itertools
 import math
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
@@ -253,8 +254,15 @@ class _Workers:
     @classmethod
     def get(cls, threads):
         if cls._pool is None or cls._pool.threads != threads:
+            if cls._pool is not None:
+                cls._pool._executor.shutdown(wait=False)
             cls._pool = cls(threads)
         return cls._pool
+
+    @classmethod
+    def forget(cls):
+        """In a forked child the pool's threads do not exist: it starts its own when needed."""
+        cls._pool = None
 
     def __init__(self, threads):
         self.threads, self._numbers, self._local = threads, itertools.count(), threading.local()
@@ -280,6 +288,9 @@ class _Workers:
 
         for future in [self._executor.submit(take_items) for _ in range(self.threads)]:
             future.result()
+
+
+os.register_at_fork(after_in_child=_Workers.forget)
 
 
 def _compute_dtype(dtype):

@@ -29,7 +29,7 @@ from mswa.bench.timing import (
     reuse_freed_memory,
     step_seconds,
 )
-from mswa.flops import matmul_flops_per_s
+from mswa.flops import matmul_flops_per_s, matmul_step
 from mswa.windows import attended_pairs, make_schedule
 
 HEADER = (
@@ -147,11 +147,11 @@ MATMUL_FLOPS = 2 * MATMUL_SIZE**3
 
 def _matmul_step(device, threads):
     """A (2048 x 2048) @ (2048 x 2048) fp32 product on `threads` torch threads: the rate %matmul compares with."""
-    a, b = (torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=device) for _ in range(2))
+    product, _ = matmul_step(device, torch.float32, MATMUL_SIZE)
 
     def step():
         torch.set_num_threads(threads)
-        return a @ b
+        return product()
 
     return step
 
