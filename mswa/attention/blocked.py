@@ -170,14 +170,20 @@ class _BandAttention(torch.autograd.Function):
         grad_out_rows = _to_rows(grad_out, range(len(plan.heads)), plan, q_rows.dtype, front=0)
         grad_q = torch.empty_like(q_rows)
         workers = _workers_for(q_rows)
-        # key and value gradients of neighbouring chunks overlap: each worker adds into its own buffers
-        grad_k, grad_v = ([torch.zeros_like(k_rows) for _ in range(workers)] for _ in range(2))
+        # key and value gradients of neighbouring chunks overlap: each worker adds into its own buffers,
+        # which it zeroes when it takes its first chunk (in parallel, and not at all for an idle worker)
+        grad_k, grad_v = ([torch.empty_like(k_rows) for _ in range(workers)] for _ in range(2))
+        started = [False] * workers
         views = [
             (*_band_views(band, plan, q_rows, k_rows, v_rows), _blocks(grad_out_rows, band, plan), _blocks(grad_q, band, plan))
             for band in plan.bands
         ]
 
         def backward_chunk(item, worker):
+            if not started[worker]:
+                grad_k[worker].zero_()
+                grad_v[worker].zero_()
+                started[worker] = True
             b, chunk = item
             (queries, keys, values, grad_blocks, grad_queries), band, prob = views[b], plan.bands[b], probs[b]
             blocks, first_key = chunk.blocks, _first_key_row(band, plan) + chunk.blocks.start * band.block
@@ -188,14 +194,12 @@ class _BandAttention(torch.autograd.Function):
             _accumulate_tiles(grad_k[worker], grad_scores, queries[blocks], first_key, band, alpha=scale)
 
         _for_each_chunk(plan, q_rows, backward_chunk)
-        for grads in (grad_k, grad_v):
-            for other in grads[1:]:
-                grads[0] += other
+        grad_k, grad_v = (_summed([grads[w] for w in range(workers) if started[w]]) for grads in (grad_k, grad_v))
         (q_shape, k_shape), (q_dtype, k_dtype) = ctx.shapes, ctx.dtypes
         return (
             _sum_heads(grad_q, plan.heads, q_shape, plan, front=0).to(q_dtype),
-            _sum_heads(grad_k[0], plan.kv_heads, k_shape, plan, plan.front).to(k_dtype),
-            _sum_heads(grad_v[0], plan.kv_heads, k_shape, plan, plan.front).to(k_dtype),
+            _sum_heads(grad_k, plan.kv_heads, k_shape, plan, plan.front).to(k_dtype),
+            _sum_heads(grad_v, plan.kv_heads, k_shape, plan, plan.front).to(k_dtype),
             None,
         )
 
@@ -236,12 +240,33 @@ def _for_each_chunk(plan, rows, work):
         total = sum(band.rows * plan.n_padded * band.span for band in plan.bands)
         per_chunk = min(per_chunk, max(1, total // (4 * workers)))
     items = [(b, chunk) for b, band in enumerate(plan.bands) for chunk in _chunks(band, plan, per_chunk)]
+    items.sort(key=lambda item: -(item[1].blocks.stop - item[1].blocks.start) * plan.bands[item[0]].span)
+    _in_parallel(rows, items, work)
+
+
+def _in_parallel(like, items, work):
+    """work(item, worker) for every item: on `_Workers` with several CPU threads (see `_for_each_chunk`), else
+    here, in order, as worker 0."""
+    workers = _workers_for(like)
     if workers == 1:
         for item in items:
             work(item, 0)
-        return
-    items.sort(key=lambda item: -(item[1].blocks.stop - item[1].blocks.start) * plan.bands[item[0]].span)
-    _Workers.get(workers).run(items, work)
+    else:
+        _Workers.get(workers).run(items, work)
+
+
+def _summed(buffers):
+    """The first buffer plus the others, added in row pieces shared out to the workers."""
+    first, others = buffers[0], buffers[1:]
+
+    def add_others(rows, worker):
+        for other in others:
+            first[rows].add_(other[rows])
+
+    if others:
+        size = math.ceil(len(first) / 8)
+        _in_parallel(first, [slice(start, start + size) for start in range(0, len(first), size)], add_others)
+    return first
 
 
 class _Workers:
@@ -315,11 +340,10 @@ def _to_rows(x, heads, plan, dtype, front):
     rows[:front].zero_()
     rows[front:].view(len(heads), plan.batch, plan.n_padded, dim)[:, :, plan.n :].zero_()
     positions = _positions(rows, plan, front)
-    if heads == list(range(x.shape[1])):
+    if heads == list(range(x.shape[1])) and _workers_for(x) == 1:
         positions.copy_(x.transpose(0, 1))  # one copy, not one per head
-    else:  # heads in band order, or k/v heads repeated per query head
-        for i, head in enumerate(heads):
-            positions[i].copy_(x[:, head])
+    else:  # heads in band order, k/v heads repeated per query head, or heads shared out to the workers
+        _in_parallel(x, list(enumerate(heads)), lambda item, worker: positions[item[0]].copy_(x[:, item[1]]))
     return rows
 
 
