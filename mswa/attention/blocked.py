@@ -211,9 +211,10 @@ def _workers_for(rows):
 
 @contextlib.contextmanager
 def _workers_only(x):
-    """With several CPU threads, the kernel's own copies run on this thread alone: an OpenMP team that has
-    finished one spins for milliseconds waiting for the next, burning the CPU that the workers (and any
-    other process) need; torch's thread count is back afterwards."""
+    """With several CPU threads, what the kernel runs outside `_Workers` (small fills, views) runs on this
+    thread alone, opening no OpenMP parallel region: a team that has finished one spins for milliseconds
+    waiting for the next, burning the CPU that the workers (and any other process) need. torch's thread
+    count is back afterwards."""
     threads = _workers_for(x)
     if threads == 1:
         yield
