@@ -1,16 +1,17 @@
 """Incremental decoding for `mswa.model.LanguageModel`: per-head bounded KV caches, linear states, sampling.
 
-A head with window W sees itself and the W - 1 keys before it, so that is all it keeps: the heads of a
-layer that share a window share one `KVStore`, a ring buffer of exactly W - 1 keys and values written at
-position % (W - 1); full-attention heads keep a growing store; linear-attention layers carry their
-running sums (`LinearAttentionState`). The cache of a windowed model is therefore
-sum over heads of (W - 1) x 2 x head_dim x element size per layer, whatever the context length
+A head with window W sees itself and the W - 1 keys before it, so that is all it needs: the heads of a
+layer that share a window share one `KVStore`, a ring buffer of W keys and values written at position % W
+(a new token writes its key first, over the one that has just left its window, and then attends to the ring
+where it lies: no reordering copy, no mask); full-attention heads keep a growing store; linear-attention
+layers carry their running sums (`LinearAttentionState`). The cache of a windowed model is therefore
+sum over heads of W x 2 x head_dim x element size per layer, whatever the context length
 (`cache_bytes` is that closed form), and a decoding step costs O(sum of windows), not O(context).
 
 Decoding goes through the model's own forward, so the projections, rotary positions and mixing are one
 code path: `model(prompt, cache)` runs the prompt through the training kernel (`window_attention`) and
-leaves each group its last W - 1 keys; `model(tokens, cache)` then continues from `cache.seen`, one token
-(or a chunk) at a time, through `attend_past`. `generate` samples with it: greedy (temperature 0),
+leaves each group its last W keys; `model(tokens, cache)` then continues from `cache.seen`: one token at a
+time against the rings, a chunk of tokens through `attend_past`. `generate` samples with it: greedy (temperature 0),
 temperature, top-k, top-p and a seed.
 
 The Hugging Face per-head cache (`mswa.hf.patch.window_cache`) keeps its keys in the same `KVStore`.
@@ -30,8 +31,8 @@ from mswa.windows import Window
 
 class KVStore:
     """Keys and values (batch, heads, slots, head_dim) of one head group: every one (limit None) or, as a ring
-    buffer, the last `limit` (a window's W - 1). Slots are allocated on first use: `reserve` of them (at most
-    `limit`), growing by doubling when a sequence outgrows it."""
+    buffer, the last `limit` (a window's W for decoding here; W - 1 in the Hugging Face cache). Slots are allocated
+    on first use: `reserve` of them (at most `limit`), growing by doubling when a sequence outgrows it."""
 
     def __init__(self, limit: int | None, reserve: int = 0):
         self.limit, self.reserve, self.count = limit, reserve, 0  # count: tokens seen (stored or not)
@@ -55,6 +56,13 @@ class KVStore:
         keys, values = (torch.cat([*self._in_order(held), new], dim=2) for held, new in ((self.keys, k), (self.values, v)))
         self.append(k, v)
         return keys, values
+
+    def visible(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stored keys and values where they lie (a view, in ring order: attention is order-free once rotary
+        positions are applied)."""
+        if self.stored == self.keys.shape[2]:  # a full ring (most steps): no slicing
+            return self.keys, self.values
+        return self.keys[:, :, : self.stored], self.values[:, :, : self.stored]
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Keep the keys and values (batch, heads, n, head_dim) of the next n positions (a ring: the last `limit`)."""
@@ -97,6 +105,10 @@ class KVStore:
         return [held[:, :, oldest:], held[:, :, :oldest]]
 
 
+def _head_list(heads: slice | torch.Tensor) -> list[int]:
+    return list(range(heads.start, heads.stop)) if isinstance(heads, slice) else heads.tolist()
+
+
 def window_groups(windows: Sequence[Window]) -> list[tuple[Window, slice | torch.Tensor]]:
     """(window, heads) for every distinct window, heads as a slice when contiguous (a view), else an index."""
     groups: dict[Window, list[int]] = {}
@@ -133,21 +145,110 @@ def attend_past(
 
 class LayerCache:
     """One layer's decoding state: a `KVStore` per window group (heads with one window share it) and, for
-    linear and parallel-hybrid layers, `linear_state` (kept by `cached_linear_attention`)."""
+    linear and parallel-hybrid layers, `linear_state` (kept by `cached_linear_attention`).
+
+    A window group's ring holds W slots, and the rings of all groups are views of one buffer per layer: a new
+    token writes the keys and values of every windowed head in one indexed copy, each over the one that has
+    just left its window, then each group attends to its ring where it lies (no reordering copy, no mask: the
+    W slots are exactly its window). Chunks of several tokens attend in position order with a window mask."""
 
     def __init__(self, windows: Sequence[Window] | None, reserve: int = 0):
-        self.groups = [
-            (heads, window, KVStore(None if window is None else window - 1, reserve)) for window, heads in window_groups(windows or [])
-        ]
+        windows = list(windows or [])
+        self.groups = [(heads, window, KVStore(window, reserve)) for window, heads in window_groups(windows)]
+        self.rings = [(_head_list(heads), window, store) for heads, window, store in self.groups if window is not None]
+        ring_heads = [head for heads, _, _ in self.rings for head in heads]
+        self.ring_heads = None if ring_heads == list(range(len(windows))) else torch.tensor(ring_heads)
+        self.ring_keys = self.ring_values = None
+        self.ring_offsets, self.ring_capacity = [], []
+        self._write_slots: dict[tuple[int, ...], torch.Tensor] = {}
+        starts = [heads.start if isinstance(heads, slice) else -1 for heads, *_ in self.groups]
+        # groups of consecutive heads in head order: split q, k, v and join the outputs as views, without indexing
+        in_order = -1 not in starts and starts == sorted(starts)
+        self.split_sizes = [heads.stop - heads.start for heads, *_ in self.groups] if in_order else None
         self.linear_state = None
 
     def store(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Keep a prompt's keys and values (batch, heads, n, head_dim), each group its last W - 1."""
+        """Keep a prompt's keys and values (batch, heads, n, head_dim), each group its last W."""
+        self._grow_rings(k)
         for heads, _, store in self.groups:
             store.append(k[:, heads], v[:, heads])
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Attention outputs (batch, heads, n, head_dim) of n tokens that continue the stored ones; keeps them."""
+        self._grow_rings(k)
+        if q.shape[2] > 1:
+            return self._attend_in_order(q, k, v)
+        self._write_rings(k, v)
+        if self.split_sizes is None:
+            out = q.new_empty(*q.shape[:3], v.shape[-1])
+            for heads, _, store in self.groups:
+                out[:, heads] = self._attend_store(store, q[:, heads], k, v, heads)
+            return out
+        queries = q.split(self.split_sizes, dim=1) if len(self.groups) > 1 else (q,)
+        outs = [self._attend_store(store, group_q, k, v, heads) for (heads, _, store), group_q in zip(self.groups, queries)]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+    @staticmethod
+    def _attend_store(store: KVStore, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads) -> torch.Tensor:
+        """One token against a store: a ring has it already (`_write_rings`); a full store appends its `heads` of
+        k and v first."""
+        if store.limit is None:
+            store.append(k[:, heads], v[:, heads])
+        return F.scaled_dot_product_attention(q, *store.visible())
+
+    def _grow_rings(self, like: torch.Tensor) -> None:
+        """Make room in the layer's ring buffers (batch, ring slots, head_dim), one for keys and one for values, for
+        the n tokens of `like` (batch, heads, n, head_dim): each group's ring is a (batch, heads, slots, head_dim)
+        view of them, of min(W, tokens so far) slots at least (`reserve` up front, doubling), never more than W."""
+        if not self.rings:
+            return
+        seen, reserve = self.rings[0][2].count, self.rings[0][2].reserve
+        old = [store.keys.shape[2] if store.keys is not None else 0 for *_, store in self.rings]
+        if all(min(window, seen + like.shape[2]) <= size for (_, window, _), size in zip(self.rings, old)):
+            return
+        capacity = [min(window, max(seen + like.shape[2], reserve, 2 * size)) for (_, window, _), size in zip(self.rings, old)]
+        batch, dim = like.shape[0], like.shape[-1]
+        offsets = [sum(len(heads) * c for (heads, *_), c in zip(self.rings[:g], capacity)) for g in range(len(self.rings))]
+        shape = (batch, offsets[-1] + len(self.rings[-1][0]) * capacity[-1], dim)
+        self.ring_keys, self.ring_values = like.new_empty(shape), like.new_empty(shape)
+        for (heads, _, store), offset, slots, size in zip(self.rings, offsets, capacity, old):
+            held = (store.keys, store.values)
+            store.keys, store.values = (
+                buffer[:, offset : offset + len(heads) * slots].view(batch, len(heads), slots, dim)
+                for buffer in (self.ring_keys, self.ring_values)
+            )
+            if size:  # a ring grows only before it fills, while slot = position: a plain copy keeps the layout
+                store.keys[:, :, :size], store.values[:, :, :size] = held
+        self.ring_offsets, self.ring_capacity = offsets, capacity
+        self._write_slots.clear()
+
+    def _write_rings(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write one token's keys and values (batch, heads, 1, head_dim) into every ring, in one copy each."""
+        if not self.rings:
+            return
+        position = self.rings[0][2].count  # every ring has seen the same tokens
+        slots = self._slots_at(position)
+        for buffer, new in ((self.ring_keys, k), (self.ring_values, v)):
+            buffer.index_copy_(1, slots, new[:, :, 0] if self.ring_heads is None else new[:, self.ring_heads, 0])
+        for _, _, store in self.rings:
+            store.count += 1
+
+    def _slots_at(self, position: int) -> torch.Tensor:
+        """The ring slot of each windowed head for a token at `position` (head i of a group of window W at
+        position % W of its ring, of `ring_capacity` slots); cached by the positions modulo the windows."""
+        key = tuple(position % window for _, window, _ in self.rings)
+        if key not in self._write_slots:
+            if len(self._write_slots) > 4096:  # windows with a large common multiple: keep the cache small
+                self._write_slots.clear()
+            slots = [
+                offset + i * capacity + phase
+                for (heads, _, _), offset, capacity, phase in zip(self.rings, self.ring_offsets, self.ring_capacity, key)
+                for i in range(len(heads))
+            ]
+            self._write_slots[key] = torch.tensor(slots, device=self.ring_keys.device)
+        return self._write_slots[key]
+
+    def _attend_in_order(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         out = q.new_empty(*q.shape[:3], v.shape[-1])
         for heads, window, store in self.groups:
             keys, values = store.extend(k[:, heads], v[:, heads])
@@ -166,7 +267,7 @@ class DecodingCache:
     """What a `LanguageModel` needs to continue a sequence: a `LayerCache` per layer and the tokens seen.
 
     `reserve`: slots to allocate up front (e.g. prompt + new tokens - 1, the most a store will hold), so
-    that full-attention stores never regrow; rings take at most their W - 1."""
+    that full-attention stores never regrow; rings take at most their W."""
 
     def __init__(self, model, reserve: int = 0):
         self.seen = 0
@@ -180,14 +281,14 @@ class DecodingCache:
 
 def cache_bytes(cfg, seen: int, batch: int = 1, element_size: int = 4) -> dict[str, int]:
     """The closed form of `DecodingCache.nbytes` after `seen` tokens for a model config (`ModelConfig`): per
-    attention layer, sum over heads of min(seen, W - 1) (full heads: seen) x 2 x head_dim x element size; per
+    attention layer, sum over heads of min(seen, W) (full heads: seen) x 2 x head_dim x element size; per
     linear (or parallel) layer, the running sums heads x (M x head_dim + M) in float32, M the mapped feature size."""
     head_dim = cfg.d_model // cfg.n_head
     kv = linear = 0
     for layer in range(cfg.n_layer):
         kind = cfg.layer_mixer(layer)
         if kind in ("window", "parallel"):
-            stored = sum(seen if w is None else min(seen, w - 1) for w in cfg.layer_windows(layer))
+            stored = sum(seen if w is None else min(seen, w) for w in cfg.layer_windows(layer))
             kv += batch * stored * 2 * head_dim * element_size
         if kind in ("linear", "parallel") and seen:
             features = mapped_feature_dim(cfg.linear_feature_map, cfg.linear_feature_dim)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.throughput import Throughput as LightningThroughput
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader
@@ -24,6 +25,7 @@ from mswa.atomic import write_atomic
 from mswa.config import OptimConfig
 from mswa.data.batches import IGNORE, EvalChunks, RandomCrops
 from mswa.data.corpus import Corpus
+from mswa.flops import machine_matmul_rate
 from mswa.metrics import SummedNLL, by_distance, by_kind, metrics_from_sums
 
 
@@ -234,11 +236,22 @@ class CorpusDataModule(L.LightningDataModule):
 
 
 class Throughput(L.Callback):
-    """Logs training tokens/s (all ranks) and keeps the run's mean for results.json."""
+    """Logs training tokens/s and, given the model's FLOPs per token, MFU (all ranks); keeps the run's means for
+    results.json. MFU is the model's FLOPs per second (`mswa.flops`: window-aware) over this machine's matmul
+    rate, measured when training starts (fp32 on CPU, bf16 on a GPU); Lightning's `Throughput` meter averages it
+    over the last `window` batches for the progress bar."""
 
-    def __init__(self, tokens_per_batch: int, skip_first: int = 2):
-        self.tokens_per_batch, self.skip_first = tokens_per_batch, skip_first
-        self.tokens, self.seconds, self._last, self._seen = 0, 0.0, None, 0
+    def __init__(self, batch_size: int, seq_len: int, flops_per_token: float | None = None, skip_first: int = 2, window: int = 5):
+        self.batch_size, self.tokens_per_batch = batch_size, batch_size * seq_len
+        self.flops_per_token, self.skip_first, self.window = flops_per_token, skip_first, window
+        self.peak_flops_per_s, self.meter, self.world_size = None, None, 1
+        self.tokens, self.seconds, self._last, self._seen, self._train_seconds = 0, 0.0, None, 0, 0.0
+
+    def on_train_start(self, trainer, pl_module):
+        self.world_size = trainer.world_size
+        if self.flops_per_token is not None:
+            self.peak_flops_per_s = machine_matmul_rate(pl_module.device)
+            self.meter = LightningThroughput(available_flops=self.peak_flops_per_s, world_size=trainer.world_size, window_size=self.window)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._last = time.perf_counter()
@@ -250,10 +263,29 @@ class Throughput(L.Callback):
         if self._seen > self.skip_first:  # the first batches pay for warm-up and compilation
             self.tokens, self.seconds = self.tokens + tokens, self.seconds + elapsed
         pl_module.log("perf/tokens_per_s", tokens / max(elapsed, 1e-9), prog_bar=True)
+        if self.meter is not None:
+            self._train_seconds += elapsed
+            self.meter.update(
+                time=self._train_seconds,
+                batches=self._seen,
+                samples=self._seen * self.batch_size,
+                lengths=self._seen * self.tokens_per_batch,
+                flops=self.tokens_per_batch * self.flops_per_token,
+            )
+            mfu = self.meter.compute().get("device/mfu")
+            if mfu is not None:
+                pl_module.log("perf/mfu", mfu, prog_bar=True)
 
     @property
     def mean_tokens_per_s(self) -> float | None:
         return self.tokens / self.seconds if self.seconds else None
+
+    @property
+    def mean_mfu(self) -> float | None:
+        """The run's mean MFU (after the first batches), per device."""
+        if self.mean_tokens_per_s is None or self.peak_flops_per_s is None:
+            return None
+        return self.mean_tokens_per_s / self.world_size * self.flops_per_token / self.peak_flops_per_s
 
 
 class GracefulInterrupt(L.Callback):

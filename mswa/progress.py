@@ -93,6 +93,8 @@ def shown_metrics(metrics: dict) -> str:
     for name, value in metrics.items():
         if name == "perf/tokens_per_s":
             words.append(f"{value:,.0f} tokens/s")
+        elif name == "perf/mfu":
+            words.append(f"MFU {100 * value:.1f}%")
         elif isinstance(value, (int, float)):
             words.append(f"{name} {value:.4f}")
     return ", ".join(words)

@@ -39,6 +39,7 @@ from mswa.config import ConfigError, DatasetConfig, RunConfig, WandbConfig, with
 from mswa.data.batches import eval_context
 from mswa.data.corpus import Corpus
 from mswa.factory import build_model, build_schedule, finish_pretrained, learned_spans, model_spec, with_pretrained_shape
+from mswa.flops import training_flops_per_token
 from mswa.lit import (
     AtomicCheckpointIO,
     CorpusDataModule,
@@ -52,6 +53,7 @@ from mswa.lit import (
     Throughput,
     read_checkpoint,
 )
+from mswa.model import LanguageModel
 from mswa.progress import messages_shown, progress
 from mswa.sweeps import warn_if_repeating
 from mswa.windows import WindowSchedule, corpus_label, custom_schedule_yaml
@@ -503,6 +505,7 @@ class Attempt:
             budget=schedule.budget(cfg.seq_len),
             n_params=task.model.n_params(),
             n_trainable=sum(p.numel() for p in task.parameters() if p.requires_grad),
+            model_flops_per_token=training_flops_per_token(model.cfg, cfg.seq_len) if isinstance(model, LanguageModel) else None,
             entropy_floor_bpb=corpus.entropy_floor_bpb,
             evaluation=dict(zip(("seq_len", "stride"), self.eval_context)),
         )
@@ -527,7 +530,7 @@ class Attempt:
         last = FolderCheckpoint(
             dirpath=folder.checkpoints, save_top_k=0, save_last=True, every_n_train_steps=cfg.checkpoint.every_n_train_steps
         )
-        self.throughput = Throughput(data_cfg.batch_size * cfg.seq_len)
+        self.throughput = Throughput(data_cfg.batch_size, cfg.seq_len, self.results["model_flops_per_token"])
         self.loggers = build_loggers(cfg, folder, self.run_info, self.plain)
         self.trainer = build_trainer(
             cfg,
@@ -574,6 +577,8 @@ class Attempt:
             metrics=dict(task.eval_results),
             steps=trainer.global_step,
             tokens_per_s=self.throughput.mean_tokens_per_s,
+            mfu=self.throughput.mean_mfu,
+            matmul_flops_per_s=self.throughput.peak_flops_per_s,
             evaluated_checkpoint=self.folder.relative(evaluated),
             evaluated_step=evaluated and checkpoint_step(Path(evaluated)),
             evaluation={**data.eval_settings, **task.eval_details},

@@ -14,3 +14,15 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 def _no_wandb_network(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+@pytest.fixture(params=[1, 3], ids=["1 thread", "3 threads"])
+def threads(request):
+    """torch's thread count for the test: at 3, the blocked kernel's chunks go to 3 workers (more than this
+    machine may have cores), whose key and value gradients overlap and are summed."""
+    import torch  # here, not above: the thread settings above come first
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)

@@ -69,13 +69,22 @@ def test_blocked_matches_dense_on_random_shapes():
 
 
 @pytest.mark.parametrize("chunk_blocks", [1, 3, 20, 10**6], ids=["block by block", "pieces of rows", "rows", "one chunk"])
-def test_blocked_matches_dense_whatever_the_chunking(monkeypatch, chunk_blocks):
+def test_blocked_matches_dense_whatever_the_chunking(monkeypatch, chunk_blocks, threads):
     """Chunks of a band split rows into pieces (masking a row's first blocks from inside a piece) or
-    group several rows; every chunking gives the dense result."""
+    group several rows; every chunking gives the dense result, on one thread or several."""
     q, k, v = make_inputs(2, 4, 2, 200, 8)
     monkeypatch.setattr(blocked, "CHUNK_BYTES", chunk_blocks * 32 * 128 * q.element_size())  # 32 queries x 128 keys
     windows = [70, 70, 9, 33]  # block 32: spans of 128 keys (W 70, 3 early blocks) and 64; 7 blocks per row
     assert_matches_dense(lambda *x: blocked_window_attention(*x, windows), q, k, v, windows)
+
+
+def test_blocked_runs_under_inference_mode_on_its_workers(threads):
+    """Lightning validates under torch.inference_mode, which is per thread: the workers must share it."""
+    q, k, v = make_inputs(1, 4, 2, 200, 8)
+    windows = [70, 70, 9, 33]
+    with torch.inference_mode():
+        got = blocked_window_attention(q, k, v, windows)
+    torch.testing.assert_close(got, dense_window_attention(q, k, v, windows).detach(), atol=1e-12, rtol=0)
 
 
 def test_blocked_alone_handles_all_windows_at_least_n():

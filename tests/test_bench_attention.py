@@ -66,6 +66,19 @@ def test_tiny_bench_writes_consistent_json_and_table(tmp_path):
     assert "x dense" in table and "GFLOP/s" in table
 
 
+def test_threads_are_compared_in_the_same_rounds_beside_a_busy_process(tmp_path):
+    result, table = run_bench(tmp_path, "--backends", "blocked", "--threads", "1", "2", "--background-load")
+    assert result["machine"]["threads"] == [1, 2] and result["machine"]["background_load"] == 1
+    rows = {(r["layer"], r["n"], r["threads"]): r for r in result["rows"]}
+    assert set(rows) == {(layer, n, t) for layer in ("mswa", "mswa_h", "uniform") for n in (64, 96) for t in (1, 2)}
+    for c in result["comparisons"]:
+        one, this = rows[(c["layer"], c["n"], 1)], rows[(c["layer"], c["n"], c["threads"])]
+        paired = [a / b for a, b in zip(this["samples_s"], one["samples_s"], strict=True)]
+        assert c["time_vs_one_thread"] == pytest.approx(statistics.median(paired))
+        assert this["matmul_gflops"] > 0  # each thread count has its own matmul rate
+    assert "1 busy process(es) beside the timing" in table and "/1 thread" in table
+
+
 def test_dense_is_skipped_with_a_note_when_its_masks_do_not_fit(tmp_path):
     result, table = run_bench(tmp_path, "--backends", "blocked", "dense", "--dense-max-gb", "0")
     dense = [r for r in result["rows"] if r["backend"] == "dense"]

@@ -13,9 +13,11 @@ def test_model_benchmark_runs_at_tiny_size_and_writes_json(tmp_path):
     for row in rows:
         assert row["tokens_per_s"] > 0 and row["peak_mb"] >= 0
         assert row["tokens_per_s"] == row["n"] / row["step_s"]
+        # MFU: the model's FLOPs per token (checked in tests/test_flops.py) at these tokens/s, over the measured rate
+        assert row["mfu"] == pytest.approx(row["tokens_per_s"] * row["model_flops_per_token"] / row["matmul_flops_per_s"])
     full = {r["n"]: r["tokens_per_s"] for r in rows if r["model"] == "full"}
     assert all(r["x_full"] == r["tokens_per_s"] / full[r["n"]] for r in rows)
-    assert "x full" in stdout
+    assert "x full" in stdout and "MFU" in stdout
 
 
 @pytest.mark.parametrize(

@@ -44,7 +44,7 @@ CASES = {  # batch, heads, kv heads, n, caps, spans, ramp
 
 
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_soft_spans_match_the_dense_reference_forward_and_backward(case, monkeypatch):
+def test_soft_spans_match_the_dense_reference_forward_and_backward(case, monkeypatch, threads):
     batch, heads, kv_heads, n, caps, spans, ramp = case
     monkeypatch.setattr(blocked, "CHUNK_BYTES", 16 * 32 * 8 * 40)  # small chunks: pieces of rows too
     q, k, v = make_inputs(batch, heads, kv_heads, n, 8)

@@ -89,6 +89,7 @@ def test_cli_writes_table_with_independent_means_and_failed_runs(sweep: Path, tm
     failed_section = markdown.split("## Failed or unfinished runs")[1]
     assert FAILED_ERROR in failed_section and "no results.json" in failed_section
     assert f"{statistics.mean([2.00, 2.05]):.4f} ± {statistics.stdev([2.00, 2.05]):.4f}" in markdown
+    assert "MFU" in markdown and f"{statistics.mean([0.200, 0.205]):.1%}" in markdown  # that variant's mean MFU
 
     for name in ("curves.png", "budget.png", "windows.png"):
         with Image.open(out / name) as image:

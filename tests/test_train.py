@@ -18,8 +18,9 @@ from helpers.runs import REPO, SCHEDULES, TINY_DATA, compose_config, results_und
 from mswa.config import parse_config
 from mswa.data.synthetic import load as load_synthetic
 from mswa.factory import build_model, build_schedule, model_spec
+from mswa.flops import training_flops_per_token
 from mswa.lit import CorpusDataModule, LanguageModelTask, NonFiniteLossError
-from mswa.model import LanguageModel
+from mswa.model import LanguageModel, ModelConfig
 from mswa.run import ConfigError, RunInfo, train
 from mswa.windows import ScheduleError
 
@@ -84,6 +85,11 @@ def test_smoke_multirun_of_full_swa_mswa_writes_results(tmp_path):
         for key in ("val/loss", "val/bpc", "test/loss", "test/bpc"):
             assert math.isfinite(r["metrics"][key]), (name, key)
         assert r["steps"] == 6 and r["n_params"] > 0 and r["tokens_per_s"] > 0
+        # MFU: the model's FLOPs per token (tests/test_flops.py checks the count) at the run's tokens/s
+        cfg = parse_config(r["config"])
+        spec = ModelConfig(**model_spec(cfg, 256, build_schedule(cfg)))  # synthetic bytes: 256 tokens
+        assert r["model_flops_per_token"] == training_flops_per_token(spec, cfg.seq_len)
+        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * r["model_flops_per_token"] / r["matmul_flops_per_s"], rel=1e-9)
         assert 0 < r["entropy_floor_bpb"] < 8
         assert (r["found_in"] / "metrics.csv").exists() and r["evaluated_checkpoint"] == "checkpoints/best.ckpt"
     assert runs["full"]["windows"] == [[None] * 4] * 4 and runs["full"]["budget"]["pairs_vs_full"] == 1.0

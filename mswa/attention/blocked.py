@@ -28,7 +28,13 @@ Half-precision inputs are computed in fp32 (the layout copy converts them) and t
 as fused SDPA does inside. Heads with no window (None, or W >= N) run fused causal SDPA instead.
 """
 
+import contextlib
+import contextvars
+import itertools
 import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -143,12 +149,13 @@ class _BandAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, plan, spans):
-        with torch.autocast(q.device.type, enabled=False):  # the products run in the dtype chosen here
+        # the products run in the dtype chosen here, on the workers of `_for_each_chunk`
+        with torch.autocast(q.device.type, enabled=False), _workers_only(q):
             return _BandAttention._forward(ctx, q, k, v, plan, spans)
 
     @staticmethod
     def backward(ctx, grad_out):
-        with torch.autocast(grad_out.device.type, enabled=False):
+        with torch.autocast(grad_out.device.type, enabled=False), _workers_only(grad_out):
             return _BandAttention._backward(ctx, grad_out)
 
     @staticmethod
@@ -158,23 +165,23 @@ class _BandAttention(torch.autograd.Function):
         k_rows, v_rows = (_to_rows(x, plan.kv_heads, plan, dtype, plan.front) for x in (k, v))
         out_rows = torch.empty_like(q_rows)
         scale = q.shape[-1] ** -0.5
-        probs = []
-        for band in plan.bands:
-            queries, keys, values = _band_views(band, plan, q_rows, k_rows, v_rows)
-            out = _blocks(out_rows, band, plan)
-            prob = queries.new_empty(queries.shape[0], band.block, band.span)
-            mask = _band_mask(band.window, band.block, dtype, q.device)
-            soft = _soft_mask(spans, band, plan, dtype) if spans is not None else None
-            # a chunk's scores stay in cache from product to softmax to product
-            for chunk in _chunks(band, plan, _scores_per_chunk(q_rows)):
-                scores = prob[chunk.blocks]
-                torch.baddbmm(mask, queries[chunk.blocks], keys[chunk.blocks].mT, alpha=scale, out=scores)
-                _mask_before_row_start(scores, band, chunk)
-                if soft is not None:
-                    _per_row(scores, chunk).add_(soft.log_mask[_chunk_rows(band, plan, chunk), None])
-                torch.ops.aten._softmax.out(scores, -1, False, out=scores)
-                torch.bmm(scores, values[chunk.blocks], out=out[chunk.blocks])
-            probs.append(prob)
+        probs = [q_rows.new_empty(band.rows * plan.n_padded // band.block, band.block, band.span) for band in plan.bands]
+        views = [(*_band_views(band, plan, q_rows, k_rows, v_rows), _blocks(out_rows, band, plan)) for band in plan.bands]
+        masks = [_band_mask(band.window, band.block, dtype, q.device) for band in plan.bands]
+        softs = [_soft_mask(spans, band, plan, dtype) if spans is not None else None for band in plan.bands]
+
+        def forward_chunk(item, worker):  # a chunk's scores stay in cache from product to softmax to product
+            b, chunk = item
+            (queries, keys, values, out), band = views[b], plan.bands[b]
+            scores = probs[b][chunk.blocks]
+            torch.baddbmm(masks[b], queries[chunk.blocks], keys[chunk.blocks].mT, alpha=scale, out=scores)
+            _mask_before_row_start(scores, band, chunk)
+            if softs[b] is not None:
+                _per_row(scores, chunk).add_(softs[b].log_mask[_chunk_rows(band, plan, chunk), None])
+            torch.ops.aten._softmax.out(scores, -1, False, out=scores)
+            torch.bmm(scores, values[chunk.blocks], out=out[chunk.blocks])
+
+        _for_each_chunk(plan, q_rows, forward_chunk)
         spans = spans.detach() if spans is not None else q_rows.new_empty(0)
         ctx.save_for_backward(q_rows, k_rows, v_rows, spans, *probs)  # tensors only here: saved-tensor hooks see them all
         ctx.plan, ctx.scale = plan, scale
@@ -188,21 +195,41 @@ class _BandAttention(torch.autograd.Function):
         learned = plan.ramp is not None
         grad_spans = torch.zeros(len(plan.heads), dtype=q_rows.dtype, device=q_rows.device) if learned else None
         grad_out_rows = _to_rows(grad_out, range(len(plan.heads)), plan, q_rows.dtype, front=0)
-        grad_q, grad_k, grad_v = torch.empty_like(q_rows), torch.zeros_like(k_rows), torch.zeros_like(v_rows)
-        for band, prob in zip(plan.bands, probs):
-            queries, keys, values = _band_views(band, plan, q_rows, k_rows, v_rows)
-            grad_blocks, grad_queries = _blocks(grad_out_rows, band, plan), _blocks(grad_q, band, plan)
-            soft = _soft_mask(spans, band, plan, q_rows.dtype) if learned else None
-            for chunk in _chunks(band, plan, _scores_per_chunk(q_rows)):
-                blocks, first_key = chunk.blocks, _first_key_row(band, plan) + chunk.blocks.start * band.block
-                _accumulate_tiles(grad_v, prob[blocks], grad_blocks[blocks], first_key, band, alpha=1.0)
-                grad_scores = torch.bmm(grad_blocks[blocks], values[blocks].mT)
-                torch.ops.aten._softmax_backward_data.out(grad_scores, prob[blocks], -1, prob.dtype, grad_input=grad_scores)
-                if soft is not None:  # d score / d z = d log m / d z, on the ramp only
-                    rows = _chunk_rows(band, plan, chunk)
-                    soft.grad_rows[rows] += (_per_row(grad_scores, chunk) * soft.slope[rows, None]).sum((1, 2, 3))
-                grad_queries[blocks].baddbmm_(grad_scores, keys[blocks], beta=0, alpha=scale)
-                _accumulate_tiles(grad_k, grad_scores, queries[blocks], first_key, band, alpha=scale)
+        grad_q = torch.empty_like(q_rows)
+        workers = _workers_for(q_rows)
+        # key and value gradients of neighbouring chunks overlap: each worker adds into its own buffers,
+        # which it zeroes when it takes its first chunk (in parallel, and not at all for an idle worker)
+        grad_k, grad_v = ([torch.empty_like(k_rows) for _ in range(workers)] for _ in range(2))
+        started = [False] * workers
+        views = [
+            (*_band_views(band, plan, q_rows, k_rows, v_rows), _blocks(grad_out_rows, band, plan), _blocks(grad_q, band, plan))
+            for band in plan.bands
+        ]
+        softs = [_soft_mask(spans, band, plan, q_rows.dtype) if learned else None for band in plan.bands]
+        span_terms = []  # (band, rows, their span gradients) per chunk: pieces of one row may run at once, so summed after
+
+        def backward_chunk(item, worker):
+            if not started[worker]:
+                grad_k[worker].zero_()
+                grad_v[worker].zero_()
+                started[worker] = True
+            b, chunk = item
+            (queries, keys, values, grad_blocks, grad_queries), band, prob = views[b], plan.bands[b], probs[b]
+            blocks, first_key = chunk.blocks, _first_key_row(band, plan) + chunk.blocks.start * band.block
+            _accumulate_tiles(grad_v[worker], prob[blocks], grad_blocks[blocks], first_key, band, alpha=1.0)
+            grad_scores = torch.bmm(grad_blocks[blocks], values[blocks].mT)
+            torch.ops.aten._softmax_backward_data.out(grad_scores, prob[blocks], -1, prob.dtype, grad_input=grad_scores)
+            if softs[b] is not None:  # d score / d z = d log m / d z, on the ramp only
+                rows = _chunk_rows(band, plan, chunk)
+                span_terms.append((b, rows, (_per_row(grad_scores, chunk) * softs[b].slope[rows, None]).sum((1, 2, 3))))
+            grad_queries[blocks].baddbmm_(grad_scores, keys[blocks], beta=0, alpha=scale)
+            _accumulate_tiles(grad_k[worker], grad_scores, queries[blocks], first_key, band, alpha=scale)
+
+        _for_each_chunk(plan, q_rows, backward_chunk)
+        grad_k, grad_v = (_summed([grads[w] for w in range(workers) if started[w]]) for grads in (grad_k, grad_v))
+        for b, rows, term in span_terms:
+            softs[b].grad_rows[rows] += term
+        for soft in softs:
             if soft is not None:
                 grad_spans[soft.heads] += soft.grad_rows.view(-1, plan.batch).sum(1)
         (q_shape, k_shape), (q_dtype, k_dtype) = ctx.shapes, ctx.dtypes
@@ -248,6 +275,121 @@ def _per_row(scores, chunk):
     return scores.view(chunk.rows, -1, *scores.shape[1:])
 
 
+def _workers_for(rows):
+    """CPU threads that take chunks in parallel (torch's thread count); 1 on a GPU, whose kernels are queued."""
+    return 1 if rows.device.type != "cpu" else _Workers.threads_here.get(torch.get_num_threads())
+
+
+@contextlib.contextmanager
+def _workers_only(x):
+    """With several CPU threads, what the kernel runs outside `_Workers` (small fills, views) runs on this
+    thread alone, opening no OpenMP parallel region: a team that has finished one spins for milliseconds
+    waiting for the next, burning the CPU that the workers (and any other process) need. torch's thread
+    count is back afterwards."""
+    threads = _workers_for(x)
+    if threads == 1:
+        yield
+        return
+    token = _Workers.threads_here.set(threads)
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        _Workers.threads_here.reset(token)
+
+
+def _for_each_chunk(plan, rows, work):
+    """work((band index, chunk), worker) for every chunk of every band. With several CPU threads, each of
+    `_Workers` takes the next chunk when done with one and runs its products single-threaded: no
+    synchronisation between one product and the next (torch's own parallelism splits every product
+    evenly between its threads and waits for the slowest at every one, so a thread descheduled by
+    another process stalled them all), and one that is descheduled delays only its own chunk. Chunks are
+    cut small enough that every thread gets several, largest first."""
+    workers = _workers_for(rows)
+    per_chunk = _scores_per_chunk(rows)
+    if workers > 1:
+        total = sum(band.rows * plan.n_padded * band.span for band in plan.bands)
+        per_chunk = min(per_chunk, max(1, total // (4 * workers)))
+    items = [(b, chunk) for b, band in enumerate(plan.bands) for chunk in _chunks(band, plan, per_chunk)]
+    items.sort(key=lambda item: -(item[1].blocks.stop - item[1].blocks.start) * plan.bands[item[0]].span)
+    _in_parallel(rows, items, work)
+
+
+def _in_parallel(like, items, work):
+    """work(item, worker) for every item: on `_Workers` with several CPU threads (see `_for_each_chunk`), else
+    here, in order, as worker 0."""
+    workers = _workers_for(like)
+    if workers == 1:
+        for item in items:
+            work(item, 0)
+    else:
+        _Workers.get(workers).run(items, work)
+
+
+def _summed(buffers):
+    """The first buffer plus the others, added in row pieces shared out to the workers."""
+    first, others = buffers[0], buffers[1:]
+
+    def add_others(rows, worker):
+        for other in others:
+            first[rows].add_(other[rows])
+
+    if others:
+        size = math.ceil(len(first) / 8)
+        _in_parallel(first, [slice(start, start + size) for start in range(0, len(first), size)], add_others)
+    return first
+
+
+class _Workers:
+    """A pool of threads for `_for_each_chunk`, each running torch single-threaded, numbered 0.. so that
+    each can own accumulation buffers."""
+
+    _pool = None
+    threads_here = contextvars.ContextVar("threads_here", default=None)  # the workers wanted while in `_workers_only`
+
+    @classmethod
+    def get(cls, threads):
+        if cls._pool is None or cls._pool.threads != threads:
+            if cls._pool is not None:
+                cls._pool._executor.shutdown(wait=False)
+            cls._pool = cls(threads)
+        return cls._pool
+
+    @classmethod
+    def forget(cls):
+        """In a forked child the pool's threads do not exist: it starts its own when needed."""
+        cls._pool = None
+
+    def __init__(self, threads):
+        self.threads, self._numbers, self._local = threads, itertools.count(), threading.local()
+        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="mswa-blocked", initializer=self._start)
+
+    def _start(self):
+        self._local.number = next(self._numbers)
+        torch.set_num_threads(1)  # this thread's OpenMP and MKL settings (`_workers_only` restores the default)
+
+    def run(self, items, work):
+        """work(item, worker number) for every item; each worker takes the next item when done with one."""
+        queue, lock = iter(items), threading.Lock()
+        inference = torch.is_inference_mode_enabled()  # per thread, like grad mode: the caller's holds here too
+
+        def take_items():
+            with torch.inference_mode(inference), torch.no_grad():  # no product here is differentiated
+                while True:
+                    with lock:
+                        item = next(queue, None)
+                    if item is None:
+                        return
+                    work(item, self._local.number)
+
+        for future in [self._executor.submit(take_items) for _ in range(self.threads)]:
+            future.result()
+
+
+os.register_at_fork(after_in_child=_Workers.forget)
+
+
 def _compute_dtype(dtype):
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
@@ -270,11 +412,10 @@ def _to_rows(x, heads, plan, dtype, front):
     rows[:front].zero_()
     rows[front:].view(len(heads), plan.batch, plan.n_padded, dim)[:, :, plan.n :].zero_()
     positions = _positions(rows, plan, front)
-    if heads == list(range(x.shape[1])):
+    if heads == list(range(x.shape[1])) and _workers_for(x) == 1:
         positions.copy_(x.transpose(0, 1))  # one copy, not one per head
-    else:  # heads in band order, or k/v heads repeated per query head
-        for i, head in enumerate(heads):
-            positions[i].copy_(x[:, head])
+    else:  # heads in band order, k/v heads repeated per query head, or heads shared out to the workers
+        _in_parallel(x, list(enumerate(heads)), lambda item, worker: positions[item[0]].copy_(x[:, item[1]]))
     return rows
 
 

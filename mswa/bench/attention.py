@@ -22,17 +22,20 @@ from mswa.atomic import write_atomic
 from mswa.attention import window_attention
 from mswa.bench.timing import (
     add_allocator_flag,
+    busy_processes,
     device_argument,
     interleaved_medians,
-    median_seconds,
     peak_memory_mb,
     reuse_freed_memory,
-    set_threads,
     step_seconds,
 )
+from mswa.flops import matmul_flops_per_s, matmul_step
 from mswa.windows import attended_pairs, make_schedule
 
-HEADER = f"{'layer':<8} {'N':>6} {'backend':<8} {'mode':<9} {'time ms':>10} {'runs':>4} {'peak MB':>9} {'GFLOP/s':>8} {'%matmul':>7}"
+HEADER = (
+    f"{'layer':<8} {'N':>6} {'backend':<8} {'threads':>7} {'mode':<9} {'time ms':>10} {'runs':>4} {'peak MB':>9} {'GFLOP/s':>8} "
+    f"{'%matmul':>7}"
+)
 MEMORY_METHOD = {
     "cpu": "peak resident memory (VmHWM) above the resident memory just before one forward+backward, "
     "in MB, with glibc's mmap threshold pinned to 64 KiB so freed tensors leave the resident set",
@@ -57,7 +60,21 @@ def add_command(commands):
     )
     bench.add_argument("--dense-max-gb", type=float, default=4.0, help="skip dense where its (N, N) masks need more")
     bench.add_argument("--device", type=device_argument, default=torch.device("cpu"), help="cpu, cuda or cuda:N")
-    bench.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    bench.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="torch CPU threads (default: torch's choice); several (e.g. 1 2) time every case at each, interleaved, with /1 thread",
+    )
+    bench.add_argument(
+        "--background-load",
+        type=int,
+        nargs="?",
+        const=1,
+        default=0,
+        help="busy processes (default 1) spinning beside the timing: how the kernels fare on a machine with other work",
+    )
     bench.add_argument("--output", type=Path, default=Path("bench_results/attention.json"))
     add_allocator_flag(bench)
     bench.add_argument("--tiny", action="store_true", help="smoke run: lengths 64 96, window 16, head_dim 16, 2 repeats")
@@ -67,30 +84,34 @@ def add_command(commands):
 def run(args):
     if args.tiny:
         args.lengths, args.window, args.head_dim, args.repeats, args.min_time_s = [64, 96], 16, 16, 2, 0.0
-    if min(args.lengths) < 1 or args.repeats < 1 or args.head_dim < 1:
-        raise SystemExit("--lengths, --repeats and --head-dim must all be >= 1.")
-    set_threads(args.threads)
+    if min(args.lengths) < 1 or args.repeats < 1 or args.head_dim < 1 or min(args.threads) < 0 or args.background_load < 0:
+        raise SystemExit("--lengths, --repeats and --head-dim must all be >= 1, --threads and --background-load >= 0.")
+    args.threads = sorted({threads or torch.get_num_threads() for threads in args.threads})
     device = args.device
     layers = {name: make_schedule(name, w=args.window, n_layer=count, n_head=args.heads) for name, count in LAYERS}
     load_before = os.getloadavg()[0]  # other work on the machine makes timings noisy: record it
     if not args.glibc_default:
         reuse_freed_memory()
-    matmul_gflops = measure_matmul_gflops(device)
-    print(f"matmul rate (fp32, measured): {matmul_gflops:.1f} GFLOP/s; timing...", flush=True)
+    torch.set_num_threads(max(args.threads))
+    matmul_gflops = matmul_flops_per_s(device, torch.float32, MATMUL_SIZE, max(args.threads)) / 1e9
+    print(f"matmul rate (fp32, {max(args.threads)} threads, measured): {matmul_gflops:.1f} GFLOP/s; timing...", flush=True)
     cases = _cases(layers, args)
-    rows = [row for n in args.lengths for row in _timed_rows(cases, _inputs(args, n, device), args)]
+    with busy_processes(args.background_load):
+        rows = [row for n in args.lengths for row in _timed_rows(cases, _inputs(args, n, device), args)]
     # Memory last, so that the allocator settings it needs never touch the timings.
     for n in args.lengths:
         inputs = _inputs(args, n, device)
-        for (_, stack, backend), row in zip(cases, (row for row in rows if row["n"] == n)):
+        for (_, stack, backend, threads), row in zip(cases, (row for row in rows if row["n"] == n)):
             if row["time_s"] is not None:  # of the stack's largest layer: one layer's graph lives at a time
-                row["peak_mb"] = peak_memory_mb(_attention_step(stack, backend, inputs, row["mode"] == "fwd+bwd"), device)
+                step = _attention_step(stack, backend, inputs, row["mode"] == "fwd+bwd", threads)
+                row["peak_mb"] = peak_memory_mb(step, device)
     result = {
         "machine": {
             "platform": platform.platform(),
             "processor": platform.processor(),
             "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
+            "threads": args.threads,
+            "background_load": args.background_load,
             "device": str(device),
             "load_average_1min": {"start": load_before, "end": os.getloadavg()[0]},
             "allocator": "glibc default" if args.glibc_default else "reuse freed memory (no mmap)",
@@ -124,14 +145,15 @@ MATMUL_SIZE = 2048
 MATMUL_FLOPS = 2 * MATMUL_SIZE**3
 
 
-def measure_matmul_gflops(device, repeats=5):
-    """This machine's fp32 matrix-multiply rate: median time of a (2048 x 2048) @ (2048 x 2048)."""
-    return MATMUL_FLOPS / median_seconds(_matmul_step(device), device, repeats)[0] / 1e9
+def _matmul_step(device, threads):
+    """A (2048 x 2048) @ (2048 x 2048) fp32 product on `threads` torch threads: the rate %matmul compares with."""
+    product, _ = matmul_step(device, torch.float32, MATMUL_SIZE)
 
+    def step():
+        torch.set_num_threads(threads)
+        return product()
 
-def _matmul_step(device):
-    a, b = (torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=device) for _ in range(2))
-    return lambda: a @ b
+    return step
 
 
 def _inputs(args, n, device):
@@ -139,25 +161,27 @@ def _inputs(args, n, device):
 
 
 def _cases(layers, args):
-    """(name, per-layer windows, backend) timed at every length."""
+    """(name, per-layer windows, backend, threads) timed at every length."""
     cases = [
         (name, schedule.windows, backend)
         for name, schedule in layers.items()
         for backend in ("blocked", "dense", "flex")
         if backend in args.backends
     ]
-    return cases + ([("full", ((None,) * args.heads,), "causal")] if "causal" in args.backends else [])
+    cases += [("full", ((None,) * args.heads,), "causal")] if "causal" in args.backends else []
+    return [(*case, threads) for threads in args.threads for case in cases]
 
 
 def _timed_rows(cases, inputs, args):
     """Rows of one length; the cases' timed runs are interleaved (see `interleaved_medians`)."""
     n, device = inputs[0].shape[2], inputs[0].device
     rows, steps = [], []
-    for layer, stack, backend in cases:
+    for layer, stack, backend, threads in cases:
         backward = not (backend == "flex" and device.type == "cpu")  # torch has no CPU flex backward
         row = {
             "layer": layer,
             "n": n,
+            "threads": threads,
             "backend": backend,
             "mode": "fwd+bwd" if backward else "fwd only",
             "time_s": None,
@@ -172,7 +196,7 @@ def _timed_rows(cases, inputs, args):
         if backend == "dense" and dense_gb > args.dense_max_gb:
             row["note"] = f"skipped: (N, N) masks need ~{dense_gb:.1f} GB > --dense-max-gb {args.dense_max_gb}"
         else:
-            steps.append((row, _attention_step(stack, backend, inputs, backward)))
+            steps.append((row, _attention_step(stack, backend, inputs, backward, threads)))
         rows.append(row)
     runnable = []  # (row, step, warm-up seconds)
     for row, step in steps:
@@ -185,35 +209,38 @@ def _timed_rows(cases, inputs, args):
     # The windowed kernels are interleaved with each other and with the matmul that rates this
     # length's %matmul (row None: the VM's speed drifts, the rate with it); the references (dense,
     # flex, causal) among themselves: a dense step moves gigabytes, which would slow the step after it.
-    matmul = _matmul_step(device)
-    kernels = [case for case in runnable if case[0]["backend"] == "blocked"] + [(None, matmul, step_seconds(matmul, device))]
+    matmuls = [({"matmul_threads": threads}, _matmul_step(device, threads)) for threads in {case[-1] for case in cases}]
+    kernels = [case for case in runnable if case[0]["backend"] == "blocked"] + [(row, m, step_seconds(m, device)) for row, m in matmuls]
     references = [case for case in runnable if case[0]["backend"] != "blocked"]
+    matmul_gflops = {}
     for group in (kernels, references):
         timings = interleaved_medians(
             [step for _, step, _ in group], device, args.repeats, args.row_budget_s, [warmup for *_, warmup in group], args.min_time_s
         )
         for (row, _, _), (seconds, samples) in zip(group, timings):
-            if row is None:
-                matmul_gflops = MATMUL_FLOPS / seconds / 1e9
+            if "matmul_threads" in row:
+                matmul_gflops[row["matmul_threads"]] = MATMUL_FLOPS / seconds / 1e9
             else:  # per layer
                 row.update(time_s=seconds / row["layers"], runs=len(samples), samples_s=[s / row["layers"] for s in samples])
-    for row, (layer, stack, backend) in zip(rows, cases):
-        row["matmul_gflops"] = matmul_gflops
+    for row, (layer, stack, backend, threads) in zip(rows, cases):
+        row["matmul_gflops"] = matmul_gflops[threads]
         if row["time_s"] is not None:
             pairs = sum(attended_pairs(w, n) for windows in stack for w in windows) / len(stack)
             row["useful_gflops"] = pairs * 4 * args.head_dim * (3 if row["mode"] == "fwd+bwd" else 1) / row["time_s"] / 1e9
-            row["pct_matmul"] = 100 * row["useful_gflops"] / matmul_gflops
+            row["pct_matmul"] = 100 * row["useful_gflops"] / row["matmul_gflops"]
         shown = f"{1e3 * row['time_s']:.1f} ms" if row["time_s"] is not None else row["note"]
-        print(f"  {layer:<8} {n:>6} {backend:<8} {row['mode']:<9} {shown}", flush=True)
+        print(f"  {layer:<8} {n:>6} {backend:<8} {threads:>2} threads {row['mode']:<9} {shown}", flush=True)
     return rows
 
 
-def _attention_step(stack, backend, inputs, backward):
-    """Forward (and backward) of each layer of `stack` (per-layer windows) in turn, on the same inputs."""
+def _attention_step(stack, backend, inputs, backward, threads):
+    """Forward (and backward) of each layer of `stack` (per-layer windows) in turn, on the same inputs, on
+    `threads` torch threads."""
     grad_out = torch.randn_like(inputs[0])
     backend = "auto" if backend == "causal" else backend  # all-None windows run fused causal SDPA
 
     def step():
+        torch.set_num_threads(threads)
         with torch.set_grad_enabled(backward):
             for windows in stack:
                 out = window_attention(*inputs, windows, backend=backend)
@@ -224,26 +251,28 @@ def _attention_step(stack, backend, inputs, backward):
 
 
 def compare_rows(rows):
-    """Per layer and N: blocked speedups over dense and full causal, mswa/uniform time (paired by
-    round), growth from the smallest N."""
-    times = {(r["layer"], r["backend"], r["n"]): r for r in rows if r["time_s"] is not None}
+    """Per layer, N and thread count: blocked speedups over dense and full causal, mswa/uniform time and
+    the time over one thread's (both paired by round), growth from the smallest N."""
+    times = {(r["layer"], r["backend"], r["n"], r["threads"]): r for r in rows if r["time_s"] is not None}
     lengths = sorted({r["n"] for r in rows})
     comparisons = []
-    for layer in dict.fromkeys(r["layer"] for r in rows if r["layer"] != "full"):
-        first = times.get((layer, "blocked", lengths[0]))
+    for layer, threads in dict.fromkeys((r["layer"], r["threads"]) for r in rows if r["layer"] != "full"):
+        first = times.get((layer, "blocked", lengths[0], threads))
         for n in lengths:
-            blocked = times.get((layer, "blocked", n))
+            blocked = times.get((layer, "blocked", n, threads))
             if blocked is None:
                 continue
-            uniform = times.get(("uniform", "blocked", n))
+            uniform = times.get(("uniform", "blocked", n, threads))
             comparisons.append(
                 {
                     "layer": layer,
                     "n": n,
+                    "threads": threads,
                     "blocked_ms": 1e3 * blocked["time_s"],
-                    "speedup_vs_dense": _time_ratio(times.get((layer, "dense", n)), blocked),
-                    "speedup_vs_causal": _time_ratio(times.get(("full", "causal", n)), blocked),
+                    "speedup_vs_dense": _time_ratio(times.get((layer, "dense", n, threads)), blocked),
+                    "speedup_vs_causal": _time_ratio(times.get(("full", "causal", n, threads)), blocked),
                     "time_vs_uniform": _paired_time_ratio(blocked, uniform),
+                    "time_vs_one_thread": _paired_time_ratio(blocked, times.get((layer, "blocked", n, 1))),
                     "time_vs_smallest_n": blocked["time_s"] / first["time_s"],
                     "peak_mb_per_1k_tokens": blocked["peak_mb"] / n * 1024,
                     "pct_matmul": blocked["pct_matmul"],
@@ -269,9 +298,10 @@ def _time_ratio(numerator, denominator):
 
 def _format_row(row):
     if row["time_s"] is None:
-        return f"{row['layer']:<8} {row['n']:>6} {row['backend']:<8} {row['mode']:<9} {row['note']}"
+        return f"{row['layer']:<8} {row['n']:>6} {row['backend']:<8} {row['threads']:>7} {row['mode']:<9} {row['note']}"
     return (
-        f"{row['layer']:<8} {row['n']:>6} {row['backend']:<8} {row['mode']:<9} {1e3 * row['time_s']:>10.1f} {row['runs']:>4} "
+        f"{row['layer']:<8} {row['n']:>6} {row['backend']:<8} {row['threads']:>7} {row['mode']:<9} {1e3 * row['time_s']:>10.1f} "
+        f"{row['runs']:>4} "
         f"{row['peak_mb']:>9.1f} {row['useful_gflops']:>8.1f} {row['pct_matmul']:>7.1f} {row['note']}"
     )
 
@@ -284,7 +314,8 @@ def _report(result):
     machine = (
         f"\nmatmul rate (fp32, measured at the start): {result['matmul_gflops']:.1f} GFLOP/s; %matmul uses the rate "
         f"timed among each length's windowed kernels; "
-        f"{result['machine']['threads']} threads; load average {load['start']:.1f} -> {load['end']:.1f} "
+        f"threads {', '.join(map(str, result['machine']['threads']))}; {result['machine']['background_load']} busy "
+        f"process(es) beside the timing (--background-load); load average {load['start']:.1f} -> {load['end']:.1f} "
         f"(other work on the machine slows timings)"
     )
     config = result["config"]
@@ -300,13 +331,14 @@ def _report(result):
     ]
     lines += [_format_row(row) for row in result["rows"]]
     lines.append(
-        f"\nblocked: {'layer':<8} {'N':>6} {'ms':>9} {'x dense':>8} {'x causal':>8} {'/uniform':>8} "
-        f"{'/first N':>8} {'MB/1k tok':>9} {'%matmul':>7} {'of GFLOP/s':>10}"
+        f"\nblocked: {'layer':<8} {'N':>6} {'threads':>7} {'ms':>9} {'x dense':>8} {'x causal':>8} {'/uniform':>8} "
+        f"{'/1 thread':>9} {'/first N':>8} {'MB/1k tok':>9} {'%matmul':>7} {'of GFLOP/s':>10}"
     )
     for c in result["comparisons"]:
         lines.append(
-            f"         {c['layer']:<8} {c['n']:>6} {c['blocked_ms']:>9.1f} {number(c['speedup_vs_dense'], '8.1f'):>8} "
+            f"         {c['layer']:<8} {c['n']:>6} {c['threads']:>7} {c['blocked_ms']:>9.1f} {number(c['speedup_vs_dense'], '8.1f'):>8} "
             f"{number(c['speedup_vs_causal'], '8.1f'):>8} {number(c['time_vs_uniform'], '8.2f'):>8} "
+            f"{number(c['time_vs_one_thread'], '9.2f'):>9} "
             f"{c['time_vs_smallest_n']:>8.1f} {c['peak_mb_per_1k_tokens']:>9.2f} {c['pct_matmul']:>7.1f} {c['matmul_gflops']:>10.1f}"
         )
     return "\n".join(lines)

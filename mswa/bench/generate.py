@@ -1,13 +1,15 @@
 """`python -m mswa.bench generate`: decoding cache bytes, per-token latency and memory against context length.
 
-Every (model, context) is prefilled into its own cache, then single-token steps are timed round-robin
-over all of them, so that the machine's drift hits every row alike and latency ratios stay fair. The
-measured cache bytes are printed beside their closed form (`mswa.generate.cache_bytes`).
+Every (model, context) is prefilled into its own cache, then single-token steps (one token for each of
+`--batch` sequences) are timed round-robin over all of them, so that the machine's drift hits every row
+alike; `/swa` is the median over rounds of each step's time over swa's step at the same context in the
+same round. The measured cache bytes are printed beside their closed form (`mswa.generate.cache_bytes`).
 """
 
 import json
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -25,6 +27,7 @@ def add_command(commands):
     bench.add_argument("--models", nargs="+", choices=tuple(MODEL_VARIANTS), default=["full", "swa", "mswa", "mswa_linear"])
     add_shape_arguments(bench)
     bench.add_argument("--steps", type=int, default=20, help="timed decoding steps per context; the median is reported")
+    bench.add_argument("--batch", type=int, default=1, help="sequences decoded together (each step: one token for each)")
     bench.add_argument(
         "--prefill-chunk", type=int, default=2048, help="prefill chunk of models with full-attention heads (others: one call)"
     )
@@ -49,30 +52,32 @@ def run(args):
     if args.tiny:
         args.contexts, args.layers, args.d_model, args.heads, args.window, args.steps = [64, 256], 4, 32, 4, 8, 5
         args.prefill_chunk = 96
-    if min(args.contexts) < 1 or args.steps < 1 or args.prefill_chunk < 1:
-        raise SystemExit("--contexts, --steps and --prefill-chunk must all be >= 1.")
+    if min(args.contexts) < 1 or args.steps < 1 or args.prefill_chunk < 1 or args.batch < 1:
+        raise SystemExit("--contexts, --steps, --prefill-chunk and --batch must all be >= 1.")
     set_threads(args.threads)
     if not args.glibc_default:
         reuse_freed_memory()
-    device, rows, steps = torch.device("cpu"), [], []
+    device, rows, steps, load_before = torch.device("cpu"), [], [], os.getloadavg()[0]
     torch.manual_seed(0)
     for name in args.models:
         model = variant_model(name, max(args.contexts) + args.steps + 1, args).eval()
         for n in args.contexts:
             cache = DecodingCache(model, reserve=n + args.steps + 2)  # warm-up, timed steps, memory step
             rows.append({"model": name, **_prefill(model, cache, n, args)})
-            steps.append((model, cache))
+            steps.append((model, cache, args.batch))
             print(f"{name:<12} prefilled {cache.seen:>6} tokens in {rows[-1]['prefill_s']:.1f} s", flush=True)
     with torch.no_grad():
         timings = interleaved_medians([_decode_step(*step) for step in steps], device, args.steps)  # one warm-up each
-        for row, (model, cache), (seconds, samples) in zip(rows, steps, timings):
+        for row, (model, cache, batch), (seconds, samples) in zip(rows, steps, timings):
             row.update(
                 latency_s=seconds,
-                tokens_per_s=1 / seconds,
+                tokens_per_s=args.batch / seconds,
                 runs=len(samples),
-                step_peak_mb=peak_memory_mb(_decode_step(model, cache), device),
+                samples_s=samples,
+                step_peak_mb=peak_memory_mb(_decode_step(model, cache, batch), device),
             )
-            row.update(cache_bytes=cache.nbytes(), cache_bytes_closed_form=cache_bytes(model.cfg, cache.seen), seen=cache.seen)
+            closed_form = cache_bytes(model.cfg, cache.seen, batch=args.batch)
+            row.update(cache_bytes=cache.nbytes(), cache_bytes_closed_form=closed_form, seen=cache.seen)
             row["peak_mb"] = row["cache_bytes"]["total"] / 2**20 + row["step_peak_mb"]
     _add_generate_ratios(rows)
     schedule = make_schedule("mswa", w=args.window, n_layer=args.layers, n_head=args.heads)
@@ -81,7 +86,7 @@ def run(args):
             "platform": platform.platform(),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
-            "load_average_1min": os.getloadavg()[0],
+            "load_average_1min": {"start": load_before, "end": os.getloadavg()[0]},
         },
         "settings": {k: v for k, v in vars(args).items() if k not in ("run", "output")},
         "mswa_budget": schedule.mean_window_over_w(),
@@ -98,7 +103,7 @@ def _prefill(model, cache, n, args):
     """Feed n random tokens into `cache`: in one call through the training kernel (O(n * W) for windowed
     heads), or, for a model with full-attention heads, in chunks of --prefill-chunk that stop after the chunk
     passing --prefill-cap-s. Returns where it stopped and how long it took."""
-    tokens = torch.randint(0, model.cfg.vocab_size, (1, n))
+    tokens = torch.randint(0, model.cfg.vocab_size, (args.batch, n))
     has_full_heads = model.cfg.windows is None or any(None in layer for layer in model.cfg.windows)
     chunk = args.prefill_chunk if has_full_heads else n
     start = time.perf_counter()
@@ -114,40 +119,47 @@ def _prefill(model, cache, n, args):
     return {"context": n, "reached": cache.seen, "prefill_s": seconds, "note": note}
 
 
-def _decode_step(model, cache):
-    """One new token through the model against `cache` (which keeps it)."""
-    token = torch.zeros(1, 1, dtype=torch.long)
+def _decode_step(model, cache, batch):
+    """One new token for each sequence through the model against `cache` (which keeps them)."""
+    token = torch.zeros(batch, 1, dtype=torch.long)
     return lambda: model(token, cache)
 
 
 def _add_generate_ratios(rows):
-    """Latency relative to the model's smallest context, cache bytes relative to swa at the same context."""
+    """Latency relative to the model's smallest context and to swa's at the same context (median of the
+    per-round ratios: the two steps ran a few ms apart), cache bytes relative to swa's."""
     first = {}
     by_key = {(row["model"], row["context"]): row for row in rows}
     for row in rows:
         first.setdefault(row["model"], row)
         row["latency_vs_first"] = row["latency_s"] / first[row["model"]]["latency_s"]
         swa = by_key.get(("swa", row["context"]))
+        row["latency_vs_swa"] = statistics.median(a / b for a, b in zip(row["samples_s"], swa["samples_s"])) if swa else None
         row["cache_vs_swa"] = row["cache_bytes"]["kv"] / swa["cache_bytes"]["kv"] if swa and swa["cache_bytes"]["kv"] else None
 
 
 def _generate_report(result):
+    machine, settings = result["machine"], result["settings"]
+    load = machine["load_average_1min"]
     lines = [
-        f"\nmemory: {result['memory_method']}",
+        f"\nbatch {settings['batch']}, {machine['threads']} threads, load average {load['start']:.1f} -> {load['end']:.1f} "
+        "(other work on the machine slows timings; compare the /swa column, paired by round)",
+        f"memory: {result['memory_method']}",
         f"{'model':<12} {'context':>7} {'reached':>7} {'prefill s':>9} {'cache MB':>9} {'closed MB':>9} "
-        f"{'ms/token':>9} {'tok/s':>7} {'/first':>6} {'peak MB':>8} {'kv/swa':>6}",
+        f"{'ms/step':>9} {'tok/s':>7} {'/first':>6} {'/swa':>6} {'peak MB':>8} {'kv/swa':>6}",
     ]
     for row in result["rows"]:
         measured, closed = row["cache_bytes"]["total"], row["cache_bytes_closed_form"]["total"]
         lines.append(
             f"{row['model']:<12} {row['context']:>7} {row['reached']:>7} {row['prefill_s']:>9.1f} {measured / 2**20:>9.3f} "
             f"{closed / 2**20:>9.3f} {1e3 * row['latency_s']:>9.2f} {row['tokens_per_s']:>7.1f} {row['latency_vs_first']:>6.2f} "
+            f"{'-' if row['latency_vs_swa'] is None else format(row['latency_vs_swa'], '6.3f'):>6} "
             f"{row['peak_mb']:>8.1f} {'-' if row['cache_vs_swa'] is None else format(row['cache_vs_swa'], '6.3f'):>6} {row['note']}"
         )
     ratios = sorted({round(row["cache_vs_swa"], 4) for row in result["rows"] if row["model"] == "mswa" and row["cache_vs_swa"]})
     if ratios:
         lines.append(
             f"mswa / swa cache bytes: {', '.join(f'{r:.3f}' for r in ratios)} "
-            f"(sum of W - 1 over heads) beside the schedule's budget {result['mswa_budget']:.3f} (sum of W)"
+            f"(sum of W over heads) beside the schedule's budget {result['mswa_budget']:.3f}"
         )
     return "\n".join(lines)

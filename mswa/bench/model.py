@@ -21,6 +21,7 @@ from mswa.bench.timing import (
     reuse_freed_memory,
     set_threads,
 )
+from mswa.flops import matmul_step, rate_dtype, training_flops_per_token
 from mswa.windows import make_schedule
 
 MODEL_VARIANTS = {  # name -> (window schedule, ModelConfig mixer keywords)
@@ -72,30 +73,40 @@ def run(args):
     if not args.glibc_default:
         reuse_freed_memory()
     print(f"device {args.device}, backend {args.backend} ({backend}), {args.dtype}", flush=True)
-    rows = []
+    rows, product, product_flops = [], *matmul_step(args.device)
     for n in args.lengths:
         steps = {name: _training_step(name, n, args) for name in args.models}
-        timings = interleaved_medians(list(steps.values()), args.device, args.repeats)
+        flops = {name: training_flops_per_token(variant_model(name, n, args).cfg, n) for name in args.models}
+        # the matmul that rates MFU goes round-robin with the models: a shared machine's drift hits both
+        *timings, (matmul_s, _) = interleaved_medians([*steps.values(), product], args.device, args.repeats)
+        peak = product_flops / matmul_s
         for (name, step), (seconds, samples) in zip(steps.items(), timings):
             rows.append(
                 {
                     "model": name,
                     "n": n,
                     "tokens_per_s": n / seconds,
+                    "model_flops_per_token": flops[name],
+                    "mfu": n / seconds * flops[name] / peak,
+                    "matmul_flops_per_s": peak,
                     "step_s": seconds,
                     "runs": len(samples),
                     "peak_mb": peak_memory_mb(step, args.device),
                 }
             )
-            print(f"{name:<22} N={n:>6} {n / seconds:>10.0f} tok/s {rows[-1]['peak_mb']:>9.1f} MB", flush=True)
+            print(f"{name:<22} N={n:>6} {n / seconds:>10.0f} tok/s {rows[-1]['mfu']:>6.1%} MFU {rows[-1]['peak_mb']:>9.1f} MB", flush=True)
     rows.sort(key=lambda row: args.models.index(row["model"]))  # stable: by model, then length
     _add_model_ratios(rows)
     settings = {k: v for k, v in vars(args).items() if k not in ("run", "output")} | {"resolved_backend": backend}
-    write_atomic(args.output, json.dumps({"rows": rows, "settings": settings}, indent=2, default=str))
-    print(f"\n{'model':<22} {'N':>6} {'tok/s':>10} {'x full':>7} {'/swa':>6} {'peak MB':>9} {'MB/1k tok':>9}")
+    result = {"rows": rows, "settings": settings, "rate_dtype": str(rate_dtype(args.device))}
+    write_atomic(args.output, json.dumps(result, indent=2, default=str))
+    rates = ", ".join(f"{row['matmul_flops_per_s'] / 1e9:.1f}" for row in rows if row["model"] == args.models[0])
+    print(f"\nMFU: model FLOPs per token (mswa.flops, window-aware) x tokens/s over the {result['rate_dtype']} matmul rate")
+    print(f"timed among each length's steps ({rates} GFLOP/s)")
+    print(f"{'model':<22} {'N':>6} {'tok/s':>10} {'MFU':>6} {'x full':>7} {'/swa':>6} {'peak MB':>9} {'MB/1k tok':>9}")
     for row in rows:
         print(
-            f"{row['model']:<22} {row['n']:>6} {row['tokens_per_s']:>10.0f} {row['x_full'] or float('nan'):>7.2f} "
+            f"{row['model']:<22} {row['n']:>6} {row['tokens_per_s']:>10.0f} {row['mfu']:>6.1%} {row['x_full'] or float('nan'):>7.2f} "
             f"{row['vs_swa'] or float('nan'):>6.2f} {row['peak_mb']:>9.1f} {1024 * row['peak_mb'] / row['n']:>9.1f}"
         )
     print(f"wrote {args.output}")

@@ -11,6 +11,8 @@ import contextlib
 import ctypes
 import math
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -132,6 +134,19 @@ def _freed_memory_unmapped():
         libc.mallopt(M_MMAP_THRESHOLD, 32 * 1024 * 1024)
         if _reusing_freed_memory:
             reuse_freed_memory()
+
+
+@contextlib.contextmanager
+def busy_processes(count):
+    """`count` processes that spin on a CPU each while the block runs (the `--background-load` of the
+    benchmarks: a machine with other work), stopped at its end."""
+    processes = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        yield
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
 
 
 def set_threads(threads):

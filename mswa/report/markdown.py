@@ -136,6 +136,7 @@ def summary_markdown_frame(table: pd.DataFrame) -> pd.DataFrame:
             "mean window / w": [fmt(v, ".3f") for v in table.mean_window_over_w],
             "params": [fmt(v, ",.0f") for v in table.n_params],
             "tokens/s": [fmt(v, ",.0f") for v in table.tokens_per_s],
+            "MFU": [fmt(v, ".1%") for v in table.mfu],
             "steps": [fmt(v, ".0f") for v in table.steps],
             "entropy floor (bits/byte)": [fmt(v, ".4f") for v in table.entropy_floor_bpb],
         }

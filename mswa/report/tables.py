@@ -49,6 +49,7 @@ SUMMARY_COLUMNS = (
     "delta_test",
     *PAIRED_COLUMNS,
     "tokens_per_s",
+    "mfu",
     "steps",
     "wall_time_s",
 )
@@ -94,6 +95,7 @@ def variant_row(group: pd.DataFrame, n_unfinished: int) -> dict:
         seeds=",".join(str(s) for s in sorted(group.seed.dropna().astype(int))),
         n_unfinished=int(n_unfinished),
         tokens_per_s=group.tokens_per_s.mean(),
+        mfu=group.mfu.mean(),
         steps=group.steps.mean(),
         wall_time_s=group.wall_time_s.mean(),
     )

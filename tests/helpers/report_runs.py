@@ -72,6 +72,7 @@ def run_results(overrides: list[str], status: str, val: float | None, test: floa
         else {"val/loss": val * math.log(2), "val/bpc": val, "test/loss": test * math.log(2), "test/bpc": test},
         "entropy_floor_bpb": 1.5,
         "tokens_per_s": 1000.0 + val * 100 if val else None,
+        "mfu": val / 10 if val else None,
         "steps": 100,
         "wall_time_s": 12.0,
         "git_commit": "abc123",
