@@ -201,9 +201,11 @@ class CorpusDataModule(L.LightningDataModule):
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
     def train_dataloader(self):
-        rank, _ = self._rank_world()
+        rank, world_size = self._rank_world()
         start = self.trainer.global_step * self.trainer.accumulate_grad_batches if self.trainer else 0
-        crops = RandomCrops(self.corpus.splits["train"], self.seq_len, self.batch_size, self.seed, rank, start, self.aligned_chunks)
+        crops = RandomCrops(
+            self.corpus.splits["train"], self.seq_len, self.batch_size, self.seed, rank, start, self.aligned_chunks, world_size
+        )
         return DataLoader(crops, batch_size=None)
 
     def eval_chunks(self, split: str, max_tokens: int | None = None, rank: int = 0, world_size: int = 1) -> EvalChunks:

@@ -1,15 +1,21 @@
-"""Runs that survive a cluster: SLURM's preemption signal ends in a requeue that resumes the run (same W&B run)."""
+"""Runs that survive a cluster: SLURM's preemption signal ends in a requeue that resumes the run (same W&B run);
+DDP on CPU reduces metrics as sums and equals one process at the same global batch."""
 
 import json
+import math
 import os
 import signal
 import stat
+import subprocess
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import torch
 
-from helpers.runs import TINY_DATA, killed_after
+from helpers.runs import TINY_DATA, killed_after, results_under, run_train
+from mswa.data.batches import IGNORE, EvalChunks
+from mswa.metrics import SummedNLL, metrics_from_sums
 
 SMOKE = ["debug=smoke", *TINY_DATA]
 
@@ -68,3 +74,72 @@ def test_sigusr1_under_slurm_requeues_the_job_which_resumes_the_run_with_its_wan
     wandb_runs = sorted(p.name.rsplit("-", 1)[1] for p in (run_dir / "wandb").glob("offline-run-*"))
     print(f"scontrol calls: {calls.read_text().splitlines()}; W&B run ids of the two attempts: {wandb_runs}; steps {steps}")
     assert wandb_runs == [run_id, run_id] and steps[0] < steps[1]
+
+
+# ---------------------------------------------------------------- DDP on CPU
+
+
+def test_ranks_sum_their_nll_rather_than_average_their_bpc():
+    """The sum the metric reduces across ranks (its ``dist_reduce_fx``, applied by merge_state as a DDP sync applies
+    it) gives the one-process bpc; the mean of per-rank bpc would not (the ranks score unequal shares)."""
+    tokens = torch.randint(0, 256, (1000,)).numpy()
+    nll_of_token = torch.rand(256, dtype=torch.float64) * 8  # a stand-in model: a fixed NLL per target byte
+
+    def score(chunks: EvalChunks) -> SummedNLL:
+        metric = SummedNLL()
+        for i in range(len(chunks)):
+            _, y = chunks[i][:2]
+            metric.update(nll_of_token[y.clamp(min=0)].unsqueeze(0), (y != IGNORE).unsqueeze(0))
+        return metric
+
+    def bpc(metric: SummedNLL) -> float:
+        return metrics_from_sums(metric.nll_sum.item(), metric.count.item(), "byte")["bpc"]
+
+    ranks = [score(EvalChunks(tokens, 64, rank, 2)) for rank in (0, 1)]
+    assert (ranks[0].count.item(), ranks[1].count.item()) == (512, 487)  # 16 chunks, the last one short
+    mean_of_ranks = sum(map(bpc, ranks)) / 2
+    ranks[0].merge_state(ranks[1])
+    expected = nll_of_token[torch.as_tensor(tokens[1:]).long()].sum().item() / 999 / math.log(2)  # every target once
+    assert bpc(ranks[0]) == pytest.approx(expected, abs=1e-12) == bpc(score(EvalChunks(tokens, 64)))
+    assert abs(mean_of_ranks - expected) > 1e-4
+
+
+DDP = [*SMOKE, "trainer.val_check_interval=2", "logger=none"]
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_train_and_validate_as_one_at_the_same_global_batch(tmp_path):
+    args = [*DDP, "trainer.max_steps=4", "checkpoint.every_n_train_steps=2"]
+    run_train([*args, "task_name=single", "data.batch_size=8"], tmp_path)
+    run_train([*args, "task_name=ddp", "hardware=ddp_cpu", "data.batch_size=4"], tmp_path)
+    single, ddp = (results_under(tmp_path / "outputs" / name)[0] for name in ("single", "ddp"))
+    print(f"val/bpc: 1 process {single['metrics']['val/bpc']!r}, 2 processes {ddp['metrics']['val/bpc']!r}")
+    for key in ("val/bpc", "test/bpc"):  # fp32 gradients all-reduced in another order: equal to ~1e-9 after 4 steps
+        assert ddp["metrics"][key] == pytest.approx(single["metrics"][key], abs=1e-6)
+    assert ddp["evaluation"]["test"]["targets"] == single["evaluation"]["test"]["targets"]  # every target once, both ranks
+    ddp_dir = ddp["found_in"]
+    assert sorted(p.name for p in (ddp_dir / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert [a["status"] for a in attempts_of(ddp_dir)] == ["finished"]  # rank 1 wrote no line
+    assert pd.read_csv(ddp_dir / "metrics.csv").dropna(subset="train/loss").step.tolist() == [0, 1, 2, 3]
+
+
+@pytest.mark.slow
+def test_a_signal_to_a_ddp_job_ends_both_ranks_at_one_step_and_the_rerun_resumes(tmp_path):
+    """SIGTERM to rank 0 alone: the ranks agree at the next step boundary, both stop, rank 0 checkpoints; the same
+    command resumes both ranks to the uninterrupted run's numbers."""
+    args = [*DDP, "trainer.max_steps=12", "checkpoint.every_n_train_steps=1", "hardware=ddp_cpu", "data.batch_size=4"]
+    straight = run_train([*args, "task_name=straight"], tmp_path)
+    assert straight.returncode == 0
+    job, run_dir = killed_after(args, tmp_path, step=1, signum=signal.SIGTERM)
+    assert job.proc.returncode == 75 and "Traceback" not in job.output
+    assert job.output.count("preempted: stopped by SIGTERM") == 1  # rank 0 alone speaks
+    assert results_of(run_dir)["status"] == "preempted"
+    stopped_at = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    rank1 = subprocess.run(["pgrep", "-f", f"{run_dir}"], capture_output=True, text=True).stdout.split()
+    assert not rank1  # no process of the job is left
+    run_train(args, tmp_path)
+    reference = results_under(tmp_path / "outputs" / "straight")[0]["metrics"]
+    resumed = results_of(run_dir)["metrics"]
+    difference = resumed["val/bpc"] - reference["val/bpc"]
+    print(f"DDP SIGTERM at step {stopped_at} then rerun: val/bpc difference {difference:.3e}")
+    assert abs(difference) <= 1e-6
