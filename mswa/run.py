@@ -7,6 +7,7 @@ the house its settings. Tests, notebooks and other launchers call :func:`train` 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import hashlib
@@ -40,6 +41,7 @@ from mswa.config import ConfigError, DatasetConfig, RunConfig, WandbConfig, with
 from mswa.data.batches import eval_context
 from mswa.data.corpus import Corpus
 from mswa.factory import build_model, build_schedule, finish_pretrained, model_spec, with_pretrained_shape
+from mswa.folders import FolderLock
 from mswa.lit import (
     AtomicCheckpointIO,
     CorpusDataModule,
@@ -152,6 +154,10 @@ class RunFolder:
         self.attempts_path = path / "attempts.jsonl"
         self.wandb_id_path = path / "wandb_id"
         self.owned = not self.holds_run()
+
+    def held(self):
+        """The folder's lock for this attempt's life, taken by rank 0 (which alone writes)."""
+        return FolderLock(self.path).held() if rank_zero_only.rank == 0 else contextlib.nullcontext()
 
     def holds_run(self) -> bool:
         """Something to keep: a checkpoint, or results of a finished run."""
@@ -436,6 +442,10 @@ class Attempt:
 
     def run(self) -> dict:
         quiet_lightning()
+        with self.folder.held():  # first: a folder a live run holds is refused before anything in it is touched
+            return self.attempt()
+
+    def attempt(self) -> dict:
         try:
             self.record("running")  # first, so that even a kill leaves a line
             with GracefulInterrupt(str(self.folder.last)) as interrupt:

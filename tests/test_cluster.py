@@ -1,21 +1,25 @@
 """Runs that survive a cluster: SLURM's preemption signal ends in a requeue that resumes the run (same W&B run);
-DDP on CPU reduces metrics as sums and equals one process at the same global batch."""
+DDP on CPU reduces metrics as sums and equals one process at the same global batch; one live run per folder."""
 
 import json
 import math
 import os
 import signal
+import socket
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
-from helpers.runs import TINY_DATA, killed_after, results_under, run_train
+from helpers.runs import REPO, TINY_DATA, Train, checkpoint_at_step, compose_config, killed_after, only_run_dir, results_under, run_train
 from mswa.data.batches import IGNORE, EvalChunks
+from mswa.folders import FolderInUse, FolderLock
 from mswa.metrics import SummedNLL, metrics_from_sums
+from mswa.run import RunInfo, train
 
 SMOKE = ["debug=smoke", *TINY_DATA]
 
@@ -143,3 +147,56 @@ def test_a_signal_to_a_ddp_job_ends_both_ranks_at_one_step_and_the_rerun_resumes
     difference = resumed["val/bpc"] - reference["val/bpc"]
     print(f"DDP SIGTERM at step {stopped_at} then rerun: val/bpc difference {difference:.3e}")
     assert abs(difference) <= 1e-6
+
+
+# ---------------------------------------------------------------- one live run per folder
+
+
+@pytest.mark.slow
+def test_a_second_start_in_a_live_runs_folder_is_refused_and_overwrite_never_takes_it(tmp_path):
+    """The same command twice, then overwrite=true, while the first run is alive: both are refused in one sentence
+    that names the live process, before anything in its folder is written; the first run finishes alone."""
+    args = [*SMOKE, "logger=none", "trainer.max_steps=20", "checkpoint.every_n_train_steps=1"]
+    first = Train(args, tmp_path)
+    first.wait_for(lambda: list((tmp_path / "outputs").glob("train/runs/*/checkpoints")), "a run folder")
+    run_dir = only_run_dir(tmp_path / "outputs")
+    first.wait_for(checkpoint_at_step(run_dir, 1), "a checkpoint")
+    hydra_config = (run_dir / ".hydra" / "overrides.yaml").read_bytes()
+    for extra in ([], ["overwrite=true"]):
+        second = run_train([*args, *extra], tmp_path, check=False)
+        message = second.stderr.strip().splitlines()[-1]
+        print(message)
+        assert second.returncode == 1 and "Traceback" not in second.stderr
+        assert message.startswith(f"error: {run_dir} is in use by a live run (process {first.proc.pid} on {socket.gethostname()}, ")
+        assert first.proc.poll() is None
+    assert (run_dir / ".hydra" / "overrides.yaml").read_bytes() == hydra_config  # refused before Hydra wrote into it
+    first.finish()
+    assert first.proc.returncode == 0
+    assert [a["status"] for a in attempts_of(run_dir)] == ["finished"]
+    steps = pd.read_csv(run_dir / "metrics.csv").dropna(subset="train/loss").step
+    assert steps.tolist() == list(range(20))  # every step once
+
+
+def test_a_live_run_holds_its_folder_until_its_process_ends(tmp_path):
+    """Another process holding the folder: a run there is refused in one sentence naming it, overwrite=true too,
+    and nothing is written; the OS releases the lock when that process is killed."""
+    folder = tmp_path / "run"
+    hold = (
+        "import sys, time; from mswa.folders import FolderInUse, FolderLock; FolderLock(sys.argv[1]).acquire(); "
+        "print('held', flush=True); time.sleep(600)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(folder)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        before = {p.name: p.read_bytes() for p in folder.iterdir()}
+        for extra in ([], ["overwrite=true"]):
+            with pytest.raises(FolderInUse) as refused:
+                train(compose_config([*SMOKE, "logger=none", *extra], tmp_path), RunInfo(str(folder)))
+            assert str(refused.value).startswith(f"{folder} is in use by a live run (process {holder.pid} on {socket.gethostname()}, ")
+            assert str(refused.value).endswith("(overwrite=true never takes the folder of a live run)")
+        assert {p.name: p.read_bytes() for p in folder.iterdir()} == before == {"run.lock": b"", "run.lock.json": before["run.lock.json"]}
+        assert FolderLock(folder).alive()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not FolderLock(folder).alive()  # released by the OS with the killed process

@@ -36,8 +36,10 @@ def attempts_of(folder: Path) -> list[dict]:
 
 
 def files_of(folder: Path) -> dict[str, bytes]:
-    """Every file of a run folder but its attempts log, by relative path."""
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != "attempts.jsonl"}
+    """Every file of a run folder but what each attempt writes (its line in attempts.jsonl, its note as the lock's
+    holder), by relative path."""
+    attempts_own = ("attempts.jsonl", "run.lock.json")
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name not in attempts_own}
 
 
 @pytest.fixture(scope="module")
@@ -257,15 +259,17 @@ STOP_POINTS = {
     "signum, where",
     [
         (signal.SIGTERM, "a training step"),
+        pytest.param(signal.SIGINT, "a training step", marks=pytest.mark.slow),
         pytest.param(signal.SIGUSR1, "a training step", marks=pytest.mark.slow),
         pytest.param(signal.SIGUSR1, "validation during training", marks=pytest.mark.slow),
         pytest.param(signal.SIGTERM, "checkpoint writing", marks=pytest.mark.slow),
         pytest.param(signal.SIGTERM, "the final evaluation", marks=pytest.mark.slow),
     ],
 )
-def test_a_preempted_run_is_recorded_and_the_same_command_resumes_it_to_the_same_numbers(finished, tmp_path, monkeypatch, signum, where):
+def test_a_signalled_run_is_recorded_and_resumes_to_the_same_numbers(finished, tmp_path, monkeypatch, signum, where):
     """SIGTERM / SIGUSR1 stop at the step boundary (at once during the final evaluation) with a checkpoint there, and
-    record ``preempted`` with the command that resumes it: the same command, as a requeued job runs it."""
+    record ``preempted`` with the command that resumes it: the same command, as a requeued job runs it. Ctrl-C
+    records ``interrupted``, resumed with ckpt_path=last."""
     owner, method = STOP_POINTS[where]
     real, sent = getattr(owner, method), []
 
@@ -282,18 +286,22 @@ def test_a_preempted_run_is_recorded_and_the_same_command_resumes_it_to_the_same
         train(smoke(finished), run)
     monkeypatch.undo()
     step = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
-    name = signal.Signals(signum).name
-    assert str(stop.value) == f"stopped by {name}; resume from step {step} with: python train.py debug=smoke"
-    assert (stop.value.status, results_of(folder)["status"], results_of(folder)["error"]) == ("preempted", "preempted", str(stop.value))
-    assert [(a["status"], a["error"]) for a in attempts_of(folder)] == [("preempted", str(stop.value))]
+    name, status = STOP_SIGNALS[signum]
+    resume = [] if status == "preempted" else ["ckpt_path=last"]
+    assert str(stop.value) == f"stopped by {name}; resume from step {step} with: python train.py {' '.join(['debug=smoke', *resume])}"
+    assert (stop.value.status, results_of(folder)["status"], results_of(folder)["error"]) == (status, status, str(stop.value))
+    assert [(a["status"], a["error"]) for a in attempts_of(folder)] == [(status, str(stop.value))]
     assert step == (6 if where == "the final evaluation" else 1 if where == "a training step" else 3)
 
-    resumed = train(smoke(finished), run)  # no ckpt_path: a preempted run resumes
+    if resume:  # an interrupted run keeps today's refusal without ckpt_path=last
+        with pytest.raises(ConfigError, match="already holds a run"):
+            train(smoke(finished), run)
+    resumed = train(smoke(finished, *resume), run)  # no ckpt_path: a preempted run resumes
     reference = results_of(finished / "run")["metrics"]
     difference = {split: resumed["metrics"][f"{split}/bpc"] - reference[f"{split}/bpc"] for split in ("val", "test")}
-    print(f"{name} during {where}: preempted at step {step}; resumed minus uninterrupted bpc {difference}")
+    print(f"{name} during {where}: {status} at step {step}: {stop.value}; resumed minus uninterrupted bpc {difference}")
     assert resumed["status"] == "finished" and all(abs(d) <= EXACT for d in difference.values())
-    assert [a["status"] for a in attempts_of(folder)] == ["preempted", "finished"]
+    assert [a["status"] for a in attempts_of(folder)] == [status, *(["refused"] if resume else []), "finished"]
     with pytest.raises(ConfigError, match="already holds a run"):  # a finished run keeps today's refusal
         train(smoke(finished), run)
 
