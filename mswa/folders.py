@@ -13,6 +13,7 @@ import fcntl
 import json
 import os
 import socket
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -86,6 +87,10 @@ class FolderLock:
         except BlockingIOError:
             os.close(fd)
             raise FolderInUse(self.refusal()) from None
+        except OSError as error:  # a file system without flock (some NFS or Lustre mounts): said, not fatal
+            os.close(fd)
+            print(f"warning: {self.folder} cannot be locked ({error.strerror}); a second run there would not be stopped", file=sys.stderr)
+            return
         self._fd = fd
         holder = {
             "pid": os.getpid(),

@@ -1,6 +1,8 @@
 """Runs that survive a cluster: SLURM's preemption signal ends in a requeue that resumes the run (same W&B run);
 DDP on CPU reduces metrics as sums and equals one process at the same global batch; one live run per folder."""
 
+import errno
+import fcntl
 import json
 import math
 import os
@@ -200,3 +202,14 @@ def test_a_live_run_holds_its_folder_until_its_process_ends(tmp_path):
         holder.kill()
         holder.wait()
     assert not FolderLock(folder).alive()  # released by the OS with the killed process
+
+
+def test_a_file_system_without_locks_is_said_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with FolderLock(tmp_path / "run").held():
+        pass
+    message = f"warning: {tmp_path / 'run'} cannot be locked (No locks available); a second run there would not be stopped\n"
+    assert capsys.readouterr().err == message
