@@ -265,6 +265,7 @@ STOP_POINTS = {
         pytest.param(signal.SIGTERM, "checkpoint writing", marks=pytest.mark.slow),
         pytest.param(signal.SIGTERM, "the final evaluation", marks=pytest.mark.slow),
     ],
+    ids=lambda value: value.name if isinstance(value, signal.Signals) else value.replace(" ", "_"),
 )
 def test_a_signalled_run_is_recorded_and_resumes_to_the_same_numbers(finished, tmp_path, monkeypatch, signum, where):
     """SIGTERM / SIGUSR1 stop at the step boundary (at once during the final evaluation) with a checkpoint there, and
