@@ -5,10 +5,8 @@ import errno
 import fcntl
 import json
 import math
-import os
 import signal
 import socket
-import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +15,18 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers.runs import REPO, TINY_DATA, Train, checkpoint_at_step, compose_config, killed_after, only_run_dir, results_under, run_train
+from helpers.runs import (
+    REPO,
+    TINY_DATA,
+    Train,
+    checkpoint_at_step,
+    compose_config,
+    fake_slurm,
+    killed_after,
+    only_run_dir,
+    results_under,
+    run_train,
+)
 from mswa.data.batches import IGNORE, EvalChunks
 from mswa.folders import FolderInUse, FolderLock
 from mswa.metrics import SummedNLL, metrics_from_sums
@@ -34,29 +43,7 @@ def attempts_of(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "attempts.jsonl").read_text().splitlines()]
 
 
-def fake_slurm(tmp_path: Path, job: str = "4242") -> tuple[dict, Path]:
-    """The environment of a SLURM batch job with one task (what Lightning's SLURM environment reads), and a stub
-    ``scontrol`` first on PATH that appends its arguments to the returned file."""
-    stub_dir, calls = tmp_path / "bin", tmp_path / "scontrol_calls.txt"
-    stub_dir.mkdir()
-    stub = stub_dir / "scontrol"
-    stub.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
-    stub.chmod(stub.stat().st_mode | stat.S_IXUSR)
-    env = {
-        "SLURM_JOB_ID": job,
-        "SLURM_JOB_NAME": "mswa",
-        "SLURM_NTASKS": "1",
-        "SLURM_NTASKS_PER_NODE": "1",
-        "SLURM_PROCID": "0",
-        "SLURM_LOCALID": "0",
-        "SLURM_NODEID": "0",
-        "SLURM_NODELIST": "localhost",
-        "PATH": f"{stub_dir}:{os.environ['PATH']}",
-        "WANDB_MODE": "offline",
-    }
-    return env, calls
-
-
+@pytest.mark.slow
 def test_sigusr1_under_slurm_requeues_the_job_which_resumes_the_run_with_its_wandb_run(tmp_path):
     """SLURM's warning signal before the time limit: the run checkpoints at the step boundary, records preempted,
     exits 75 and calls ``scontrol requeue <job>``; the requeued job (the same command) resumes it in the same W&B run,

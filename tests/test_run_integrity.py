@@ -17,7 +17,17 @@ import pytest
 import torch
 
 import mswa.atomic
-from helpers.runs import REPO, Train, checkpoint_at_step, compose_config, killed_after, only_run_dir, run_printed_command, run_train
+from helpers.runs import (
+    REPO,
+    Train,
+    checkpoint_at_step,
+    compose_config,
+    fake_slurm,
+    killed_after,
+    only_run_dir,
+    run_printed_command,
+    run_train,
+)
 from mswa import report
 from mswa.lit import STOP_SIGNALS, AtomicCheckpointIO, GracefulInterrupt, LanguageModelTask, NonFiniteLossError, RunError, RunInterrupted
 from mswa.run import ConfigError, RunInfo, folder_name, hydra_value, resume_command, train
@@ -269,8 +279,9 @@ STOP_POINTS = {
 )
 def test_a_signalled_run_is_recorded_and_resumes_to_the_same_numbers(finished, tmp_path, monkeypatch, signum, where):
     """SIGTERM / SIGUSR1 stop at the step boundary (at once during the final evaluation) with a checkpoint there, and
-    record ``preempted`` with the command that resumes it: the same command, as a requeued job runs it. Ctrl-C
-    records ``interrupted``, resumed with ckpt_path=last."""
+    record ``preempted`` with the command that resumes it: the same command, as a requeued job runs it; in a SLURM
+    job (a fake one: its environment, a stub scontrol) they ask for the requeue. Ctrl-C records ``interrupted``,
+    resumed with ckpt_path=last, and asks nothing."""
     owner, method = STOP_POINTS[where]
     real, sent = getattr(owner, method), []
 
@@ -282,6 +293,10 @@ def test_a_signalled_run_is_recorded_and_resumes_to_the_same_numbers(finished, t
 
     folder = tmp_path / "run"
     run = RunInfo(str(folder), overrides=["debug=smoke"])
+    slurm, calls = fake_slurm(tmp_path)
+    for key, value in slurm.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
     monkeypatch.setattr(owner, method, signalling)
     with pytest.raises(RunInterrupted) as stop:
         train(smoke(finished), run)
@@ -292,6 +307,8 @@ def test_a_signalled_run_is_recorded_and_resumes_to_the_same_numbers(finished, t
     assert str(stop.value) == f"stopped by {name}; resume from step {step} with: python train.py {' '.join(['debug=smoke', *resume])}"
     assert (stop.value.status, results_of(folder)["status"], results_of(folder)["error"]) == (status, status, str(stop.value))
     assert [(a["status"], a["error"]) for a in attempts_of(folder)] == [(status, str(stop.value))]
+    assert results_of(folder)["process"]["slurm_job"] == "4242"
+    assert (calls.read_text() if calls.exists() else "") == ("requeue 4242\n" if status == "preempted" else "")
     assert step == (6 if where == "the final evaluation" else 1 if where == "a training step" else 3)
 
     if resume:  # an interrupted run keeps today's refusal without ckpt_path=last

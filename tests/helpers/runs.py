@@ -4,6 +4,7 @@ import json
 import os
 import shlex
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -117,3 +118,26 @@ def killed_after(
     job.proc.send_signal(signum)
     job.output = job.finish()
     return job, run_dir
+
+
+def fake_slurm(tmp_path: Path, job: str = "4242") -> tuple[dict, Path]:
+    """The environment of a SLURM batch job with one task (what Lightning's SLURM environment reads), and a stub
+    ``scontrol`` first on PATH that appends its arguments to the returned file."""
+    stub_dir, calls = tmp_path / "bin", tmp_path / "scontrol_calls.txt"
+    stub_dir.mkdir()
+    stub = stub_dir / "scontrol"
+    stub.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    stub.chmod(stub.stat().st_mode | stat.S_IXUSR)
+    env = {
+        "SLURM_JOB_ID": job,
+        "SLURM_JOB_NAME": "mswa",
+        "SLURM_NTASKS": "1",
+        "SLURM_NTASKS_PER_NODE": "1",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+        "SLURM_NODELIST": "localhost",
+        "PATH": f"{stub_dir}:{os.environ['PATH']}",
+        "WANDB_MODE": "offline",
+    }
+    return env, calls
