@@ -272,7 +272,7 @@ class GracefulInterrupt(L.Callback):
     current step (or the validation under way), saves ``last.ckpt`` there and stops, so that the run resumes
     exactly (a checkpoint taken mid-step would resume one step off). A second signal, or one before or after
     training (setup, final evaluation), raises RunInterrupted at once. Under DDP the ranks agree at each step
-    boundary on the first signal any of them received, so a signal to one process stops them all there."""
+    boundary on a signal any of them received, so a signal to one process stops them all there."""
 
     def __init__(self, path: str):
         self.path, self.training, self._previous = path, False, {}
@@ -328,7 +328,7 @@ class GracefulInterrupt(L.Callback):
         if trainer.should_stop:
             return
         signum = self.received or 0
-        if trainer.world_size > 1:  # the first signal any rank received (0: none); every rank calls this here
+        if trainer.world_size > 1:  # a signal any rank received (the highest number, 0: none); every rank calls this here
             signum = int(trainer.strategy.reduce(torch.tensor(signum, device=trainer.strategy.root_device), reduce_op="max"))
         if signum:
             self.stopped_by = signal.Signals(signum)
