@@ -9,6 +9,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException
 from hydra.types import RunMode
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
@@ -20,6 +21,9 @@ from mswa.sweeps import continue_job, variant_name
 
 OmegaConf.register_new_resolver("folder_name", folder_name, replace=True)
 log = logging.getLogger("mswa.train")
+# A preempted run's exit status: EX_TEMPFAIL of sysexits.h, "try again later" (slurm.conf's RequeueExit=75 requeues
+# on it; under SLURM the run has already asked for its requeue). Other stops exit 1.
+PREEMPTED_EXIT = 75
 
 
 class JobFailed(CompactHydraException):
@@ -58,8 +62,9 @@ def main(cfg: DictConfig) -> float:
             raise JobFailed("its error is printed above and recorded in its results.json") from None
         sys.exit(1)
     except RunInterrupted as stop:
-        log.error(f"interrupted: {stop}")
-        sys.exit(1)
+        if rank_zero_only.rank == 0:  # every rank of a DDP run stops on the same signal; one says so
+            log.error(f"{stop.status}: {stop}")
+        sys.exit(PREEMPTED_EXIT if stop.status == "preempted" else 1)
     return optimised_metric(results)
 
 

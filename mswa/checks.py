@@ -22,6 +22,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.utils import get_method
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from mswa.config import (
@@ -38,7 +39,7 @@ from mswa.config import (
     refuse_unknown,
 )
 from mswa.factory import build_model, model_spec
-from mswa.folders import check_folder
+from mswa.folders import FolderLock, check_folder
 from mswa.lit import UnsafeCheckpointError, read_checkpoint
 from mswa.windows import WindowSchedule
 
@@ -71,6 +72,9 @@ class CheckRunFolder(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         refuse_run_folder(config, "hydra.run.dir")
+        lock = FolderLock(OmegaConf.select(config, "hydra.run.dir"))
+        if rank_zero_only.rank == 0 and lock.alive():  # before Hydra writes .hydra/ and the log into it (the run checks again)
+            sys.exit(f"error: {lock.refusal()}")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         refuse_run_folder(config, "hydra.sweep.dir")

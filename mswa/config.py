@@ -186,6 +186,8 @@ class SlurmConfig:
     partition: str | None = None
     cpus_per_task: int = setting(POSITIVE)
     mem_gb: int = setting(POSITIVE)
+    signal: str = setting(one_of(("USR1", "TERM")))  # sent grace_s before the time limit: checkpoint, then requeue
+    grace_s: int = setting(POSITIVE)
 
 
 # Model keys the run fills in itself: the vocabulary from the data, the length from seq_len, the windows from

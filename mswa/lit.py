@@ -38,7 +38,22 @@ class NonFiniteLossError(RunError):
 
 
 class RunInterrupted(BaseException):
-    """Ctrl-C that stops a run now. Not a KeyboardInterrupt: Lightning turns those into a bare `SystemExit: 1`."""
+    """A signal that stops a run now. Not a KeyboardInterrupt: Lightning turns those into a bare `SystemExit: 1`.
+    ``status`` is what the run records: ``interrupted`` (Ctrl-C) or ``preempted`` (a scheduler's signal)."""
+
+    def __init__(self, message: str, status: str = "interrupted"):
+        super().__init__(message)
+        self.status = status
+
+
+# The signals that stop a run at a step boundary: how a message names each, and what the stop records.
+# SIGTERM is what a scheduler sends to stop a job (preemption, `scancel`, the time limit); SIGUSR1 is the
+# warning SLURM sends some seconds before the time limit when asked to (`--signal=USR1@120`, conf/launcher/slurm.yaml).
+STOP_SIGNALS = {
+    signal.SIGINT: ("Ctrl-C", "interrupted"),
+    signal.SIGTERM: ("SIGTERM", "preempted"),
+    signal.SIGUSR1: ("SIGUSR1", "preempted"),
+}
 
 
 def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
@@ -194,9 +209,11 @@ class CorpusDataModule(L.LightningDataModule):
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
     def train_dataloader(self):
-        rank, _ = self._rank_world()
+        rank, world_size = self._rank_world()
         start = self.trainer.global_step * self.trainer.accumulate_grad_batches if self.trainer else 0
-        crops = RandomCrops(self.corpus.splits["train"], self.seq_len, self.batch_size, self.seed, rank, start, self.aligned_chunks)
+        crops = RandomCrops(
+            self.corpus.splits["train"], self.seq_len, self.batch_size, self.seed, rank, start, self.aligned_chunks, world_size
+        )
         return DataLoader(crops, batch_size=None)
 
     def eval_chunks(self, split: str, max_tokens: int | None = None, rank: int = 0, world_size: int = 1) -> EvalChunks:
@@ -289,40 +306,79 @@ class Throughput(L.Callback):
 
 
 class GracefulInterrupt(L.Callback):
-    """A context for the whole run. The first Ctrl-C during training finishes the current step, saves
-    ``last.ckpt`` there and stops, so ``ckpt_path=last`` resumes exactly (a checkpoint taken mid-step would
-    resume one step off). A second Ctrl-C, or one before or after training (setup, final evaluation),
-    raises RunInterrupted at once."""
+    """A context for the whole run. The first stop signal (:data:`STOP_SIGNALS`) during training finishes the
+    current step (or the validation under way), saves ``last.ckpt`` there and stops, so that the run resumes
+    exactly (a checkpoint taken mid-step would resume one step off). A second signal, or one before or after
+    training (setup, final evaluation), raises RunInterrupted at once. Under DDP the ranks agree at each step
+    boundary on a signal any of them received, so a signal to one process stops them all there."""
 
     def __init__(self, path: str):
-        self.path, self.requested, self.training, self._previous = path, False, False, None
+        self.path, self.training, self._previous = path, False, {}
+        self.received: signal.Signals | None = None  # the first signal this process received
+        self.stopped_by: signal.Signals | None = None  # the signal the ranks agreed to stop on
+
+    @property
+    def requested(self) -> bool:
+        return self.stopped_by is not None
+
+    def stop(self) -> RunInterrupted:
+        """What the run raises once training has stopped at the signal's step boundary."""
+        name, status = STOP_SIGNALS[self.stopped_by]
+        return RunInterrupted(name, status)
 
     def __enter__(self) -> GracefulInterrupt:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+        self._install()
         return self
 
     def __exit__(self, *_) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
-    def _on_sigint(self, *_) -> None:
-        if not self.training or self.requested:
-            raise RunInterrupted("a second Ctrl-C" if self.requested else "Ctrl-C")
-        self.requested = True
+    def _install(self) -> None:
+        """Our handler for every stop signal (from the main thread, the only one Python lets set them)."""
+        if threading.current_thread() is threading.main_thread():
+            for signum in STOP_SIGNALS:
+                previous = signal.signal(signum, self._on_signal)
+                self._previous.setdefault(signum, previous)
+
+    def _on_signal(self, signum: int, _frame) -> None:
+        name, status = STOP_SIGNALS[signal.Signals(signum)]
+        if self.received is not None:  # the first signal's status stands: a requeue after SIGUSR1 then SIGTERM
+            first, status = STOP_SIGNALS[self.received]
+            raise RunInterrupted(f"a second {name}" if first == name else f"{name} after {first}", status)
+        if not self.training:
+            raise RunInterrupted(name, status)
+        self.received = signal.Signals(signum)
+        again = "Ctrl-C again" if signum == signal.SIGINT else "a second signal"
         # a raw write: print() here could re-enter a stderr write the progress bar is in the middle of
-        os.write(2, b"\nCtrl-C: finishing this step, then saving checkpoints/last.ckpt; Ctrl-C again stops at once\n")
+        os.write(2, f"\n{name}: finishing this step, then saving checkpoints/last.ckpt; {again} stops at once\n".encode())
 
     def on_train_start(self, trainer, pl_module):
         self.training = True
+        # Lightning set its own SIGTERM handler as fit began (it raises mid-loop, after the batch, without a
+        # checkpoint of ours); during training ours alone answer, and Lightning restores them when fit ends
+        self._install()
 
     def on_train_end(self, trainer, pl_module):
         self.training = False
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.requested and not trainer.should_stop:
+    def _stop_at_boundary(self, trainer) -> None:
+        if trainer.should_stop:
+            return
+        signum = self.received or 0
+        if trainer.world_size > 1:  # a signal any rank received (the highest number, 0: none); every rank calls this here
+            signum = int(trainer.strategy.reduce(torch.tensor(signum, device=trainer.strategy.root_device), reduce_op="max"))
+        if signum:
+            self.stopped_by = signal.Signals(signum)
             trainer.save_checkpoint(self.path)
             trainer.should_stop = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._stop_at_boundary(trainer)
+
+    def on_validation_end(self, trainer, pl_module):
+        if self.training:  # a validation during fit: the step it follows is complete
+            self._stop_at_boundary(trainer)
 
 
 class Heartbeat(L.Callback):

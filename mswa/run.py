@@ -7,6 +7,7 @@ the house its settings. Tests, notebooks and other launchers call :func:`train` 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import hashlib
@@ -17,6 +18,7 @@ import os
 import secrets
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -40,6 +42,7 @@ from mswa.data.batches import eval_context
 from mswa.data.corpus import Corpus
 from mswa.factory import build_model, build_schedule, finish_pretrained, learned_spans, model_spec, with_pretrained_shape
 from mswa.flops import training_flops_per_token
+from mswa.folders import FolderLock
 from mswa.lit import (
     AtomicCheckpointIO,
     CorpusDataModule,
@@ -55,6 +58,7 @@ from mswa.lit import (
 )
 from mswa.model import LanguageModel
 from mswa.progress import messages_shown, progress
+from mswa.slurm import cluster_plugins, job_id, requeue
 from mswa.sweeps import warn_if_repeating
 from mswa.windows import WindowSchedule, corpus_label, custom_schedule_yaml
 
@@ -154,14 +158,20 @@ class RunFolder:
         self.wandb_id_path = path / "wandb_id"
         self.owned = not self.holds_run()
 
+    def held(self):
+        """The folder's lock for this attempt's life, taken by rank 0 (which alone writes)."""
+        return FolderLock(self.path).held() if rank_zero_only.rank == 0 else contextlib.nullcontext()
+
     def holds_run(self) -> bool:
         """Something to keep: a checkpoint, or results of a finished run."""
-        if any(self.checkpoints.glob("*.ckpt")):
-            return True
+        return any(self.checkpoints.glob("*.ckpt")) or self.status() == "finished"
+
+    def status(self) -> str | None:
+        """The status its results.json records (None: none readable)."""
         try:
-            return json.loads(self.results_path.read_text()).get("status") == "finished"
-        except (OSError, ValueError):
-            return False
+            return json.loads(self.results_path.read_text()).get("status")
+        except (OSError, ValueError, AttributeError):
+            return None
 
     def relative(self, path: str | Path | None) -> str | None:
         return None if path is None else Path(path).resolve().relative_to(self.path.resolve()).as_posix()
@@ -178,6 +188,10 @@ class RunFolder:
             if not Path(ckpt_path).is_file():
                 raise ConfigError(f"ckpt_path={ckpt_path} is not a file; give a .ckpt path or ckpt_path=last")
             return ckpt_path
+        if self.last.exists() and not overwrite and self.status() == "preempted":  # what a requeued job runs
+            if rank_zero_only.rank == 0:
+                log.info(f"resuming: {self.path} from checkpoints/last.ckpt (preempted at step {checkpoint_step(self.last)})")
+            return str(self.last)
         if self.last.exists() and not overwrite:
             raise ConfigError(
                 f"{self.path} already holds a run (checkpoints/last.ckpt); resume it with ckpt_path=last or start over with overwrite=true"
@@ -315,7 +329,7 @@ def build_trainer(cfg: RunConfig, folder: RunFolder, loggers: list, callbacks: l
         logger=loggers,
         max_epochs=-1,
         check_val_every_n_epoch=None,
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO(), *cluster_plugins()],
         callbacks=callbacks,
         default_root_dir=str(folder.path),
         use_distributed_sampler=False,
@@ -341,6 +355,8 @@ def finish_wandb(loggers: list, results: dict, mirror: bool) -> None:
         if isinstance(logger, WandbLogger) and rank_zero_only.rank == 0 and logger._experiment is not None:
             if mirror:
                 logger._experiment.summary["results"] = json.loads(json.dumps(results, default=str))
+            if results["status"] == "preempted":
+                logger._experiment.mark_preempting()  # W&B shows it as preempted, not crashed
             logger._experiment.finish(exit_code=0 if results["status"] == "finished" else 1)
 
 
@@ -362,10 +378,11 @@ class RunInfo:
         return {override.split("=")[0].lstrip("+~") for override in self.overrides}
 
 
-def resume_command(run: RunInfo) -> str:
-    """The command that continues this run from its last checkpoint."""
+def resume_command(run: RunInfo, preempted: bool = False) -> str:
+    """The command that continues this run from its last checkpoint: for a preempted run the same command (what a
+    requeued job runs resumes it), for others with ckpt_path=last."""
     kept = [o for o in run.overrides if o.split("=")[0].lstrip("+~") not in ("ckpt_path", "overwrite")]
-    return shlex.join(["python", "train.py", *kept, *run.hydra_overrides, "ckpt_path=last"])
+    return shlex.join(["python", "train.py", *kept, *run.hydra_overrides, *([] if preempted else ["ckpt_path=last"])])
 
 
 def quiet_lightning() -> None:
@@ -387,7 +404,7 @@ def now() -> str:
 def train(cfg: dict, run: RunInfo) -> dict:
     """Check, build, fit, evaluate the best checkpoint on valid and test, and write (and return) the results. Faults a
     user can act on come out as one sentence: ConfigError, RunError (NaN, full disk, unloadable checkpoint),
-    RunInterrupted (Ctrl-C, with the resume command)."""
+    RunInterrupted (Ctrl-C, SIGTERM, SIGUSR1, with the resume command)."""
     with messages_shown():
         return Attempt(cfg, run).run()
 
@@ -404,6 +421,7 @@ class Attempt:
             "host": socket.gethostname(),
             "started": now(),
             "heartbeat_every_s": HEARTBEAT_EVERY_S,
+            "slurm_job": job_id(),  # requeued when preempted
         }
         self.results = {
             "schema": 1,
@@ -427,6 +445,10 @@ class Attempt:
 
     def run(self) -> dict:
         quiet_lightning()
+        with self.folder.held():  # first: a folder a live run holds is refused before anything in it is touched
+            return self.attempt()
+
+    def attempt(self) -> dict:
         try:
             self.record("running")  # first, so that even a kill leaves a line
             with GracefulInterrupt(str(self.folder.last)) as interrupt:
@@ -436,11 +458,14 @@ class Attempt:
                 self.evaluate()
             self.write()  # a finished run's results that cannot be saved are its error
             return self.results
-        except BaseException as error:  # noqa: BLE001 - Ctrl-C and crashes are recorded, then re-raised
+        except BaseException as error:  # noqa: BLE001 - signals and crashes are recorded, then re-raised
             stop = explain(error, self.folder, self.run_info)
             if not self.ended:
                 self.stopped(stop)
                 self.write(after=stop)
+            self.end_other_ranks()
+            if self.results["status"] == "preempted" and self.process["slurm_job"] and rank_zero_only.rank == 0:
+                log.info(requeue(self.process["slurm_job"]))  # last: SLURM ends the job as it requeues it
             if stop is error:
                 raise
             raise stop from None
@@ -562,7 +587,7 @@ class Attempt:
         if trained_out and Path(self.resume).resolve() != folder.last.resolve():
             self.trainer.save_checkpoint(folder.last)  # another folder's checkpoint: this run's folder gets its own
         if interrupt.requested:
-            raise RunInterrupted("Ctrl-C")
+            raise interrupt.stop()
 
     def evaluate(self) -> None:
         """The best checkpoint (else the final weights) on full passes of valid and test; a pretrained model's adapter
@@ -640,12 +665,20 @@ class Attempt:
         self.process["heartbeat"] = now()
         self.folder.write(self.results)
 
+    def end_other_ranks(self) -> None:
+        """Rank 0 of a DDP run it launched itself (hardware=ddp_cpu) has stopped: ranks still waiting for it in a collective
+        (after a second signal, a fault) would wait until gloo's timeout (30 minutes). They write nothing, so they end now."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.strategy.launcher is not None and rank_zero_only.rank == 0:
+            trainer.strategy.launcher.kill(signal.SIGKILL)
+
     def stopped(self, stop: BaseException) -> None:
-        interrupted = isinstance(stop, (RunInterrupted, KeyboardInterrupt, SystemExit))
         one_sentence = isinstance(stop, (ValueError, RunError, RunInterrupted))
-        self.results.update(
-            status="interrupted" if interrupted else "failed", error=str(stop) if one_sentence else f"{type(stop).__name__}: {stop}"
-        )
+        if isinstance(stop, RunInterrupted):
+            status = stop.status
+        else:
+            status = "interrupted" if isinstance(stop, (KeyboardInterrupt, SystemExit)) else "failed"
+        self.results.update(status=status, error=str(stop) if one_sentence else f"{type(stop).__name__}: {stop}")
 
     def write(self, after: BaseException | None = None) -> None:
         """results.json (if this attempt owns the folder), the attempts log, W&B, metrics.csv, the summary.
@@ -696,8 +729,11 @@ def explain(error: BaseException, folder: RunFolder, run: RunInfo) -> BaseExcept
         return RunError(
             f"no space left on the device writing {error.filename or folder.path}; free some space, then {what_next(folder, run)}"
         )
-    if isinstance(error, (RunInterrupted, KeyboardInterrupt)):
-        return RunInterrupted(f"stopped by {error if isinstance(error, RunInterrupted) else 'Ctrl-C'}; {what_next(folder, run)}")
+    if isinstance(error, KeyboardInterrupt):
+        error = RunInterrupted("Ctrl-C")
+    if isinstance(error, RunInterrupted):
+        preempted = error.status == "preempted"
+        return RunInterrupted(f"stopped by {error}; {what_next(folder, run, preempted)}", error.status)
     return error
 
 
@@ -720,11 +756,11 @@ def quote_paths(args: list[str], keys: tuple[str, ...]) -> list[str]:
     return [quoted(arg) for arg in args]
 
 
-def what_next(folder: RunFolder, run: RunInfo) -> str:
+def what_next(folder: RunFolder, run: RunInfo, preempted: bool = False) -> str:
     step = checkpoint_step(folder.last)
     if step is None:
         return "start again with the same command (no checkpoint was written yet)"
-    return f"resume from step {step} with: {resume_command(run)}"
+    return f"resume from step {step} with: {resume_command(run, preempted)}"
 
 
 def summary_lines(results: dict, folder: RunFolder) -> str:

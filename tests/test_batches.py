@@ -17,8 +17,17 @@ def test_crops_are_a_function_of_batch_index():
     again = [b for _, b in zip(range(2), resumed)]
     for (x1, y1), (x2, y2) in zip(first[3:], again):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
-    other_rank = RandomCrops(TOKENS, seq_len=16, batch_size=3, seed=7, rank=1).batch(0)
-    assert not torch.equal(other_rank[0], first[0][0])
+    # the crops one process has always drawn: starts from numpy's generator keyed (seed, 0, batch index)
+    starts = np.random.default_rng([7, 0, 0]).integers(0, len(TOKENS) - 16, size=3)
+    assert torch.equal(first[0][0], torch.as_tensor(np.stack([TOKENS[s : s + 16] for s in starts]), dtype=torch.int64))
+
+
+def test_ranks_share_the_global_batch_one_process_draws():
+    """Two DDP ranks of batch 3 train on the 6 crops of one process at batch 6: same run, any process count."""
+    one = RandomCrops(TOKENS, seq_len=16, batch_size=6, seed=7).batch(4)
+    ranks = [RandomCrops(TOKENS, seq_len=16, batch_size=3, seed=7, rank=r, world_size=2).batch(4) for r in (0, 1)]
+    assert torch.equal(torch.cat([x for x, _ in ranks]), one[0]) and torch.equal(torch.cat([y for _, y in ranks]), one[1])
+    assert not torch.equal(ranks[0][0], ranks[1][0])
 
 
 def test_crops_are_contiguous_and_shifted():

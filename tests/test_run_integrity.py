@@ -6,12 +6,9 @@ import errno
 import json
 import math
 import os
-import shlex
 import shutil
 import signal
 import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
@@ -20,9 +17,19 @@ import pytest
 import torch
 
 import mswa.atomic
-from helpers.runs import REPO, compose_config, run_train
+from helpers.runs import (
+    REPO,
+    Train,
+    checkpoint_at_step,
+    compose_config,
+    fake_slurm,
+    killed_after,
+    only_run_dir,
+    run_printed_command,
+    run_train,
+)
 from mswa import report
-from mswa.lit import AtomicCheckpointIO, GracefulInterrupt, LanguageModelTask, NonFiniteLossError, RunError, RunInterrupted
+from mswa.lit import STOP_SIGNALS, AtomicCheckpointIO, GracefulInterrupt, LanguageModelTask, NonFiniteLossError, RunError, RunInterrupted
 from mswa.run import ConfigError, RunInfo, folder_name, hydra_value, resume_command, train
 from mswa.windows import ScheduleError
 
@@ -39,8 +46,10 @@ def attempts_of(folder: Path) -> list[dict]:
 
 
 def files_of(folder: Path) -> dict[str, bytes]:
-    """Every file of a run folder but its attempts log, by relative path."""
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != "attempts.jsonl"}
+    """Every file of a run folder but what each attempt writes (its line in attempts.jsonl, its note as the lock's
+    holder), by relative path."""
+    attempts_own = ("attempts.jsonl", "run.lock.json")
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name not in attempts_own}
 
 
 @pytest.fixture(scope="module")
@@ -219,22 +228,100 @@ def test_atomic_writes_keep_the_old_file_when_the_disk_is_full(tmp_path, monkeyp
     assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
 
 
-# ---------------------------------------------------------------- Ctrl-C
+# ---------------------------------------------------------------- Ctrl-C and preemption signals
 
 
-def test_ctrl_c_outside_training_or_twice_stops_at_once(tmp_path):
+def test_stop_signals_outside_training_or_twice_stop_at_once(tmp_path):
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
     with GracefulInterrupt(str(tmp_path / "last.ckpt")) as interrupt:
-        with pytest.raises(RunInterrupted, match="^Ctrl-C$"):
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(5)
+        for signum, (name, status) in {signal.SIGINT: ("Ctrl-C", "interrupted"), signal.SIGTERM: ("SIGTERM", "preempted")}.items():
+            with pytest.raises(RunInterrupted, match=f"^{name}$") as stop:
+                os.kill(os.getpid(), signum)
+                time.sleep(5)
+            assert stop.value.status == status
         interrupt.training = True
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.1)
-        assert interrupt.requested
-        with pytest.raises(RunInterrupted, match="a second Ctrl-C"):
+        assert interrupt.received == signal.SIGINT and not interrupt.requested  # the ranks agree at the next step boundary
+        with pytest.raises(RunInterrupted, match="^a second Ctrl-C$"):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(5)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        interrupt.received = None
+        os.kill(os.getpid(), signal.SIGUSR1)  # SLURM's warning before the time limit, then its SIGTERM
+        time.sleep(0.1)
+        with pytest.raises(RunInterrupted, match="^SIGTERM after SIGUSR1$") as stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        assert stop.value.status == "preempted"
+    assert {signum: signal.getsignal(signum) for signum in STOP_SIGNALS} == previous
+
+
+# where a preemption signal arrives: the method that sends it (the first time it runs)
+STOP_POINTS = {
+    "a training step": (LanguageModelTask, "training_step"),
+    "validation during training": (LanguageModelTask, "validation_step"),
+    "checkpoint writing": (AtomicCheckpointIO, "save_checkpoint"),
+    "the final evaluation": (LanguageModelTask, "test_step"),
+}
+
+
+@pytest.mark.parametrize(
+    "signum, where",
+    [
+        (signal.SIGTERM, "a training step"),
+        pytest.param(signal.SIGINT, "a training step", marks=pytest.mark.slow),
+        pytest.param(signal.SIGUSR1, "a training step", marks=pytest.mark.slow),
+        pytest.param(signal.SIGUSR1, "validation during training", marks=pytest.mark.slow),
+        pytest.param(signal.SIGTERM, "checkpoint writing", marks=pytest.mark.slow),
+        pytest.param(signal.SIGTERM, "the final evaluation", marks=pytest.mark.slow),
+    ],
+    ids=lambda value: value.name if isinstance(value, signal.Signals) else value.replace(" ", "_"),
+)
+def test_a_signalled_run_is_recorded_and_resumes_to_the_same_numbers(finished, tmp_path, monkeypatch, signum, where):
+    """SIGTERM / SIGUSR1 stop at the step boundary (at once during the final evaluation) with a checkpoint there, and
+    record ``preempted`` with the command that resumes it: the same command, as a requeued job runs it; in a SLURM
+    job (a fake one: its environment, a stub scontrol) they ask for the requeue. Ctrl-C records ``interrupted``,
+    resumed with ckpt_path=last, and asks nothing."""
+    owner, method = STOP_POINTS[where]
+    real, sent = getattr(owner, method), []
+
+    def signalling(self, *args, **kwargs):
+        if not sent:
+            sent.append(signum)
+            os.kill(os.getpid(), signum)
+        return real(self, *args, **kwargs)
+
+    folder = tmp_path / "run"
+    run = RunInfo(str(folder), overrides=["debug=smoke"])
+    slurm, calls = fake_slurm(tmp_path)
+    for key, value in slurm.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setattr(owner, method, signalling)
+    with pytest.raises(RunInterrupted) as stop:
+        train(smoke(finished), run)
+    monkeypatch.undo()
+    step = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    name, status = STOP_SIGNALS[signum]
+    resume = [] if status == "preempted" else ["ckpt_path=last"]
+    assert str(stop.value) == f"stopped by {name}; resume from step {step} with: python train.py {' '.join(['debug=smoke', *resume])}"
+    assert (stop.value.status, results_of(folder)["status"], results_of(folder)["error"]) == (status, status, str(stop.value))
+    assert [(a["status"], a["error"]) for a in attempts_of(folder)] == [(status, str(stop.value))]
+    assert results_of(folder)["process"]["slurm_job"] == "4242"
+    assert (calls.read_text() if calls.exists() else "") == ("requeue 4242\n" if status == "preempted" else "")
+    assert step == (6 if where == "the final evaluation" else 1 if where == "a training step" else 3)
+
+    if resume:  # an interrupted run keeps today's refusal without ckpt_path=last
+        with pytest.raises(ConfigError, match="already holds a run"):
+            train(smoke(finished), run)
+    resumed = train(smoke(finished, *resume), run)  # no ckpt_path: a preempted run resumes
+    reference = results_of(finished / "run")["metrics"]
+    difference = {split: resumed["metrics"][f"{split}/bpc"] - reference[f"{split}/bpc"] for split in ("val", "test")}
+    print(f"{name} during {where}: {status} at step {step}: {stop.value}; resumed minus uninterrupted bpc {difference}")
+    assert resumed["status"] == "finished" and all(abs(d) <= EXACT for d in difference.values())
+    assert [a["status"] for a in attempts_of(folder)] == [status, *(["refused"] if resume else []), "finished"]
+    with pytest.raises(ConfigError, match="already holds a run"):  # a finished run keeps today's refusal
+        train(smoke(finished), run)
 
 
 def test_ctrl_c_during_the_final_evaluation_is_recorded_with_the_resume_command(finished, tmp_path, monkeypatch):
@@ -289,69 +376,6 @@ RESUME = [
     "data.batch_size=32",
     "logger=none",
 ]
-
-
-class Train:
-    """`python train.py` in the background, its stderr collected line by line."""
-
-    def __init__(self, args: list[str], tmp_path: Path, log_dir: Path | None = None):
-        cmd = [sys.executable, str(REPO / "train.py"), f"paths.log_dir={log_dir or tmp_path / 'outputs'}", *args]
-        env = {**os.environ, "WANDB_MODE": "disabled", "MSWA_DATA_DIR": str(tmp_path / "data")}
-        self.proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        self.lines: list[str] = []
-        self.reader = threading.Thread(target=lambda: self.lines.extend(iter(self.proc.stderr.readline, "")), daemon=True)
-        self.reader.start()
-
-    def wait_for(self, condition, what: str, timeout: float = 300) -> None:
-        deadline = time.time() + timeout
-        while not condition():
-            assert self.proc.poll() is None, f"train.py ended before {what}:\n" + "".join(self.lines[-30:])
-            assert time.time() < deadline, f"no {what} after {timeout} s"
-            time.sleep(0.02)
-
-    def finish(self) -> str:
-        self.proc.wait(timeout=300)
-        self.reader.join(timeout=10)
-        return "".join(self.lines)
-
-
-def run_printed_command(stderr: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    """Run the resume command the stopped run printed, as a user would paste it."""
-    command = stderr.strip().splitlines()[-1].split(" with: ", 1)[1]
-    args = shlex.split(command)
-    assert args[:2] == ["python", "train.py"], command
-    env = {**os.environ, "WANDB_MODE": "disabled", "MSWA_DATA_DIR": str(tmp_path / "data")}
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *args[2:]], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
-
-
-def only_run_dir(root: Path) -> Path:
-    (run_dir,) = root.glob("train/runs/*")
-    return run_dir
-
-
-def checkpoint_at_step(run_dir: Path, least: int):
-    def ready() -> bool:
-        try:
-            return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] >= least
-        except Exception:  # noqa: BLE001 - not there yet
-            return False
-
-    return ready
-
-
-def killed_after(args: list[str], tmp_path: Path, step: int) -> tuple[Train, Path]:
-    """`python train.py ARGS` SIGKILLed once it has a checkpoint at ``step`` or later; the job and its run folder."""
-    job = Train(args, tmp_path)
-    job.wait_for(lambda: list((tmp_path / "outputs").glob("train/runs/*/checkpoints")), "a run folder")
-    run_dir = only_run_dir(tmp_path / "outputs")
-    job.wait_for(checkpoint_at_step(run_dir, step), f"a checkpoint at step {step}")
-    job.proc.kill()
-    job.finish()
-    return job, run_dir
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,8 @@ def results_of(folder: Path) -> dict[str, dict]:
 
 
 @pytest.mark.slow
-def test_rerun_sweep_resumes_the_interrupted_job(tmp_path):
+@pytest.mark.parametrize("signum, status, exit_status", [(signal.SIGINT, "interrupted", 1), (signal.SIGTERM, "preempted", 75)])
+def test_rerun_sweep_resumes_the_stopped_job(tmp_path, signum, status, exit_status):
     args = [
         *TINY,
         "trainer.max_steps=60",
@@ -43,10 +44,10 @@ def test_rerun_sweep_resumes_the_interrupted_job(tmp_path):
     while not list((tmp_path / "sweep").glob("*/checkpoints/last.ckpt")):
         assert proc.poll() is None, proc.stderr.read()[-3000:]
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)  # Ctrl-C: checkpoint at the step boundary, recorded as interrupted
-    proc.wait(timeout=120)
-    ((job, interrupted),) = results_of(tmp_path / "sweep").items()
-    assert interrupted["status"] == "interrupted"
+    proc.send_signal(signum)  # Ctrl-C or a scheduler's SIGTERM: checkpoint at the step boundary, recorded
+    assert proc.wait(timeout=120) == exit_status
+    ((job, stopped),) = results_of(tmp_path / "sweep").items()
+    assert stopped["status"] == status
     rows_before = pd.read_csv(tmp_path / "sweep" / job / "metrics.csv")
     assert 0 < rows_before.step.max() < 59
 

@@ -60,6 +60,14 @@ def test_slurm_launcher_composes_instantiates_and_keeps_lightning_consistent(tmp
     assert launcher.params["nodes"] == 2 and launcher.params["gpus_per_node"] == 4
     assert launcher.params["tasks_per_node"] == 4 and launcher.params["partition"] == "gpu"
     assert cfg.hardware.devices == 4 and cfg.hardware.num_nodes == 2 and cfg.hardware.strategy == "ddp"
+    # the job script submitit writes: SLURM's warning signal is ours (not submitit's USR2), the job may be requeued
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    params = launcher.params
+    script = _make_sbatch_string(
+        "python job.py", tmp_path, signal_delay_s=params["signal_delay_s"], additional_parameters=params["additional_parameters"]
+    )
+    assert "#SBATCH --signal=USR1@120" in script.splitlines() and "#SBATCH --requeue" in script.splitlines()
 
 
 def test_joblib_launcher_composes():

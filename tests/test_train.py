@@ -202,16 +202,6 @@ def next_run_dir(root: Path, proc) -> Path:
     return next(root.glob("runs/*"))
 
 
-def test_ddp_cpu_two_processes_give_the_single_process_validation_loss(tmp_path):
-    common = ["debug=smoke", *TINY_DATA, "optim.lr=0", "trainer.max_steps=2", "trainer.val_check_interval=2", "logger=none"]
-    run_train([*common, "task_name=single"], tmp_path)
-    run_train([*common, "task_name=ddp", "hardware=ddp_cpu"], tmp_path)
-    single = results_under(tmp_path / "outputs" / "single")[0]["metrics"]
-    ddp = results_under(tmp_path / "outputs" / "ddp")[0]["metrics"]
-    assert ddp["val/loss"] == pytest.approx(single["val/loss"], abs=1e-6)
-    assert ddp["test/loss"] == pytest.approx(single["test/loss"], abs=1e-6)
-
-
 def test_bad_config_stops_before_training_with_one_sentence(tmp_path):
     proc = run_train(["model=mswa", "model.n_head=6", "model.d_model=48", *SMOKE], tmp_path, check=False)
     assert proc.returncode == 1

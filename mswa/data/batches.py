@@ -30,22 +30,35 @@ def _as_batch(rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
 class RandomCrops(IterableDataset):
     """Endless batches of ``batch_size`` random contiguous crops of ``seq_len + 1`` tokens.
 
+    Under DDP, batch ``index`` of ``rank`` is its share of one global batch of ``batch_size * world_size``
+    crops (rank 0 the first ``batch_size``), so that N processes train on the crops one process would
+    draw at batch ``batch_size * N``: the same run, whatever the number of processes.
+
     ``aligned``: crops start only at multiples of ``seq_len``, i.e. they are the fixed chunks of a
     packed stream (each chunk's inputs are its ``seq_len`` tokens, its last target the next one)."""
 
     def __init__(
-        self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, rank: int = 0, start_batch: int = 0, aligned: bool = False
+        self,
+        tokens: np.ndarray,
+        seq_len: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        start_batch: int = 0,
+        aligned: bool = False,
+        world_size: int = 1,
     ):
         if len(tokens) < seq_len + 1:
             raise ValueError(f"training split has {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}; lower seq_len")
         self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
-        self.seed, self.rank, self.start_batch, self.aligned = seed, rank, start_batch, aligned
+        self.seed, self.rank, self.world_size, self.start_batch, self.aligned = seed, rank, world_size, start_batch, aligned
 
     def batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, self.rank, index])
+        rng = np.random.default_rng([self.seed, 0, index])  # the 0 once was the rank: one process draws what it always drew
         stride = self.seq_len if self.aligned else 1
         n_starts = (len(self.tokens) - 1 - self.seq_len) // stride + 1
-        starts = rng.integers(0, n_starts, size=self.batch_size) * stride
+        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        starts = rng.integers(0, n_starts, size=self.batch_size * self.world_size)[mine] * stride
         return _as_batch(np.stack([self.tokens[s : s + self.seq_len + 1] for s in starts]))
 
     def __iter__(self):

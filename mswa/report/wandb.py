@@ -18,6 +18,7 @@ WANDB_STATUS = {
     "failed": "failed",
     "crashed": "failed",
     "killed": "failed",
+    "preempting": "preempted",  # marked by a run stopped by SIGTERM / SIGUSR1, until its requeued attempt resumes it
 }
 
 
