@@ -370,7 +370,7 @@ class GracefulInterrupt(L.Callback):
             signum = int(trainer.strategy.reduce(torch.tensor(signum, device=trainer.strategy.root_device), reduce_op="max"))
         if signum:
             self.stopped_by = signal.Signals(signum)
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=False)  # a full checkpoint to resume from (said, so Lightning logs nothing)
             trainer.should_stop = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):

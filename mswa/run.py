@@ -585,7 +585,7 @@ class Attempt:
         fit_from(self.resume, self.trainer, self.task, self.data, folder)
         folder.owned = True  # a resume that had nothing left to train loaded fine too
         if trained_out and Path(self.resume).resolve() != folder.last.resolve():
-            self.trainer.save_checkpoint(folder.last)  # another folder's checkpoint: this run's folder gets its own
+            self.trainer.save_checkpoint(folder.last, weights_only=False)  # another folder's checkpoint: this run's folder gets its own
         if interrupt.requested:
             raise interrupt.stop()
 
