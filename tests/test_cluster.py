@@ -100,7 +100,6 @@ def test_ranks_sum_their_nll_rather_than_average_their_bpc():
 DDP = [*SMOKE, "trainer.val_check_interval=2", "logger=none"]
 
 
-@pytest.mark.slow
 def test_two_ddp_processes_train_and_validate_as_one_at_the_same_global_batch(tmp_path):
     args = [*DDP, "trainer.max_steps=4", "checkpoint.every_n_train_steps=2"]
     run_train([*args, "task_name=single", "data.batch_size=8"], tmp_path)
