@@ -3,7 +3,7 @@
 A head with window W sees itself and the W - 1 keys before it, so that is all it needs: the heads of a
 layer that share a window share one `KVStore`, a ring buffer of W keys and values written at position % W
 (a new token writes its key first, over the one that has just left its window, and then attends to the ring
-where it lies: no reordering copy, no mask); full-attention heads keep a growing store; linear-attention
+where it lies: no reordering copy); full-attention heads keep a growing store; linear-attention
 layers carry their running sums (`LinearAttentionState`). The cache of a windowed model is therefore
 sum over heads of W x 2 x head_dim x element size per layer, whatever the context length
 (`cache_bytes` is that closed form), and a decoding step costs O(sum of windows), not O(context).
@@ -27,6 +27,13 @@ import torch.nn.functional as F
 from mswa.attention.linear import mapped_feature_dim
 from mswa.rules import POSITIVE, POSITIVE_OR_NULL, RATE, Rule, check_value, is_number
 from mswa.windows import Window
+
+# A single token attends to all of a layer's rings in one masked call (every head scores every ring slot of the
+# layer, then keeps its own) while heads x slots of the layer stays within this; above it, one call per window
+# group. A call costs a fixed ~10-20 us on CPU, which dominates small rings; the masked call's wasted scores grow
+# with the heads, the slots and the batch. Measured (README: Performance) at the decoding benchmark's shape, 8
+# heads: one call is faster up to 480 slots (mswa's four shallow layers) at batch 1 and 16, slower at 1920.
+ONE_CALL_SCORES = 4096
 
 
 class KVStore:
@@ -149,8 +156,10 @@ class LayerCache:
 
     A window group's ring holds W slots, and the rings of all groups are views of one buffer per layer: a new
     token writes the keys and values of every windowed head in one indexed copy, each over the one that has
-    just left its window, then each group attends to its ring where it lies (no reordering copy, no mask: the
-    W slots are exactly its window). Chunks of several tokens attend in position order with a window mask."""
+    just left its window, then attends to the rings where they lie (no reordering copy: the W slots are exactly
+    its window): each group in its own call, or, for small rings (`ONE_CALL_SCORES`), all heads in one call
+    over the whole buffer with a mask that gives each head its own ring. Chunks of several tokens attend in
+    position order with a window mask."""
 
     def __init__(self, windows: Sequence[Window] | None, reserve: int = 0):
         windows = list(windows or [])
@@ -161,6 +170,7 @@ class LayerCache:
         self.ring_keys = self.ring_values = None
         self.ring_offsets, self.ring_capacity = [], []
         self._write_slots: dict[tuple[int, ...], torch.Tensor] = {}
+        self._ring_masks: dict[tuple[int, ...], torch.Tensor] = {}
         starts = [heads.start if isinstance(heads, slice) else -1 for heads, *_ in self.groups]
         # groups of consecutive heads in head order: split q, k, v and join the outputs as views, without indexing
         in_order = -1 not in starts and starts == sorted(starts)
@@ -179,6 +189,8 @@ class LayerCache:
         if q.shape[2] > 1:
             return self._attend_in_order(q, k, v)
         self._write_rings(k, v)
+        if self._in_one_call(q):
+            return self._attend_rings_at_once(q)
         if self.split_sizes is None:
             out = q.new_empty(*q.shape[:3], v.shape[-1])
             for heads, _, store in self.groups:
@@ -196,6 +208,39 @@ class LayerCache:
             store.append(k[:, heads], v[:, heads])
         return F.scaled_dot_product_attention(q, *store.visible())
 
+    def _in_one_call(self, q: torch.Tensor) -> bool:
+        """Whether one token's heads all attend in one masked call (several window groups, all windowed, few scores)."""
+        several_rings = len(self.rings) > 1 and len(self.rings) == len(self.groups)
+        return several_rings and q.shape[1] * self.ring_keys.shape[1] <= ONE_CALL_SCORES
+
+    def _attend_rings_at_once(self, q: torch.Tensor) -> torch.Tensor:
+        """One token's attention (batch, heads, 1, head_dim) over the layer's ring buffer in one call: the heads
+        become the query rows of a single head that sees every slot, and a mask keeps each row to its own ring."""
+        rows = q if self.ring_heads is None else q[:, self.ring_heads]
+        out = F.scaled_dot_product_attention(
+            rows.transpose(1, 2), self.ring_keys[:, None], self.ring_values[:, None], attn_mask=self._ring_mask()
+        ).transpose(1, 2)
+        if self.ring_heads is None:
+            return out
+        return torch.empty_like(out).index_copy_(1, self.ring_heads, out)
+
+    def _ring_mask(self) -> torch.Tensor:
+        """(heads in ring order, buffer slots): 0 on the filled slots of a head's own ring, -inf elsewhere; cached
+        by the rings' fill (constant once they are full)."""
+        key = tuple(store.stored for *_, store in self.rings)
+        if key not in self._ring_masks:
+            starts = [
+                offset + i * capacity
+                for (heads, *_), offset, capacity in zip(self.rings, self.ring_offsets, self.ring_capacity)
+                for i in range(len(heads))
+            ]
+            mask = self.ring_keys.new_full((len(starts), self.ring_keys.shape[1]), float("-inf"))
+            stored = [store.stored for heads, _, store in self.rings for _ in heads]
+            for row, (start, filled) in enumerate(zip(starts, stored)):
+                mask[row, start : start + filled] = 0.0
+            self._ring_masks = {key: mask}  # the fill only grows: older masks are never asked for again
+        return self._ring_masks[key]
+
     def _grow_rings(self, like: torch.Tensor) -> None:
         """Make room in the layer's ring buffers (batch, ring slots, head_dim), one for keys and one for values, for
         the n tokens of `like` (batch, heads, n, head_dim): each group's ring is a (batch, heads, slots, head_dim)
@@ -210,7 +255,8 @@ class LayerCache:
         batch, dim = like.shape[0], like.shape[-1]
         offsets = [sum(len(heads) * c for (heads, *_), c in zip(self.rings[:g], capacity)) for g in range(len(self.rings))]
         shape = (batch, offsets[-1] + len(self.rings[-1][0]) * capacity[-1], dim)
-        self.ring_keys, self.ring_values = like.new_empty(shape), like.new_empty(shape)
+        # zeros, not garbage: the one-call path scores the slots not yet filled too (masked, but 0 x NaN is NaN)
+        self.ring_keys, self.ring_values = like.new_zeros(shape), like.new_zeros(shape)
         for (heads, _, store), offset, slots, size in zip(self.rings, offsets, capacity, old):
             held = (store.keys, store.values)
             store.keys, store.values = (
@@ -221,6 +267,7 @@ class LayerCache:
                 store.keys[:, :, :size], store.values[:, :, :size] = held
         self.ring_offsets, self.ring_capacity = offsets, capacity
         self._write_slots.clear()
+        self._ring_masks.clear()
 
     def _write_rings(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write one token's keys and values (batch, heads, 1, head_dim) into every ring, in one copy each."""

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+import mswa.generate as generate_module
 from helpers.data import write_word_corpus
 from helpers.runs import REPO, TINY_DATA, compose_config, run_bench
 from mswa.generate import DecodingCache, KVStore, cache_bytes, generate, sample_next
@@ -61,8 +62,10 @@ def decode_step_by_step(model, ids, prompt, cache):
         return torch.cat([model(ids[:, :prompt], cache)] + [model(ids[:, t : t + 1], cache) for t in range(prompt, ids.shape[1])], 1)
 
 
+@pytest.mark.parametrize("one_call_scores", [0, 1 << 30], ids=["a call per window group", "one masked call per layer"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_step_by_step_logits_equal_one_forward_pass_at_every_position(case):
+def test_step_by_step_logits_equal_one_forward_pass_at_every_position(case, one_call_scores, monkeypatch):
+    monkeypatch.setattr(generate_module, "ONE_CALL_SCORES", one_call_scores)
     model = tiny_model(**CASES[case])
     ids = torch.randint(0, VOCAB, (2, LENGTH))
     cache = DecodingCache(model, reserve=LENGTH)
