@@ -1,0 +1,69 @@
+"""The README's kernel-docs figures are what the committed runs give: each is recomputed here from the runs'
+results.json (test bpc paired by seed, a t-interval written out with scipy), then checked against the report's
+paired table and against the README's row, so a published number cannot drift from its data."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from helpers.runs import REPO
+from mswa import report
+
+RESULTS = REPO / "sweep" / "results"
+TEXT_FOLDERS = ["text_main", "text_main_more", "text_main_more2", "text_budget", "text_budget_more"]
+
+
+def bpc_by_seed(pattern: str) -> dict[int, float]:
+    """Test bpc of the finished kernel-docs runs whose folder name matches `pattern`, by seed."""
+    found = {}
+    for folder in TEXT_FOLDERS:
+        for path in (RESULTS / folder).glob("*/results.json"):
+            if re.search(pattern, path.parent.name):
+                results = json.loads(path.read_text())
+                assert results["status"] == "finished"
+                found[results["seed"]] = results["metrics"]["test/bpc"]
+    return found
+
+
+def paired_interval(variant: dict[int, float], reference: dict[int, float]) -> tuple[int, float, float, float]:
+    seeds = sorted(variant.keys() & reference.keys())
+    diff = np.array([variant[s] - reference[s] for s in seeds])
+    half = stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff))
+    return len(diff), diff.mean(), diff.mean() - half, diff.mean() + half
+
+
+def readme_cells(comparison: str) -> str:
+    rows = [
+        line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("| kernel-docs") and f"| {comparison} |" in line
+    ]
+    assert len(rows) == 1, comparison
+    return rows[0]
+
+
+@pytest.fixture(scope="module")
+def paired_table():
+    return report.paired_table(report.load_runs([RESULTS / folder for folder in TEXT_FOLDERS]))
+
+
+def signed(x: float) -> str:
+    return f"{x:+.3f}".replace("-", "−")
+
+
+@pytest.mark.parametrize(
+    "comparison, variant, reference, against",
+    [
+        ("MSWA − SWA", r"model=mswa,seed=\d+$", r"model=swa,seed=\d+$", "SWA at w"),
+        ("MSWA − SWA at MSWA's budget (SWA at 56)", r"model=mswa,seed=\d+$", r"uniform_mswa_budget$", "SWA at budget"),
+    ],
+)
+def test_the_readme_kernel_docs_rows_are_what_the_committed_runs_give(comparison, variant, reference, against, paired_table):
+    n, mean, low, high = paired_interval(bpc_by_seed(variant), bpc_by_seed(reference))
+    assert n == 11
+    table = paired_table
+    (row,) = table[(table.against == against) & (table.measure == "test") & table.variant.str.contains("model=mswa")].itertuples()
+    assert (row.n_pairs, row.verdict) == (n, "better")
+    assert (row.diff, row.low, row.high) == pytest.approx((mean, low, high), abs=1e-9)
+    assert f"| {n} | {signed(mean)} [{signed(low)}, {signed(high)}] | better |" in readme_cells(comparison)
