@@ -305,6 +305,13 @@ class Throughput(L.Callback):
         return self.mean_tokens_per_s / self.world_size * self.flops_per_token / self.peak_flops_per_s
 
 
+def save_resumable_checkpoint(trainer, path) -> None:
+    """Save a full checkpoint (weights, optimizer, loops) to resume from. Lightning's `weights_only` argument is
+    passed (as False) so that it does not log that it was left unset; it concerns what is saved, not how a file is
+    loaded: every checkpoint is read with torch's weights_only=True (`read_checkpoint`)."""
+    trainer.save_checkpoint(path, False)
+
+
 class GracefulInterrupt(L.Callback):
     """A context for the whole run. The first stop signal (:data:`STOP_SIGNALS`) during training finishes the
     current step (or the validation under way), saves ``last.ckpt`` there and stops, so that the run resumes
@@ -370,7 +377,7 @@ class GracefulInterrupt(L.Callback):
             signum = int(trainer.strategy.reduce(torch.tensor(signum, device=trainer.strategy.root_device), reduce_op="max"))
         if signum:
             self.stopped_by = signal.Signals(signum)
-            trainer.save_checkpoint(self.path, weights_only=False)  # a full checkpoint to resume from (said, so Lightning logs nothing)
+            save_resumable_checkpoint(trainer, self.path)
             trainer.should_stop = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):

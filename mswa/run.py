@@ -55,6 +55,7 @@ from mswa.lit import (
     RunInterrupted,
     Throughput,
     read_checkpoint,
+    save_resumable_checkpoint,
 )
 from mswa.model import LanguageModel
 from mswa.progress import messages_shown, progress
@@ -585,7 +586,7 @@ class Attempt:
         fit_from(self.resume, self.trainer, self.task, self.data, folder)
         folder.owned = True  # a resume that had nothing left to train loaded fine too
         if trained_out and Path(self.resume).resolve() != folder.last.resolve():
-            self.trainer.save_checkpoint(folder.last, weights_only=False)  # another folder's checkpoint: this run's folder gets its own
+            save_resumable_checkpoint(self.trainer, folder.last)  # another folder's checkpoint: this run's folder gets its own
         if interrupt.requested:
             raise interrupt.stop()
 
