@@ -16,10 +16,10 @@ RESULTS = REPO / "sweep" / "results"
 TEXT_FOLDERS = ["text_main", "text_main_more", "text_main_more2", "text_budget", "text_budget_more"]
 
 
-def bpc_by_seed(pattern: str) -> dict[int, float]:
+def bpc_by_seed(pattern: str, folders: list[str] = TEXT_FOLDERS) -> dict[int, float]:
     """Test bpc of the finished kernel-docs runs whose folder name matches `pattern`, by seed."""
     found = {}
-    for folder in TEXT_FOLDERS:
+    for folder in folders:
         for path in (RESULTS / folder).glob("*/results.json"):
             if re.search(pattern, path.parent.name):
                 results = json.loads(path.read_text())
@@ -67,3 +67,16 @@ def test_the_readme_kernel_docs_rows_are_what_the_committed_runs_give(comparison
     assert (row.n_pairs, row.verdict) == (n, "better")
     assert (row.diff, row.low, row.high) == pytest.approx((mean, low, high), abs=1e-9)
     assert f"| {n} | {signed(mean)} [{signed(low)}, {signed(high)}] | better |" in readme_cells(comparison)
+
+
+def test_the_readme_scale_row_is_what_the_committed_runs_give():
+    """The scale point: MSWA - SWA at ~4x compute (experiment=cpu_text_4x), and its change from experiment=cpu_text
+    on the same seeds (each seed's gap at 4x minus its gap at 1x: a difference of paired differences)."""
+    mswa, swa = r"model=mswa,seed=\d+$", r"model=swa,seed=\d+$"
+    gap_4x = {s: m - bpc_by_seed(swa, ["text_4x"])[s] for s, m in bpc_by_seed(mswa, ["text_4x"]).items()}
+    gap_1x = {s: m - bpc_by_seed(swa)[s] for s, m in bpc_by_seed(mswa).items()}
+    n, mean, low, high = paired_interval(gap_4x, {s: 0.0 for s in gap_4x})
+    _, change, change_low, change_high = paired_interval(gap_4x, gap_1x)
+    assert n == 3
+    cells = f"{signed(mean)} [{signed(low)}, {signed(high)}] / {signed(change)} [{signed(change_low)}, {signed(change_high)}]"
+    assert f"| {n} | {cells} |" in readme_cells("MSWA − SWA at ~4× compute; its change from 1×")
