@@ -38,7 +38,7 @@ from mswa.data.corpus import Corpus
 from mswa.factory import build_model, build_schedule, model_spec, with_pretrained_shape
 from mswa.folders import check_folder
 from mswa.lit import CorpusDataModule, LanguageModelTask
-from mswa.run import git_commit, load_corpus, quote_paths, warn_short_evaluations
+from mswa.run import git_commit, load_corpus, quiet_lightning, quote_paths, warn_short_evaluations
 
 # command-line keys of conf/evaluate.yaml; any other key (model.*, dataset.*, seq_len, ...) is refused
 EVALUATE_KEYS = ("run_dir", "ckpt", "eval.seq_len", "eval.stride", "batch_size", "torch_threads", "hardware")
@@ -146,6 +146,7 @@ def check_overrides(overrides: list[str]) -> None:
 def evaluate(options: dict) -> dict:
     """Evaluate per ``options`` (conf/evaluate.yaml, resolved); write and return the record."""
     started = time.time()
+    quiet_lightning()  # as train.py: Lightning's tips and deprecation notes are not ours to act on
     run_dir, checkpoint = Path(options["run_dir"]), str(options["ckpt"])
     cfg = run_config(run_dir)
     logger, hardware = _wandb_logger(cfg, run_dir), options.get("hardware") or cfg["hardware"]

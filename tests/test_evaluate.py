@@ -48,6 +48,7 @@ def test_a_multirun_over_lengths_writes_one_file_each_and_reproduces_the_trainin
     before = offline_runs(run_dir)
     proc = evaluate_command(["-m", f"run_dir={run_dir}", "eval.seq_len=64,128"], {"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Tip:" not in proc.stdout + proc.stderr and "is deprecated" not in proc.stderr  # Lightning's notes left out
     records = {p.name: json.loads(p.read_text()) for p in run_dir.glob("evaluation_*.json")}
     assert sorted(records) == ["evaluation_L128_stride128_best.json", "evaluation_L64_stride64_best.json"]
     same = records["evaluation_L64_stride64_best.json"]
