@@ -12,8 +12,8 @@ knapsack solved exactly by dynamic programming over the budget in attended pairs
 budget means what it means everywhere in the project: attended query-key pairs at the run's ``seq_len``,
 relative to SWA at the base window w (``mswa.windows.WindowSchedule.budget``).
 
-The result is a ``custom`` window schedule named ``searched_<corpus>``, written by default into
-``conf/window_schedule/`` so that one override trains it: ``window_schedule=searched_<corpus>``. Its header
+The result is a ``custom`` window schedule named by its file, by default ``searched_<corpus>`` in
+``conf/window_schedule/``, so that one override trains it: ``window_schedule=searched_<corpus>``. Its header
 records where it came from (run, sha256 of its results.json, budget, candidates, batches, time, predicted loss
 increase) and its budget line.
 """
@@ -182,8 +182,8 @@ def allocate(run_dir: str, budget: str, candidates: str | None, n_batches: int, 
             f"{possible[0]:.4f} (all at {chosen[0]}) to {possible[1]:.4f} (all at {chosen[-1]}); pick a budget in that range"
         )
     _, task, corpus = load_run(run_dir, checkpoint, "--checkpoint ")
-    name = f"searched_{corpus_label(corpus.name)}"
-    target = Path(out) if out else CONF_SCHEDULES / f"{name}.yaml"
+    target = Path(out) if out else CONF_SCHEDULES / f"searched_{corpus_label(corpus.name)}.yaml"
+    name = target.stem  # a schedule is named by its file: window_schedule=<stem> trains it
     check_file("--out", target)
     batches = validation_batches(corpus, seq_len, cfg["data"]["eval_batch_size"], n_batches)
     started = time.time()
@@ -228,7 +228,11 @@ def main(argv=None) -> None:
     parser.add_argument("--budget", required=True, help="attended pairs relative to SWA at w (e.g. 0.85), or mswa: mswa's own")
     parser.add_argument("--candidates", default=None, help="windows to choose from, comma-separated (default w/4,w/2,w,2w,4w)")
     parser.add_argument("--batches", type=int, default=8, help="validation batches (of the run's eval_batch_size) to profile on")
-    parser.add_argument("--out", default=None, help="the schedule's file (default conf/window_schedule/searched_<corpus>.yaml)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="the schedule's file, which names it (default conf/window_schedule/searched_<corpus>.yaml)",
+    )
     parser.add_argument("--checkpoint", default="best", help="best, last or the path of a .ckpt")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)

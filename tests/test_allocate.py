@@ -56,23 +56,23 @@ def source_run(tmp_path_factory):
 
 def test_a_searched_schedule_meets_its_budget_and_trains_with_one_override(source_run, tmp_path, capsys):
     conf = tmp_path / "conf" / "window_schedule"
-    out = allocate(str(source_run), "mswa", "4,16,64", 1, str(conf / "searched_synthetic.yaml"))
+    out = allocate(str(source_run), "mswa", "4,16,64", 1, str(conf / "searched_tiny.yaml"))  # not the repo's file
     text = out.read_text()
     budget = mswa_budget(16, 4, 4, 64)  # debug=smoke: w=16, 4 x 4 heads, seq_len=64
     assert hashlib.sha256((source_run / "results.json").read_bytes()).hexdigest() in text
     assert "candidates: [4, 16, 64]" in text and "dynamic programming" in text and "1 validation batch(es)" in text
     schedule = yaml.safe_load(text)
-    assert schedule["name"] == "searched_synthetic" and schedule["kind"] == "custom"
+    assert schedule["name"] == "searched_tiny" and schedule["kind"] == "custom"  # named by its file
     built = make_schedule("custom", w=16, n_layer=4, n_head=4, windows=schedule["windows"])
     assert built.budget(64)["pairs_vs_swa"] <= budget + 1e-12
     assert {w for row in schedule["windows"] for w in row} <= {4, 16, 64}
     assert "exact forward passes over them in" in capsys.readouterr().out  # how many, and how long (a bar on a terminal)
 
-    overrides = [f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "window_schedule=searched_synthetic"]
+    overrides = [f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "window_schedule=searched_tiny"]
     cfg = compose_config(["debug=smoke", "dataset.loader.n_bytes=60000", "trainer.max_steps=2", *overrides], tmp_path)
     results = train(cfg, RunInfo(str(tmp_path / "searched")))
     assert results["status"] == "finished", results["error"]
-    assert results["windows"] == schedule["windows"] and results["schedule"] == "searched_synthetic"
+    assert results["windows"] == schedule["windows"] and results["schedule"] == "searched_tiny"
 
 
 @pytest.mark.parametrize(

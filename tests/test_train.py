@@ -59,6 +59,11 @@ def test_model_names_pick_their_schedules(tmp_path):
     assert build_schedule(parse_config(switched)).windows[0][0] == 64  # 64 * layer 1/2 * head 2
 
 
+def pairs(windows: list[list[int]], n: int) -> int:
+    """Attended query-key pairs of causal windowed heads: query i sees min(i + 1, W) keys."""
+    return sum(min(i + 1, w) for layer in windows for w in layer for i in range(n))
+
+
 def test_schedule_files_are_named_by_their_file_and_apply_their_kind(tmp_path):
     rules = {
         "mswa_g2": "mswa",
@@ -71,7 +76,13 @@ def test_schedule_files_are_named_by_their_file_and_apply_their_kind(tmp_path):
     }
     for path in sorted((REPO / "conf" / "window_schedule").glob("*.yaml")):
         ws = compose_config([f"window_schedule={path.stem}"], tmp_path)["window_schedule"]
-        assert ws["name"] == path.stem and ws["kind"] == rules.get(path.stem, path.stem), ws
+        searched = path.stem.startswith("searched_")  # written by python -m mswa.allocate: an explicit table
+        assert ws["name"] == path.stem and ws["kind"] == rules.get(path.stem, "custom" if searched else path.stem), ws
+        if searched:  # it builds at the shape it was searched at, within mswa's budget (its header says it is met)
+            cfg = parse_config(compose_config(["model=swa", f"window_schedule={path.stem}", "experiment=cpu"], tmp_path))
+            searched_windows = build_schedule(cfg).windows
+            mswa_windows = build_schedule(parse_config(compose_config(["model=mswa", "experiment=cpu"], tmp_path))).windows
+            assert pairs(searched_windows, cfg.seq_len) <= pairs(mswa_windows, cfg.seq_len)
     budget = build_schedule(parse_config(compose_config(["model=swa", "window_schedule=uniform_mswa_budget", "window=64"], tmp_path)))
     assert budget.name == "uniform_mswa_budget" and set(budget.windows[0]) == {56}  # round(0.8789 * 64), the uniform rule
 
