@@ -80,3 +80,19 @@ def test_the_readme_scale_row_is_what_the_committed_runs_give():
     assert n == 3
     cells = f"{signed(mean)} [{signed(low)}, {signed(high)}] / {signed(change)} [{signed(change_low)}, {signed(change_high)}]"
     assert f"| {n} | {cells} |" in readme_cells("MSWA − SWA at ~4× compute; its change from 1×")
+
+
+def test_the_readme_synthetic_4x_row_is_what_the_committed_evaluations_give():
+    """The main sweep's synthetic models at 4x their training length, from their evaluation_*.json files."""
+    by_model: dict[str, dict[int, float]] = {}
+    for path in (RESULTS / "synth_lengths").glob("*/evaluation_L4096_stride2048_best.json"):
+        seed = json.loads((path.parent / "results.json").read_text())["seed"]
+        model = re.search(r"model=(\w+)", path.parent.name).group(1)
+        by_model.setdefault(model, {})[seed] = json.loads(path.read_text())["metrics"]["test/bpc"]
+    (n, *mswa), (n_full, *full) = (paired_interval(by_model[m], by_model["swa"]) for m in ("mswa", "full"))
+    assert (n, n_full) == (3, 3)
+    row = [line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("| synthetic, at 4×")]
+    mswa_cells = f"{signed(mswa[0])} [{signed(mswa[1])}, {signed(mswa[2])}]"
+    full_cells = f"{full[0]:+.2f} [{full[1]:+.2f}, {full[2]:+.2f}]".replace("-", "−")
+    comparison = "| synthetic, at 4× the training length | MSWA − SWA / full − SWA | 3 / 3 |"
+    assert row == [f"{comparison} {mswa_cells} / {full_cells} | better / worse |"]
