@@ -1,5 +1,5 @@
-"""The README's kernel-docs figures are what the committed runs give: each is recomputed here from the runs'
-results.json (test bpc paired by seed, a t-interval written out with scipy), then checked against the report's
+"""The README's figures are what the committed runs give: each is recomputed here from the runs'
+results.json or evaluation files (test bpc paired by seed, a t-interval written out with scipy), then checked against the report's
 paired table and against the README's row, so a published number cannot drift from its data."""
 
 import json
@@ -16,15 +16,17 @@ RESULTS = REPO / "sweep" / "results"
 TEXT_FOLDERS = ["text_main", "text_main_more", "text_main_more2", "text_budget", "text_budget_more"]
 
 
-def bpc_by_seed(pattern: str, folders: list[str] = TEXT_FOLDERS) -> dict[int, float]:
-    """Test bpc of the finished kernel-docs runs whose folder name matches `pattern`, by seed."""
+def bpc_by_seed(pattern: str, folders: list[str] = TEXT_FOLDERS, setting: str | None = None) -> dict[int, float]:
+    """Test bpc of the finished runs whose folder name matches `pattern`, by seed: their own (results.json) or, given
+    an mswa.evaluate `setting`, that evaluation's."""
     found = {}
     for folder in folders:
         for path in (RESULTS / folder).glob("*/results.json"):
             if re.search(pattern, path.parent.name):
                 results = json.loads(path.read_text())
                 assert results["status"] == "finished"
-                found[results["seed"]] = results["metrics"]["test/bpc"]
+                scored = json.loads((path.parent / f"evaluation_{setting}.json").read_text()) if setting else results
+                found[results["seed"]] = scored["metrics"]["test/bpc"]
     return found
 
 
@@ -35,9 +37,9 @@ def paired_interval(variant: dict[int, float], reference: dict[int, float]) -> t
     return len(diff), diff.mean(), diff.mean() - half, diff.mean() + half
 
 
-def readme_cells(comparison: str) -> str:
+def readme_cells(comparison: str, corpus: str = "kernel-docs") -> str:
     rows = [
-        line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("| kernel-docs") and f"| {comparison} |" in line
+        line for line in (REPO / "README.md").read_text().splitlines() if line.startswith(f"| {corpus}") and f"| {comparison} |" in line
     ]
     assert len(rows) == 1, comparison
     return rows[0]
@@ -48,8 +50,13 @@ def paired_table():
     return report.paired_table(report.load_runs([RESULTS / folder for folder in TEXT_FOLDERS]))
 
 
-def signed(x: float) -> str:
-    return f"{x:+.3f}".replace("-", "−")
+def signed(x: float, digits: int = 3) -> str:
+    return f"{x:+.{digits}f}".replace("-", "−")
+
+
+def interval(mean: float, low: float, high: float, digits: int = 3) -> str:
+    """A README cell: ``−0.037 [−0.049, −0.026]``."""
+    return f"{signed(mean, digits)} [{signed(low, digits)}, {signed(high, digits)}]"
 
 
 @pytest.mark.parametrize(
@@ -66,33 +73,28 @@ def test_the_readme_kernel_docs_rows_are_what_the_committed_runs_give(comparison
     (row,) = table[(table.against == against) & (table.measure == "test") & table.variant.str.contains("model=mswa")].itertuples()
     assert (row.n_pairs, row.verdict) == (n, "better")
     assert (row.diff, row.low, row.high) == pytest.approx((mean, low, high), abs=1e-9)
-    assert f"| {n} | {signed(mean)} [{signed(low)}, {signed(high)}] | better |" in readme_cells(comparison)
+    assert f"| {n} | {interval(mean, low, high)} | better |" in readme_cells(comparison)
 
 
 def test_the_readme_scale_row_is_what_the_committed_runs_give():
     """The scale point: MSWA - SWA at ~4x compute (experiment=cpu_text_4x), and its change from experiment=cpu_text
     on the same seeds (each seed's gap at 4x minus its gap at 1x: a difference of paired differences)."""
     mswa, swa = r"model=mswa,seed=\d+$", r"model=swa,seed=\d+$"
-    gap_4x = {s: m - bpc_by_seed(swa, ["text_4x"])[s] for s, m in bpc_by_seed(mswa, ["text_4x"]).items()}
-    gap_1x = {s: m - bpc_by_seed(swa)[s] for s, m in bpc_by_seed(mswa).items()}
+    swa_4x, swa_1x = bpc_by_seed(swa, ["text_4x"]), bpc_by_seed(swa)
+    gap_4x = {s: m - swa_4x[s] for s, m in bpc_by_seed(mswa, ["text_4x"]).items()}
+    gap_1x = {s: m - swa_1x[s] for s, m in bpc_by_seed(mswa).items()}
     n, mean, low, high = paired_interval(gap_4x, {s: 0.0 for s in gap_4x})
     _, change, change_low, change_high = paired_interval(gap_4x, gap_1x)
     assert n == 3
-    cells = f"{signed(mean)} [{signed(low)}, {signed(high)}] / {signed(change)} [{signed(change_low)}, {signed(change_high)}]"
+    cells = f"{interval(mean, low, high)} / {interval(change, change_low, change_high)}"
     assert f"| {n} | {cells} |" in readme_cells("MSWA − SWA at ~4× compute; its change from 1×")
 
 
 def test_the_readme_synthetic_4x_row_is_what_the_committed_evaluations_give():
     """The main sweep's synthetic models at 4x their training length, from their evaluation_*.json files."""
-    by_model: dict[str, dict[int, float]] = {}
-    for path in (RESULTS / "synth_lengths").glob("*/evaluation_L4096_stride2048_best.json"):
-        seed = json.loads((path.parent / "results.json").read_text())["seed"]
-        model = re.search(r"model=(\w+)", path.parent.name).group(1)
-        by_model.setdefault(model, {})[seed] = json.loads(path.read_text())["metrics"]["test/bpc"]
+    by_model = {m: bpc_by_seed(rf"model={m},seed=\d+$", ["synth_lengths"], "L4096_stride2048_best") for m in ("swa", "mswa", "full")}
     (n, *mswa), (n_full, *full) = (paired_interval(by_model[m], by_model["swa"]) for m in ("mswa", "full"))
     assert (n, n_full) == (3, 3)
-    row = [line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("| synthetic, at 4×")]
-    mswa_cells = f"{signed(mswa[0])} [{signed(mswa[1])}, {signed(mswa[2])}]"
-    full_cells = f"{full[0]:+.2f} [{full[1]:+.2f}, {full[2]:+.2f}]".replace("-", "−")
-    comparison = "| synthetic, at 4× the training length | MSWA − SWA / full − SWA | 3 / 3 |"
-    assert row == [f"{comparison} {mswa_cells} / {full_cells} | better / worse |"]
+    cells = f"{interval(*mswa)} / {interval(*full, digits=2)}"
+    row = readme_cells("MSWA − SWA / full − SWA", corpus="synthetic, at 4× the training length")
+    assert row == f"| synthetic, at 4× the training length | MSWA − SWA / full − SWA | 3 / 3 | {cells} | better / worse |"
