@@ -98,3 +98,24 @@ def test_the_readme_synthetic_4x_row_is_what_the_committed_evaluations_give():
     cells = f"{interval(*mswa)} / {interval(*full, digits=2)}"
     row = readme_cells("MSWA − SWA / full − SWA", corpus="synthetic, at 4× the training length")
     assert row == f"| synthetic, at 4× the training length | MSWA − SWA / full − SWA | 3 / 3 | {cells} | better / worse |"
+
+
+ALLOCATION_RUNS = {  # corpus -> (the README row's corpus cell, the searched schedule, the folders of its runs)
+    "synthetic": (
+        "synthetic, windows chosen from data at mswa's budget",
+        "searched_synthetic",
+        ["alloc_synthetic", "alloc_synthetic_more", "cpu_main", "cpu_main_more"],
+    ),
+}
+
+
+@pytest.mark.parametrize("corpus", ALLOCATION_RUNS)
+def test_the_readme_allocation_row_is_what_the_committed_runs_give(corpus):
+    """Windows chosen from data, seeds 0-4: searched - mswa and learned - mswa, each seed's own pair."""
+    row_corpus, searched, folders = ALLOCATION_RUNS[corpus]
+    mswa = bpc_by_seed(r"model=mswa,seed=\d+$", folders)
+    pairs = [paired_interval(bpc_by_seed(rf"window_schedule={chosen}$", folders), mswa) for chosen in (searched, "learned")]
+    assert [n for n, *_ in pairs] == [5, 5]
+    verdicts = ["better" if high < 0 else "worse" if low > 0 else "not distinguishable" for _, _, low, high in pairs]
+    cells = f"| 5 | {interval(*pairs[0][1:])} / {interval(*pairs[1][1:])} | {verdicts[0]} / {verdicts[1]} |"
+    assert readme_cells("searched − MSWA / learned − MSWA", corpus=row_corpus).endswith(cells)
