@@ -254,9 +254,10 @@ class CorpusDataModule(L.LightningDataModule):
 
 class Throughput(L.Callback):
     """Logs training tokens/s and, given the model's FLOPs per token, MFU (all ranks); keeps the run's means for
-    results.json. MFU is the model's FLOPs per second (`mswa.flops`: window-aware) over this machine's matmul
-    rate, measured when training starts (fp32 on CPU, bf16 on a GPU); Lightning's `Throughput` meter averages it
-    over the last `window` batches for the progress bar."""
+    results.json. MFU is the model's FLOPs per second (`mswa.flops`: window-aware) over this machine's peak matmul
+    rate (fp32 on CPU, bf16 on a GPU), measured when training starts and, for results.json, again when it ends,
+    keeping the faster: a run that starts while the machine is busy would otherwise divide by a slow rate and
+    read high. Lightning's `Throughput` meter averages it over the last `window` batches for the progress bar."""
 
     def __init__(self, batch_size: int, seq_len: int, flops_per_token: float | None = None, skip_first: int = 2, window: int = 5):
         self.batch_size, self.tokens_per_batch = batch_size, batch_size * seq_len
@@ -269,6 +270,10 @@ class Throughput(L.Callback):
         if self.flops_per_token is not None:
             self.peak_flops_per_s = machine_matmul_rate(pl_module.device)
             self.meter = LightningThroughput(available_flops=self.peak_flops_per_s, world_size=trainer.world_size, window_size=self.window)
+
+    def on_train_end(self, trainer, pl_module):
+        if self.peak_flops_per_s is not None:
+            self.peak_flops_per_s = max(self.peak_flops_per_s, machine_matmul_rate(pl_module.device, again=True))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._last = time.perf_counter()

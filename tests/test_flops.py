@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from mswa.flops import forward_flops_per_token, matmul_flops_per_s, training_flops_per_token
+from mswa.flops import forward_flops_per_token, machine_matmul_rate, matmul_flops_per_s, training_flops_per_token
 from mswa.model import LanguageModel, ModelConfig
 from mswa.progress import shown_metrics
 
@@ -51,4 +51,9 @@ def test_windows_cut_attention_flops_to_their_pairs():
 
 def test_matmul_rate_is_measured_and_mfu_is_shown_as_a_percentage():
     assert matmul_flops_per_s(torch.device("cpu"), torch.float32, 128) > 1e6
+    cpu = torch.device("cpu")
+    machine_matmul_rate(cpu)
+    cached = matmul_flops_per_s.cache_info()
+    assert machine_matmul_rate(cpu, again=True) > 1e6  # measured anew (the end-of-training reading), not looked up
+    assert matmul_flops_per_s.cache_info()[:2] == cached[:2]
     assert shown_metrics({"perf/tokens_per_s": 1234.0, "perf/mfu": 0.1234}) == "1,234 tokens/s, MFU 12.3%"
