@@ -41,3 +41,11 @@ def test_learned_windows_are_paired_with_mswa_and_with_swa_at_mswas_budget():
 
 def pd_isna(value) -> bool:
     return value != value or value is None
+
+
+def test_a_variant_whose_seeds_learned_different_windows_is_drawn_once_per_table_with_its_seeds():
+    learned = ("model=swa", "window_schedule=learned")
+    runs = [row(learned, seed, 2.1) for seed in (1, 2, 3)] + [row(("model=swa", "window_schedule=mswa"), 1, 2.2)]
+    runs[2]["windows"] = [[w + 1 for w in layer] for layer in LEARNED]  # seed 3 learned its own
+    titles = [ax.get_title().replace("\n", "") for ax in report.plot_windows(report.runs_frame(runs)).axes if ax.get_xlabel() == "head"]
+    assert sorted(titles) == sorted([f"{','.join(learned)},seed=1,2", f"{','.join(learned)},seed=3", "model=swa,window_schedule=mswa"])

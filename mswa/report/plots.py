@@ -154,14 +154,20 @@ def plot_windows(runs: pd.DataFrame) -> Figure:
 
 
 def distinct_schedules(runs: pd.DataFrame) -> dict[tuple, list[str]]:
-    """{windows (a tuple per layer): the variants that ran them}, in the order of the runs."""
-    schedules: dict[tuple, list[str]] = {}
-    for variant, windows in zip(runs.variant, runs.windows):
+    """{windows (a tuple per layer): the variants that ran them}, in the order of the runs. A variant whose seeds
+    ran different windows (learned spans: each seed learns its own) is named with the seeds of each."""
+    seeds: dict[tuple, dict[str, list]] = {}
+    for variant, windows, seed in zip(runs.variant, runs.windows, runs.seed):
         if windows:
-            names = schedules.setdefault(tuple(tuple(layer) for layer in windows), [])
-            if variant not in names:
-                names.append(variant)
-    return schedules
+            seeds.setdefault(tuple(tuple(layer) for layer in windows), {}).setdefault(variant, []).append(seed)
+    schedules_of = pd.Series([variant for by_variant in seeds.values() for variant in by_variant]).value_counts()
+    return {
+        windows: [
+            variant if schedules_of[variant] == 1 else f"{variant},seed={','.join(str(s) for s in sorted(ran))}"
+            for variant, ran in by_variant.items()
+        ]
+        for windows, by_variant in seeds.items()
+    }
 
 
 def _wrapped(name: str) -> str:
