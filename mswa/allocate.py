@@ -80,11 +80,12 @@ def profile_heads(model, batches: list, candidates: Sequence[int], show: bool = 
     """(baseline loss, loss[layer][head][candidate]) of ``model`` on ``batches`` with one head restricted at a time."""
     mixers = [block.mixer for block in model.blocks]
     passes = 1 + sum(len(m.windows) for m in mixers) * len(candidates)
-    with tqdm(total=passes, desc="profiling heads", unit="pass", disable=None if show else True) as bar:  # off a terminal: none
+    start = time.perf_counter()
+    with tqdm(total=passes, desc="profiling heads", unit="pass", disable=None if show else True) as bar:  # off a terminal: lines
         baseline = _loss(model, batches)
         bar.update()
         table = []
-        for mixer in mixers:
+        for layer, mixer in enumerate(mixers):
             own, rows = list(mixer.windows), []
             for head in range(len(own)):
                 row = []
@@ -95,6 +96,12 @@ def profile_heads(model, batches: list, candidates: Sequence[int], show: bool = 
                 rows.append(row)
             mixer.windows = own
             table.append(rows)
+            if show and bar.disable:  # a log file gets one plain line per layer instead of a bar's redraws
+                done = 1 + sum(len(m.windows) for m in mixers[: layer + 1]) * len(candidates)
+                seconds = time.perf_counter() - start
+                left = seconds / done * (passes - done)
+                shown = f"profiled layer {layer + 1}/{len(mixers)}: {done}/{passes} passes, {seconds:.0f} s in, ~{left:.0f} s left"
+                print(shown, flush=True)
     return baseline, table
 
 

@@ -66,7 +66,12 @@ def test_a_searched_schedule_meets_its_budget_and_trains_with_one_override(sourc
     built = make_schedule("custom", w=16, n_layer=4, n_head=4, windows=schedule["windows"])
     assert built.budget(64)["pairs_vs_swa"] <= budget + 1e-12
     assert {w for row in schedule["windows"] for w in row} <= {4, 16, 64}
-    assert "exact forward passes over them in" in capsys.readouterr().out  # how many, and how long (a bar on a terminal)
+    shown = capsys.readouterr().out
+    assert "exact forward passes over them in" in shown  # how many, and how long
+    # off a terminal (here), one line per layer instead of a bar: 1 + 4 layers x 4 heads x 3 candidates = 49 passes
+    assert [line.split(",")[0] for line in shown.splitlines() if line.startswith("profiled layer")] == [
+        f"profiled layer {layer}/4: {1 + 12 * layer}/49 passes" for layer in range(1, 5)
+    ]
 
     overrides = [f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "window_schedule=searched_tiny"]
     cfg = compose_config(["debug=smoke", "dataset.loader.n_bytes=60000", "trainer.max_steps=2", *overrides], tmp_path)
