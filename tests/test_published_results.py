@@ -2,6 +2,7 @@
 results.json or evaluation files (test bpc paired by seed, a t-interval written out with scipy), then checked against the report's
 paired table and against the README's row, so a published number cannot drift from its data."""
 
+import hashlib
 import json
 import re
 
@@ -119,3 +120,11 @@ def test_the_readme_allocation_row_is_what_the_committed_runs_give(corpus):
     verdicts = ["better" if high < 0 else "worse" if low > 0 else "not distinguishable" for _, _, low, high in pairs]
     cells = f"| 5 | {interval(*pairs[0][1:])} / {interval(*pairs[1][1:])} | {verdicts[0]} / {verdicts[1]} |"
     assert readme_cells("searched − MSWA / learned − MSWA", corpus=row_corpus).endswith(cells)
+
+
+@pytest.mark.parametrize("schedule", sorted((REPO / "conf" / "window_schedule").glob("searched_*.yaml")), ids=lambda p: p.stem)
+def test_a_committed_searched_schedule_names_a_committed_source_run(schedule):
+    """Its header's sha256 is that of a results.json committed under sweep/results: the run it was profiled on can be read."""
+    (recorded,) = re.findall(r"^# source results.json sha256: ([0-9a-f]{64})$", schedule.read_text(), flags=re.M)
+    committed = {hashlib.sha256(path.read_bytes()).hexdigest() for path in RESULTS.rglob("results.json")}
+    assert recorded in committed
