@@ -599,7 +599,6 @@ class Attempt:
         trainer.validate(task, datamodule=data, ckpt_path=evaluated, verbose=False)
         trainer.test(task, datamodule=data, ckpt_path=evaluated, verbose=False)
         results.update(
-            status="finished",
             metrics=dict(task.eval_results),
             steps=trainer.global_step,
             tokens_per_s=self.throughput.mean_tokens_per_s,
@@ -620,6 +619,8 @@ class Attempt:
             }
             wandb_run = next((logger.experiment for logger in self.loggers if isinstance(logger, WandbLogger)), None)
             results["lm_eval"] = finish_pretrained(self.cfg, task.model, self.folder.path, wandb_run, record)
+        # only now: heartbeats during the evaluations above write results.json, and a run killed among them is not finished
+        results["status"] = "finished"
 
     def evaluate_hardened(self, soft_pairs: float, windows: list[list]) -> None:
         """Learned spans, hardened to ``windows``: the final numbers are those of the hardened model (what the schedule

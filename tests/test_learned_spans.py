@@ -2,6 +2,7 @@
 gradients of q, k, v and the spans), its cost following the spans, and a learned run end to end."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ import yaml
 
 from helpers.attention import fixed_grad_out, make_inputs
 from helpers.runs import compose_config
+from mswa import run as run_module
 from mswa.attention import blocked, window_attention
 from mswa.checks import check_config
 from mswa.evaluate import load_run
@@ -112,10 +114,19 @@ def test_hardened_windows_meet_the_budget_and_replace_the_soft_mask(long_head):
     torch.testing.assert_close(model.token_nll(x, x), hard.token_nll(x, x))  # plain windowed attention now
 
 
-def test_a_learned_run_writes_its_hardened_schedule_beside_results(tmp_path):
+def test_a_learned_run_writes_its_hardened_schedule_beside_results(tmp_path, monkeypatch):
+    on_disk, harden = [], run_module.Attempt.evaluate_hardened
+
+    def harden_then_read(attempt, *args):
+        harden(attempt, *args)
+        on_disk.append(json.loads((tmp_path / "learned" / "results.json").read_text())["status"])
+
+    monkeypatch.setattr(run_module, "HEARTBEAT_EVERY_S", 0.0)  # a heartbeat at every batch, the hardened evaluation's too
+    monkeypatch.setattr(run_module.Attempt, "evaluate_hardened", harden_then_read)
     overrides = ["debug=smoke", "dataset.loader.n_bytes=60000", "window_schedule=learned", "trainer.max_steps=3"]
     results = train(compose_config(overrides, tmp_path), RunInfo(str(tmp_path / "learned")))
     assert results["status"] == "finished", results["error"]
+    assert on_disk == ["running"]  # not "finished" before the final numbers: a run killed there would claim the caps' windows
     learned = results["learned"]
     assert results["budget"]["pairs_vs_swa"] <= learned["budget_target"] + 1e-12  # mswa's at this shape and length
     assert learned["budget_target"] == pytest.approx(mswa_budget(16, 4, 4, 64))

@@ -102,6 +102,7 @@ def test_the_readme_synthetic_4x_row_is_what_the_committed_evaluations_give():
 
 
 ALLOCATION_RUNS = {  # corpus -> (the README row's corpus cell, the searched schedule, the folders of its runs)
+    "kernel-docs": ("kernel-docs, windows chosen from data at mswa's budget", "searched_kernel_docs", ["alloc_text", "text_main"]),
     "synthetic": (
         "synthetic, windows chosen from data at mswa's budget",
         "searched_synthetic",
