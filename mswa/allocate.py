@@ -97,7 +97,7 @@ def profile_heads(model, batches: list, candidates: Sequence[int], show: bool = 
             mixer.windows = own
             table.append(rows)
             if show and bar.disable:  # a log file gets one plain line per layer instead of a bar's redraws
-                done = 1 + sum(len(m.windows) for m in mixers[: layer + 1]) * len(candidates)
+                done = 1 + sum(len(row) for rows in table for row in rows)  # the baseline and every loss measured
                 seconds = time.perf_counter() - start
                 left = seconds / done * (passes - done)
                 shown = f"profiled layer {layer + 1}/{len(mixers)}: {done}/{passes} passes, {seconds:.0f} s in, ~{left:.0f} s left"

@@ -123,9 +123,13 @@ def test_the_readme_allocation_row_is_what_the_committed_runs_give(corpus):
     assert readme_cells("searched − MSWA / learned − MSWA", corpus=row_corpus).endswith(cells)
 
 
+@pytest.fixture(scope="module")
+def committed_results_sha256() -> set[str]:
+    return {hashlib.sha256(path.read_bytes()).hexdigest() for path in RESULTS.rglob("results.json")}
+
+
 @pytest.mark.parametrize("schedule", sorted((REPO / "conf" / "window_schedule").glob("searched_*.yaml")), ids=lambda p: p.stem)
-def test_a_committed_searched_schedule_names_a_committed_source_run(schedule):
+def test_a_committed_searched_schedule_names_a_committed_source_run(schedule, committed_results_sha256):
     """Its header's sha256 is that of a results.json committed under sweep/results: the run it was profiled on can be read."""
     (recorded,) = re.findall(r"^# source results.json sha256: ([0-9a-f]{64})$", schedule.read_text(), flags=re.M)
-    committed = {hashlib.sha256(path.read_bytes()).hexdigest() for path in RESULTS.rglob("results.json")}
-    assert recorded in committed
+    assert recorded in committed_results_sha256

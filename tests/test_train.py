@@ -74,6 +74,7 @@ def test_schedule_files_are_named_by_their_file_and_apply_their_kind(tmp_path):
         "full": "full",
         "custom": "custom",
     }
+    mswa_windows = build_schedule(parse_config(compose_config(["model=mswa", "experiment=cpu"], tmp_path))).windows
     for path in sorted((REPO / "conf" / "window_schedule").glob("*.yaml")):
         ws = compose_config([f"window_schedule={path.stem}"], tmp_path)["window_schedule"]
         searched = path.stem.startswith("searched_")  # written by python -m mswa.allocate: an explicit table
@@ -81,7 +82,6 @@ def test_schedule_files_are_named_by_their_file_and_apply_their_kind(tmp_path):
         if searched:  # it builds at the shape it was searched at, within mswa's budget (its header says it is met)
             cfg = parse_config(compose_config(["model=swa", f"window_schedule={path.stem}", "experiment=cpu"], tmp_path))
             searched_windows = build_schedule(cfg).windows
-            mswa_windows = build_schedule(parse_config(compose_config(["model=mswa", "experiment=cpu"], tmp_path))).windows
             assert pairs(searched_windows, cfg.seq_len) <= pairs(mswa_windows, cfg.seq_len)
     budget = build_schedule(parse_config(compose_config(["model=swa", "window_schedule=uniform_mswa_budget", "window=64"], tmp_path)))
     assert budget.name == "uniform_mswa_budget" and set(budget.windows[0]) == {56}  # round(0.8789 * 64), the uniform rule
