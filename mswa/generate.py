@@ -28,12 +28,18 @@ from mswa.attention.linear import mapped_feature_dim
 from mswa.rules import POSITIVE, POSITIVE_OR_NULL, RATE, Rule, check_value, is_number
 from mswa.windows import Window
 
-# A single token attends to all of a layer's rings in one masked call (every head scores every ring slot of the
-# layer, then keeps its own) while heads x slots of the layer stays within this; above it, one call per window
-# group. A call costs a fixed ~10-20 us on CPU, which dominates small rings; the masked call's wasted scores grow
-# with the heads, the slots and the batch. Measured (README: Performance) at the decoding benchmark's shape, 8
-# heads: one call is faster up to 480 slots (mswa's four shallow layers) at batch 1 and 16, slower at 1920.
+# One sequence's token attends to all of a layer's rings in one masked call (every head scores every ring slot of the
+# layer, then keeps its own) while heads x slots of the layer stays within this; above it, and for several
+# sequences (whose rings lie group by group, not sequence by sequence), one call per window group. A call costs a
+# fixed ~10-20 us on CPU, which dominates small rings; the masked call's wasted scores grow with the heads and the
+# slots. Measured (README: Performance) at the decoding benchmark's shape, 8 heads, one sequence: one call is faster
+# up to 480 slots (mswa's four shallow layers), slower at 1920.
 ONE_CALL_SCORES = 4096
+# A call for one query per (sequence, head) goes through fused SDPA below this many (sequence, head, key) triples and
+# through two batched products and a softmax from it: CPU SDPA's single-query path pays a few us per (sequence,
+# head) whatever its keys, which dominates at large batches (SWA's layer at 16 sequences x 8 heads x 128 keys: 370
+# us against 570, interleaved in the model), while for small calls its one call beats three (README: Performance).
+PRODUCTS_FROM_KEYS = 4096
 
 
 class KVStore:
@@ -127,6 +133,19 @@ def window_groups(windows: Sequence[Window]) -> list[tuple[Window, slice | torch
     ]
 
 
+def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention of one query per (sequence, head), q (batch, heads, 1, head_dim), to every key of k and v (batch,
+    heads, keys, head_dim; each sequence's heads adjacent, as the rings and stores keep them): one fused call while
+    batch x heads x keys stays below `PRODUCTS_FROM_KEYS`, else two batched products and a softmax."""
+    batch, heads, _, dim = q.shape
+    if batch * heads * k.shape[2] < PRODUCTS_FROM_KEYS:
+        return F.scaled_dot_product_attention(q, k, v)
+    keys, values = k.flatten(0, 1), v.flatten(0, 1)  # views
+    scores = torch.baddbmm(q.new_empty(batch * heads, 1, keys.shape[1]), q.flatten(0, 1), keys.mT, beta=0, alpha=dim**-0.5)
+    torch.ops.aten._softmax.out(scores, -1, False, out=scores)
+    return torch.bmm(scores, values).view(batch, heads, 1, values.shape[-1])
+
+
 def attend_past(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: Sequence[Window], key_padding: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -154,12 +173,13 @@ class LayerCache:
     """One layer's decoding state: a `KVStore` per window group (heads with one window share it) and, for
     linear and parallel-hybrid layers, `linear_state` (kept by `cached_linear_attention`).
 
-    A window group's ring holds W slots, and the rings of all groups are views of one buffer per layer: a new
-    token writes the keys and values of every windowed head in one indexed copy, each over the one that has
-    just left its window, then attends to the rings where they lie (no reordering copy: the W slots are exactly
-    its window): each group in its own call, or, for small rings (`ONE_CALL_SCORES`), all heads in one call
-    over the whole buffer with a mask that gives each head its own ring. Chunks of several tokens attend in
-    position order with a window mask."""
+    A window group's ring holds W slots, and the rings of all groups are views of one buffer per layer, each
+    group's (batch, heads, W, head_dim) block contiguous: a new token writes the keys and values of every
+    windowed head in one indexed copy, each over the one that has just left its window, then attends to the
+    rings where they lie (no reordering copy: the W slots are exactly its window), each group in its own call
+    (`attend_one`), or, for one sequence's small rings (`ONE_CALL_SCORES`), all heads in one call over the whole
+    buffer with a mask that gives each head its own ring. Chunks of several tokens attend in position order
+    with a window mask."""
 
     def __init__(self, windows: Sequence[Window] | None, reserve: int = 0):
         windows = list(windows or [])
@@ -167,8 +187,9 @@ class LayerCache:
         self.rings = [(_head_list(heads), window, store) for heads, window, store in self.groups if window is not None]
         ring_heads = [head for heads, _, _ in self.rings for head in heads]
         self.ring_heads = None if ring_heads == list(range(len(windows))) else torch.tensor(ring_heads)
-        self.ring_keys = self.ring_values = None
+        self.ring_keys = self.ring_values = None  # (rows, head_dim): group after group, each (batch, heads, W)
         self.ring_offsets, self.ring_capacity = [], []
+        self._first_slots = self._slot_windows = None  # per (sequence, windowed head): its ring's first row, its W
         self._write_slots: dict[tuple[int, ...], torch.Tensor] = {}
         self._ring_masks: dict[tuple[int, ...], torch.Tensor] = {}
         starts = [heads.start if isinstance(heads, slice) else -1 for heads, *_ in self.groups]
@@ -206,27 +227,28 @@ class LayerCache:
         k and v first."""
         if store.limit is None:
             store.append(k[:, heads], v[:, heads])
-        return F.scaled_dot_product_attention(q, *store.visible())
+        return attend_one(q, *store.visible())
 
     def _in_one_call(self, q: torch.Tensor) -> bool:
-        """Whether one token's heads all attend in one masked call (several window groups, all windowed, few scores)."""
+        """Whether one token's heads all attend in one masked call (one sequence, several window groups, all
+        windowed, few scores)."""
         several_rings = len(self.rings) > 1 and len(self.rings) == len(self.groups)
-        return several_rings and q.shape[1] * self.ring_keys.shape[1] <= ONE_CALL_SCORES
+        return several_rings and q.shape[0] == 1 and q.shape[1] * self.ring_keys.shape[0] <= ONE_CALL_SCORES
 
     def _attend_rings_at_once(self, q: torch.Tensor) -> torch.Tensor:
-        """One token's attention (batch, heads, 1, head_dim) over the layer's ring buffer in one call: the heads
-        become the query rows of a single head that sees every slot, and a mask keeps each row to its own ring."""
+        """One sequence's token (1, heads, 1, head_dim) over the layer's ring buffer in one call: the heads become
+        the query rows of a single head that sees every slot, and a mask keeps each row to its own ring."""
         rows = q if self.ring_heads is None else q[:, self.ring_heads]
         out = F.scaled_dot_product_attention(
-            rows.transpose(1, 2), self.ring_keys[:, None], self.ring_values[:, None], attn_mask=self._ring_mask()
+            rows.transpose(1, 2), self.ring_keys[None, None], self.ring_values[None, None], attn_mask=self._ring_mask()
         ).transpose(1, 2)
         if self.ring_heads is None:
             return out
         return torch.empty_like(out).index_copy_(1, self.ring_heads, out)
 
     def _ring_mask(self) -> torch.Tensor:
-        """(heads in ring order, buffer slots): 0 on the filled slots of a head's own ring, -inf elsewhere; cached
-        by the rings' fill (constant once they are full)."""
+        """(heads in ring order, buffer slots) of one sequence: 0 on the filled slots of a head's own ring, -inf
+        elsewhere; cached by the rings' fill (constant once they are full)."""
         key = tuple(store.stored for *_, store in self.rings)
         if key not in self._ring_masks:
             starts = [
@@ -234,7 +256,7 @@ class LayerCache:
                 for (heads, *_), offset, capacity in zip(self.rings, self.ring_offsets, self.ring_capacity)
                 for i in range(len(heads))
             ]
-            mask = self.ring_keys.new_full((len(starts), self.ring_keys.shape[1]), float("-inf"))
+            mask = self.ring_keys.new_full((len(starts), self.ring_keys.shape[0]), float("-inf"))
             stored = [store.stored for heads, _, store in self.rings for _ in heads]
             for row, (start, filled) in enumerate(zip(starts, stored)):
                 mask[row, start : start + filled] = 0.0
@@ -242,9 +264,10 @@ class LayerCache:
         return self._ring_masks[key]
 
     def _grow_rings(self, like: torch.Tensor) -> None:
-        """Make room in the layer's ring buffers (batch, ring slots, head_dim), one for keys and one for values, for
-        the n tokens of `like` (batch, heads, n, head_dim): each group's ring is a (batch, heads, slots, head_dim)
-        view of them, of min(W, tokens so far) slots at least (`reserve` up front, doubling), never more than W."""
+        """Make room in the layer's ring buffers (rows, head_dim), one for keys and one for values, for the n
+        tokens of `like` (batch, heads, n, head_dim): each group's ring is a contiguous (batch, heads, slots,
+        head_dim) block of them, of min(W, tokens so far) slots at least (`reserve` up front, doubling), never
+        more than W."""
         if not self.rings:
             return
         seen, reserve = self.rings[0][2].count, self.rings[0][2].reserve
@@ -253,19 +276,26 @@ class LayerCache:
             return
         capacity = [min(window, max(seen + like.shape[2], reserve, 2 * size)) for (_, window, _), size in zip(self.rings, old)]
         batch, dim = like.shape[0], like.shape[-1]
-        offsets = [sum(len(heads) * c for (heads, *_), c in zip(self.rings[:g], capacity)) for g in range(len(self.rings))]
-        shape = (batch, offsets[-1] + len(self.rings[-1][0]) * capacity[-1], dim)
+        sizes = [batch * len(heads) * slots for (heads, *_), slots in zip(self.rings, capacity)]
+        offsets = [sum(sizes[:g]) for g in range(len(self.rings))]
         # zeros, not garbage: the one-call path scores the slots not yet filled too (masked, but 0 x NaN is NaN)
-        self.ring_keys, self.ring_values = like.new_zeros(shape), like.new_zeros(shape)
+        self.ring_keys, self.ring_values = like.new_zeros(sum(sizes), dim), like.new_zeros(sum(sizes), dim)
         for (heads, _, store), offset, slots, size in zip(self.rings, offsets, capacity, old):
             held = (store.keys, store.values)
             store.keys, store.values = (
-                buffer[:, offset : offset + len(heads) * slots].view(batch, len(heads), slots, dim)
+                buffer[offset : offset + batch * len(heads) * slots].view(batch, len(heads), slots, dim)
                 for buffer in (self.ring_keys, self.ring_values)
             )
             if size:  # a ring grows only before it fills, while slot = position: a plain copy keeps the layout
                 store.keys[:, :, :size], store.values[:, :, :size] = held
         self.ring_offsets, self.ring_capacity = offsets, capacity
+        first_slots = [  # each (sequence, head)'s ring, sequence-major as `_write_rings` writes them
+            (offset + (b * len(heads) + i) * slots, window)
+            for b in range(batch)
+            for (heads, window, _), offset, slots in zip(self.rings, offsets, capacity)
+            for i in range(len(heads))
+        ]
+        self._first_slots, self._slot_windows = torch.tensor(first_slots, device=like.device).unbind(1)
         self._write_slots.clear()
         self._ring_masks.clear()
 
@@ -276,23 +306,19 @@ class LayerCache:
         position = self.rings[0][2].count  # every ring has seen the same tokens
         slots = self._slots_at(position)
         for buffer, new in ((self.ring_keys, k), (self.ring_values, v)):
-            buffer.index_copy_(1, slots, new[:, :, 0] if self.ring_heads is None else new[:, self.ring_heads, 0])
+            rows = new[:, :, 0] if self.ring_heads is None else new[:, self.ring_heads, 0]
+            buffer.index_copy_(0, slots, rows.reshape(-1, rows.shape[-1]))
         for _, _, store in self.rings:
             store.count += 1
 
     def _slots_at(self, position: int) -> torch.Tensor:
-        """The ring slot of each windowed head for a token at `position` (head i of a group of window W at
-        position % W of its ring, of `ring_capacity` slots); cached by the positions modulo the windows."""
+        """The buffer row of each (sequence, windowed head) for a token at `position`, sequence-major: head i of a
+        group of window W at position % W of its ring; cached by the positions modulo the windows."""
         key = tuple(position % window for _, window, _ in self.rings)
         if key not in self._write_slots:
             if len(self._write_slots) > 4096:  # windows with a large common multiple: keep the cache small
                 self._write_slots.clear()
-            slots = [
-                offset + i * capacity + phase
-                for (heads, _, _), offset, capacity, phase in zip(self.rings, self.ring_offsets, self.ring_capacity, key)
-                for i in range(len(heads))
-            ]
-            self._write_slots[key] = torch.tensor(slots, device=self.ring_keys.device)
+            self._write_slots[key] = self._first_slots + position % self._slot_windows
         return self._write_slots[key]
 
     def _attend_in_order(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

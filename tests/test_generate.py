@@ -62,18 +62,27 @@ def decode_step_by_step(model, ids, prompt, cache):
         return torch.cat([model(ids[:, :prompt], cache)] + [model(ids[:, t : t + 1], cache) for t in range(prompt, ids.shape[1])], 1)
 
 
-@pytest.mark.parametrize("one_call_scores", [0, 1 << 30], ids=["a call per window group", "one masked call per layer"])
+ATTENTION_PATHS = {  # (ONE_CALL_SCORES, PRODUCTS_FROM_KEYS, batch): each decoding path forced
+    "a fused call per window group": (0, 1 << 30, 2),
+    "batched products per window group": (0, 0, 2),
+    "one masked call per layer": (1 << 30, 1 << 30, 1),  # one sequence only
+}
+
+
+@pytest.mark.parametrize("path", sorted(ATTENTION_PATHS))
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_step_by_step_logits_equal_one_forward_pass_at_every_position(case, one_call_scores, monkeypatch):
+def test_step_by_step_logits_equal_one_forward_pass_at_every_position(case, path, monkeypatch):
+    one_call_scores, products_from_keys, batch = ATTENTION_PATHS[path]
     monkeypatch.setattr(generate_module, "ONE_CALL_SCORES", one_call_scores)
+    monkeypatch.setattr(generate_module, "PRODUCTS_FROM_KEYS", products_from_keys)
     model = tiny_model(**CASES[case])
-    ids = torch.randint(0, VOCAB, (2, LENGTH))
+    ids = torch.randint(0, VOCAB, (batch, LENGTH))
     cache = DecodingCache(model, reserve=LENGTH)
     stepped = decode_step_by_step(model, ids, PROMPT, cache)
     with torch.no_grad():
         torch.testing.assert_close(stepped, model(ids), rtol=0, atol=1e-5)
     assert cache.seen == LENGTH
-    assert cache.nbytes()["total"] == expected_bytes(model.cfg, LENGTH, batch=2) == cache_bytes(model.cfg, LENGTH, batch=2)["total"]
+    assert cache.nbytes()["total"] == expected_bytes(model.cfg, LENGTH, batch) == cache_bytes(model.cfg, LENGTH, batch)["total"]
 
 
 def test_chunks_continue_the_cache_like_single_tokens():
