@@ -188,7 +188,6 @@ class LayerCache:
         ring_heads = [head for heads, _, _ in self.rings for head in heads]
         self.ring_heads = None if ring_heads == list(range(len(windows))) else torch.tensor(ring_heads)
         self.ring_keys = self.ring_values = None  # (rows, head_dim): group after group, each (batch, heads, W)
-        self.ring_offsets, self.ring_capacity = [], []
         self._first_slots = self._slot_windows = None  # per (sequence, windowed head): its ring's first row, its W
         self._write_slots: dict[tuple[int, ...], torch.Tensor] = {}
         self._ring_masks: dict[tuple[int, ...], torch.Tensor] = {}
@@ -251,11 +250,7 @@ class LayerCache:
         elsewhere; cached by the rings' fill (constant once they are full)."""
         key = tuple(store.stored for *_, store in self.rings)
         if key not in self._ring_masks:
-            starts = [
-                offset + i * capacity
-                for (heads, *_), offset, capacity in zip(self.rings, self.ring_offsets, self.ring_capacity)
-                for i in range(len(heads))
-            ]
+            starts = self._first_slots.tolist()  # one sequence: a row per windowed head
             mask = self.ring_keys.new_full((len(starts), self.ring_keys.shape[0]), float("-inf"))
             stored = [store.stored for heads, _, store in self.rings for _ in heads]
             for row, (start, filled) in enumerate(zip(starts, stored)):
@@ -288,7 +283,6 @@ class LayerCache:
             )
             if size:  # a ring grows only before it fills, while slot = position: a plain copy keeps the layout
                 store.keys[:, :, :size], store.values[:, :, :size] = held
-        self.ring_offsets, self.ring_capacity = offsets, capacity
         first_slots = [  # each (sequence, head)'s ring, sequence-major as `_write_rings` writes them
             (offset + (b * len(heads) + i) * slots, window)
             for b in range(batch)
