@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from mswa import native
 from mswa.attention.linear import mapped_feature_dim
 from mswa.rules import POSITIVE, POSITIVE_OR_NULL, RATE, Rule, check_value, is_number
 from mswa.windows import Window
@@ -208,6 +209,8 @@ class LayerCache:
         self._grow_rings(k)
         if q.shape[2] > 1:
             return self._attend_in_order(q, k, v)
+        if self._native_step_applies(q):
+            return self._native_step(q, k, v)
         self._write_rings(k, v)
         if self._in_one_call(q):
             return self._attend_rings_at_once(q)
@@ -227,6 +230,27 @@ class LayerCache:
         if store.limit is None:
             store.append(k[:, heads], v[:, heads])
         return attend_one(q, *store.visible())
+
+    def _native_step_applies(self, q: torch.Tensor) -> bool:
+        """Whether one token goes through the native kernel: every head windowed, fp32 on the CPU, and the
+        kernel built (`mswa.native`)."""
+        every_head_in_a_ring = self.rings and len(self.rings) == len(self.groups)
+        return every_head_in_a_ring and q.device.type == "cpu" and q.dtype == torch.float32 and native.kernel() is not None
+
+    def _native_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """One token (batch, heads, 1, head_dim) of every sequence: one native call writes every ring and
+        attends to each (sequence, head)'s filled slots where they lie (`mswa/native/ring_step.cpp`)."""
+        batch, _, _, dim = q.shape
+        rows = [(x[:, :, 0] if self.ring_heads is None else x[:, self.ring_heads, 0]).reshape(-1, dim).contiguous() for x in (q, k, v)]
+        position = self.rings[0][2].count  # every ring has seen the same tokens
+        out = (
+            native.kernel()
+            .ring_step(*rows, self.ring_keys, self.ring_values, self._first_slots, self._slot_windows, position, dim**-0.5)
+            .view(batch, -1, 1, dim)
+        )
+        for _, _, store in self.rings:
+            store.count += 1
+        return out if self.ring_heads is None else torch.empty_like(out).index_copy_(1, self.ring_heads, out)
 
     def _in_one_call(self, q: torch.Tensor) -> bool:
         """Whether one token's heads all attend in one masked call (one sequence, several window groups, all
@@ -289,7 +313,7 @@ class LayerCache:
             for (heads, window, _), offset, slots in zip(self.rings, offsets, capacity)
             for i in range(len(heads))
         ]
-        self._first_slots, self._slot_windows = torch.tensor(first_slots, device=like.device).unbind(1)
+        self._first_slots, self._slot_windows = torch.tensor(first_slots, device=like.device).T.contiguous()
         self._write_slots.clear()
         self._ring_masks.clear()
 

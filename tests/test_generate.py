@@ -13,6 +13,7 @@ import torch
 import mswa.generate as generate_module
 from helpers.data import write_word_corpus
 from helpers.runs import REPO, TINY_DATA, compose_config, run_bench
+from mswa import native
 from mswa.generate import DecodingCache, KVStore, cache_bytes, generate, sample_next
 from mswa.model import LanguageModel, ModelConfig
 from mswa.run import RunInfo, train
@@ -62,17 +63,23 @@ def decode_step_by_step(model, ids, prompt, cache):
         return torch.cat([model(ids[:, :prompt], cache)] + [model(ids[:, t : t + 1], cache) for t in range(prompt, ids.shape[1])], 1)
 
 
-ATTENTION_PATHS = {  # (ONE_CALL_SCORES, PRODUCTS_FROM_KEYS, batch): each decoding path forced
-    "a fused call per window group": (0, 1 << 30, 2),
-    "batched products per window group": (0, 0, 2),
-    "one masked call per layer": (1 << 30, 1 << 30, 1),  # one sequence only
+ATTENTION_PATHS = {  # (native kernel, ONE_CALL_SCORES, PRODUCTS_FROM_KEYS, batch): each decoding path forced
+    "a fused call per window group": (False, 0, 1 << 30, 2),
+    "batched products per window group": (False, 0, 0, 2),
+    "one masked call per layer": (False, 1 << 30, 1 << 30, 1),  # one sequence only
+    "the native ring step, one sequence": (True, 0, 0, 1),
+    "the native ring step, several sequences": (True, 0, 0, 3),
 }
 
 
 @pytest.mark.parametrize("path", sorted(ATTENTION_PATHS))
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_step_by_step_logits_equal_one_forward_pass_at_every_position(case, path, monkeypatch):
-    one_call_scores, products_from_keys, batch = ATTENTION_PATHS[path]
+    use_native, one_call_scores, products_from_keys, batch = ATTENTION_PATHS[path]
+    if use_native and native.kernel() is None:
+        pytest.skip("the native CPU kernels could not be built here (no compiler, or MSWA_NATIVE=0)")
+    if not use_native:
+        monkeypatch.setattr(native, "kernel", lambda: None)
     monkeypatch.setattr(generate_module, "ONE_CALL_SCORES", one_call_scores)
     monkeypatch.setattr(generate_module, "PRODUCTS_FROM_KEYS", products_from_keys)
     model = tiny_model(**CASES[case])

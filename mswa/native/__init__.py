@@ -1,0 +1,67 @@
+"""Native CPU kernels, compiled from this package's C++ at first use, with the PyTorch path as the fallback.
+
+`kernel()` returns the compiled module, or None where it cannot be had: a compiler or ninja missing, a build
+that fails (said once, in a warning that names the cause), or `MSWA_NATIVE=0` in the environment. Callers keep
+their PyTorch path for None, so a machine without a compiler loses speed, never results.
+
+The build is for this machine's own vector unit (`-march=native`), so its name carries a digest of the source,
+the flags, torch's version and the CPU's instruction set: nodes of a cluster that share a home directory (and so
+torch's extension cache) each load a build made for their own CPU, never one that would stop on an illegal
+instruction. The cache lies where torch keeps extensions (`TORCH_EXTENSIONS_DIR`, else ~/.cache/torch_extensions).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import sys
+import warnings
+from functools import cache
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("ring_step.cpp")
+FLAGS = ["-O3", "-march=native"]
+
+
+def _cpu_identity() -> str:
+    """The CPU's architecture and instruction-set flags (Linux: /proc/cpuinfo's first `flags` line)."""
+    flags = ""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        flags = next((line for line in cpuinfo.read_text().splitlines() if line.startswith(("flags", "Features"))), "")
+    return f"{platform.machine()} {platform.processor()} {flags}"
+
+
+def _extensions_dir() -> Path:
+    """torch's extension cache (`TORCH_EXTENSIONS_DIR`, else ~/.cache/torch_extensions), an mswa folder in it."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
+    return Path(root) / "mswa"
+
+
+def build_name(source: str) -> str:
+    identity = "\n".join([source, " ".join(FLAGS), torch.__version__, _cpu_identity()])
+    return "mswa_native_" + hashlib.sha256(identity.encode()).hexdigest()[:16]
+
+
+@cache
+def kernel():
+    """The compiled kernels (`ring_step`), or None (see the module's notes); built once per process at most."""
+    if os.environ.get("MSWA_NATIVE", "1") == "0":
+        return None
+    from torch.utils.cpp_extension import load_inline
+
+    source = SOURCE.read_text()
+    name = build_name(source)
+    folder = _extensions_dir() / name
+    if not any(folder.glob(f"{name}*.so")):
+        print(f"mswa: building native CPU kernels for this machine, once (~30 s): {folder}", file=sys.stderr)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        return load_inline(name, cpp_sources=source, functions=["ring_step"], extra_cflags=FLAGS, build_directory=str(folder))
+    except Exception as error:  # noqa: BLE001  any failure to build or load means the PyTorch path, said once
+        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        warnings.warn(f"mswa: native CPU kernels unavailable, using the PyTorch path ({reason})", stacklevel=2)
+        return None

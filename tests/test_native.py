@@ -1,0 +1,70 @@
+"""The native CPU kernels (`mswa.native`): exact against a float64 reference written here, and a machine that
+cannot build them keeps the PyTorch path with one warning."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mswa import native
+
+
+def reference_step(q, k, v, keys, values, first, windows, position):
+    """Row by row in float64: write the new key and value at slot position % W, then softmax over the filled slots."""
+    keys, values, outs = keys.double().clone(), values.double().clone(), []
+    for i, (start, window) in enumerate(zip(first.tolist(), windows.tolist())):
+        keys[start + position % window], values[start + position % window] = k[i].double(), v[i].double()
+        filled = slice(start, start + min(window, position + 1))
+        scores = keys[filled] @ q[i].double() / q.shape[1] ** 0.5
+        outs.append(torch.softmax(scores, 0) @ values[filled])
+    return torch.stack(outs), keys, values
+
+
+@pytest.mark.parametrize("dim", [5, 32, 64, 72, 128])  # the compiled head sizes, and others under and between 8 lanes
+@pytest.mark.parametrize("position", [0, 17, 300])  # first token, rings partly filled, every ring wrapped
+def test_ring_step_matches_a_float64_reference(dim, position):
+    kernel = native.kernel()
+    if kernel is None:
+        pytest.skip("the native CPU kernels could not be built here (no compiler, or MSWA_NATIVE=0)")
+    torch.manual_seed(dim + position)
+    windows = torch.tensor([1, 3, 16, 40, 40, 129, 256, 7])
+    first = torch.cumsum(windows, 0) - windows
+    keys, values = torch.randn(int(windows.sum()), dim), torch.randn(int(windows.sum()), dim)
+    q, k, v = (torch.randn(len(windows), dim) * 3 for _ in range(3))
+    expected, expected_keys, expected_values = reference_step(q, k, v, keys, values, first, windows, position)
+    out = kernel.ring_step(q, k, v, keys, values, first, windows, position, dim**-0.5)
+    torch.testing.assert_close(out.double(), expected, rtol=2e-6, atol=2e-6)  # fp32: a few ulps
+    torch.testing.assert_close(keys.double(), expected_keys, rtol=0, atol=0)
+    torch.testing.assert_close(values.double(), expected_values, rtol=0, atol=0)
+
+
+def test_a_failed_build_warns_once_and_leaves_the_pytorch_path(tmp_path):
+    """A compiler that fails: `kernel()` is None after one warning naming the cause, and decoding still runs."""
+    script = (
+        "import warnings, torch\n"
+        "from mswa import native\n"
+        "from mswa.model import LanguageModel, ModelConfig\n"
+        "from mswa.generate import DecodingCache\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    assert native.kernel() is None and native.kernel() is None\n"
+        "print(len(caught), caught[0].message)\n"
+        "model = LanguageModel(ModelConfig(vocab_size=11, n_layer=1, n_head=2, d_model=8, max_seq_len=16, windows=[[2, 4]])).eval()\n"
+        "cache = DecodingCache(model)\n"
+        "with torch.no_grad():\n"
+        "    model(torch.tensor([[1, 2, 3]]), cache)\n"
+        "    print(model(torch.tensor([[4]]), cache).shape)\n"
+    )
+    env = {**os.environ, "CXX": "false", "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    count, message = done.stdout.splitlines()[0].split(" ", 1)
+    assert count == "1" and message.startswith("mswa: native CPU kernels unavailable, using the PyTorch path (")
+    assert done.stdout.splitlines()[1] == "torch.Size([1, 1, 11])"
+
+
+def test_the_build_name_follows_the_source():
+    assert native.build_name("a") != native.build_name("b")
+    assert native.build_name("a") == native.build_name("a")
