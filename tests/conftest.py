@@ -26,3 +26,16 @@ def threads(request):
     torch.set_num_threads(request.param)
     yield request.param
     torch.set_num_threads(before)
+
+
+@pytest.fixture(params=["native", "python"], ids=["native chunk bodies", "python chunk bodies"])
+def chunk_bodies(request, monkeypatch):
+    """The blocked kernel's chunks through the compiled bodies (`mswa.native`; skipped where they cannot be
+    built) or through the Python ones they replace, which machines without a compiler run."""
+    from mswa import native
+
+    if request.param == "native" and native.kernel() is None:
+        pytest.skip("the native CPU kernels could not be built here (no compiler, or MSWA_NATIVE=0)")
+    if request.param == "python":
+        monkeypatch.setattr(native, "kernel", lambda: None)
+    return request.param

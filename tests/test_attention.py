@@ -51,11 +51,11 @@ def test_window_mask_follows_the_convention():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("backend", ["blocked", "auto"])
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_backend_matches_dense(case, backend, dtype):
+def test_backend_matches_dense(case, backend, dtype, chunk_bodies):
     assert_case_matches_dense(case, backend, dtype)
 
 
-def test_blocked_matches_dense_on_random_shapes():
+def test_blocked_matches_dense_on_random_shapes(chunk_bodies):
     rng = random.Random(0)
     for trial in range(25):
         kv_heads = rng.choice([1, 2, 3])
@@ -69,7 +69,7 @@ def test_blocked_matches_dense_on_random_shapes():
 
 
 @pytest.mark.parametrize("chunk_blocks", [1, 3, 20, 10**6], ids=["block by block", "pieces of rows", "rows", "one chunk"])
-def test_blocked_matches_dense_whatever_the_chunking(monkeypatch, chunk_blocks, threads):
+def test_blocked_matches_dense_whatever_the_chunking(monkeypatch, chunk_blocks, threads, chunk_bodies):
     """Chunks of a band split rows into pieces (masking a row's first blocks from inside a piece) or
     group several rows; every chunking gives the dense result, on one thread or several."""
     q, k, v = make_inputs(2, 4, 2, 200, 8)

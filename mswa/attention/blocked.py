@@ -41,6 +41,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from mswa import native
+
 
 def block_size_for(window):
     """Query block size for a window. A block computes B + reach keys per query to use W, so small
@@ -170,9 +172,17 @@ class _BandAttention(torch.autograd.Function):
         masks = [_band_mask(band.window, band.block, dtype, q.device) for band in plan.bands]
         softs = [_soft_mask(spans, band, plan, dtype) if spans is not None else None for band in plan.bands]
 
+        kernel = _native_kernel(q_rows)
+
         def forward_chunk(item, worker):  # a chunk's scores stay in cache from product to softmax to product
             b, chunk = item
             (queries, keys, values, out), band = views[b], plan.bands[b]
+            if kernel is not None and softs[b] is None:  # the same operations, without Python's lock
+                before_start = _before_start_mask(band.block, band.reach, dtype, q.device)
+                blocks, reach_blocks = chunk.blocks, band.reach // band.block
+                args = (probs[b], queries, keys, values, out, masks[b], before_start, blocks.start, blocks.stop)
+                kernel.band_forward_chunk(*args, chunk.rows, chunk.first_in_row, reach_blocks, scale)
+                return
             scores = probs[b][chunk.blocks]
             torch.baddbmm(masks[b], queries[chunk.blocks], keys[chunk.blocks].mT, alpha=scale, out=scores)
             _mask_before_row_start(scores, band, chunk)
@@ -207,6 +217,7 @@ class _BandAttention(torch.autograd.Function):
         ]
         softs = [_soft_mask(spans, band, plan, q_rows.dtype) if learned else None for band in plan.bands]
         span_terms = []  # (band, rows, their span gradients) per chunk: pieces of one row may run at once, so summed after
+        kernel = _native_kernel(q_rows)
 
         def backward_chunk(item, worker):
             if not started[worker]:
@@ -216,6 +227,10 @@ class _BandAttention(torch.autograd.Function):
             b, chunk = item
             (queries, keys, values, grad_blocks, grad_queries), band, prob = views[b], plan.bands[b], probs[b]
             blocks, first_key = chunk.blocks, _first_key_row(band, plan) + chunk.blocks.start * band.block
+            if kernel is not None and softs[b] is None:  # the same operations, without Python's lock
+                args = (prob, queries, keys, values, grad_blocks, grad_queries, grad_k[worker], grad_v[worker])
+                kernel.band_backward_chunk(*args, blocks.start, blocks.stop, first_key, band.block, scale)
+                return
             _accumulate_tiles(grad_v[worker], prob[blocks], grad_blocks[blocks], first_key, band, alpha=1.0)
             grad_scores = torch.bmm(grad_blocks[blocks], values[blocks].mT)
             torch.ops.aten._softmax_backward_data.out(grad_scores, prob[blocks], -1, prob.dtype, grad_input=grad_scores)
@@ -273,6 +288,11 @@ def _chunk_rows(band, plan, chunk):
 def _per_row(scores, chunk):
     """A chunk's (blocks, block, span) scores as (rows, blocks per row, block, span)."""
     return scores.view(chunk.rows, -1, *scores.shape[1:])
+
+
+def _native_kernel(rows):
+    """The native chunk bodies (`mswa.native`) for CPU tensors where they could be built, else None."""
+    return native.kernel() if rows.device.type == "cpu" else None
 
 
 def _workers_for(rows):

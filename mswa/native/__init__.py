@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("ring_step.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("ring_step.cpp", "band_chunks.cpp", "bindings.cpp")]
 FLAGS = ["-O3", "-march=native"]
 
 
@@ -48,19 +48,20 @@ def build_name(source: str) -> str:
 
 @cache
 def kernel():
-    """The compiled kernels (`ring_step`), or None (see the module's notes); built once per process at most."""
+    """The compiled kernels (`ring_step`, `band_forward_chunk`, `band_backward_chunk`), or None (see the module's
+    notes); built once per process at most."""
     if os.environ.get("MSWA_NATIVE", "1") == "0":
         return None
     from torch.utils.cpp_extension import load_inline
 
-    source = SOURCE.read_text()
+    source = "\n".join(path.read_text() for path in SOURCES)
     name = build_name(source)
     folder = _extensions_dir() / name
     if not any(folder.glob(f"{name}*.so")):
         print(f"mswa: building native CPU kernels for this machine, once (~30 s): {folder}", file=sys.stderr)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        return load_inline(name, cpp_sources=source, functions=["ring_step"], extra_cflags=FLAGS, build_directory=str(folder))
+        return load_inline(name, cpp_sources=source, extra_cflags=FLAGS, build_directory=str(folder))
     except Exception as error:  # noqa: BLE001  any failure to build or load means the PyTorch path, said once
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
         warnings.warn(f"mswa: native CPU kernels unavailable, using the PyTorch path ({reason})", stacklevel=2)
