@@ -151,13 +151,13 @@ class _BandAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, plan, spans):
-        # the products run in the dtype chosen here, on the workers of `_for_each_chunk`
-        with torch.autocast(q.device.type, enabled=False), _workers_only(q):
+        # the products run in the dtype chosen here, on the workers of `_for_each_chunk` or of the native loop
+        with torch.autocast(q.device.type, enabled=False), _workers_only(q, _native_loop(q, plan)):
             return _BandAttention._forward(ctx, q, k, v, plan, spans)
 
     @staticmethod
     def backward(ctx, grad_out):
-        with torch.autocast(grad_out.device.type, enabled=False), _workers_only(grad_out):
+        with torch.autocast(grad_out.device.type, enabled=False), _workers_only(grad_out, _native_loop(grad_out, ctx.plan)):
             return _BandAttention._backward(ctx, grad_out)
 
     @staticmethod
@@ -172,17 +172,24 @@ class _BandAttention(torch.autograd.Function):
         masks = [_band_mask(band.window, band.block, dtype, q.device) for band in plan.bands]
         softs = [_soft_mask(spans, band, plan, dtype) if spans is not None else None for band in plan.bands]
 
-        kernel = _native_kernel(q_rows)
+        native_loop = _native_loop(q, plan)
+        if native_loop is not None:
+            before_starts = [_before_start_mask(band.block, band.reach, dtype, q.device) for band in plan.bands]
+            reach_blocks = [band.reach // band.block for band in plan.bands]
+            native_loop.band_forward(
+                probs,
+                *map(list, zip(*views)),
+                masks,
+                before_starts,
+                reach_blocks,
+                _chunk_table(plan, q_rows),
+                scale,
+                torch.get_num_threads(),
+            )
 
         def forward_chunk(item, worker):  # a chunk's scores stay in cache from product to softmax to product
             b, chunk = item
             (queries, keys, values, out), band = views[b], plan.bands[b]
-            if kernel is not None and softs[b] is None:  # the same operations, without Python's lock
-                before_start = _before_start_mask(band.block, band.reach, dtype, q.device)
-                blocks, reach_blocks = chunk.blocks, band.reach // band.block
-                args = (probs[b], queries, keys, values, out, masks[b], before_start, blocks.start, blocks.stop)
-                kernel.band_forward_chunk(*args, chunk.rows, chunk.first_in_row, reach_blocks, scale)
-                return
             scores = probs[b][chunk.blocks]
             torch.baddbmm(masks[b], queries[chunk.blocks], keys[chunk.blocks].mT, alpha=scale, out=scores)
             _mask_before_row_start(scores, band, chunk)
@@ -191,7 +198,8 @@ class _BandAttention(torch.autograd.Function):
             torch.ops.aten._softmax.out(scores, -1, False, out=scores)
             torch.bmm(scores, values[chunk.blocks], out=out[chunk.blocks])
 
-        _for_each_chunk(plan, q_rows, forward_chunk)
+        if native_loop is None:
+            _for_each_chunk(plan, q_rows, forward_chunk)
         spans = spans.detach() if spans is not None else q_rows.new_empty(0)
         ctx.save_for_backward(q_rows, k_rows, v_rows, spans, *probs)  # tensors only here: saved-tensor hooks see them all
         ctx.plan, ctx.scale = plan, scale
@@ -217,7 +225,6 @@ class _BandAttention(torch.autograd.Function):
         ]
         softs = [_soft_mask(spans, band, plan, q_rows.dtype) if learned else None for band in plan.bands]
         span_terms = []  # (band, rows, their span gradients) per chunk: pieces of one row may run at once, so summed after
-        kernel = _native_kernel(q_rows)
 
         def backward_chunk(item, worker):
             if not started[worker]:
@@ -227,10 +234,6 @@ class _BandAttention(torch.autograd.Function):
             b, chunk = item
             (queries, keys, values, grad_blocks, grad_queries), band, prob = views[b], plan.bands[b], probs[b]
             blocks, first_key = chunk.blocks, _first_key_row(band, plan) + chunk.blocks.start * band.block
-            if kernel is not None and softs[b] is None:  # the same operations, without Python's lock
-                args = (prob, queries, keys, values, grad_blocks, grad_queries, grad_k[worker], grad_v[worker])
-                kernel.band_backward_chunk(*args, blocks.start, blocks.stop, first_key, band.block, scale)
-                return
             _accumulate_tiles(grad_v[worker], prob[blocks], grad_blocks[blocks], first_key, band, alpha=1.0)
             grad_scores = torch.bmm(grad_blocks[blocks], values[blocks].mT)
             torch.ops.aten._softmax_backward_data.out(grad_scores, prob[blocks], -1, prob.dtype, grad_input=grad_scores)
@@ -240,8 +243,16 @@ class _BandAttention(torch.autograd.Function):
             grad_queries[blocks].baddbmm_(grad_scores, keys[blocks], beta=0, alpha=scale)
             _accumulate_tiles(grad_k[worker], grad_scores, queries[blocks], first_key, band, alpha=scale)
 
-        _for_each_chunk(plan, q_rows, backward_chunk)
-        grad_k, grad_v = (_summed([grads[w] for w in range(workers) if started[w]]) for grads in (grad_k, grad_v))
+        native_loop = _native_loop(q_rows, plan)
+        if native_loop is None:
+            _for_each_chunk(plan, q_rows, backward_chunk)
+        else:  # one buffer per torch thread instead
+            threads = torch.get_num_threads()
+            grad_k, grad_v = ([torch.empty_like(k_rows) for _ in range(threads)] for _ in range(2))
+            first_keys = [_first_key_row(band, plan) for band in plan.bands]
+            args = (*map(list, zip(*views)), grad_k, grad_v, first_keys, [band.block for band in plan.bands])
+            started = native_loop.band_backward(probs, *args, _chunk_table(plan, q_rows), scale, threads)
+        grad_k, grad_v = (_summed([grads[w] for w in range(len(started)) if started[w]]) for grads in (grad_k, grad_v))
         for b, rows, term in span_terms:
             softs[b].grad_rows[rows] += term
         for soft in softs:
@@ -290,9 +301,10 @@ def _per_row(scores, chunk):
     return scores.view(chunk.rows, -1, *scores.shape[1:])
 
 
-def _native_kernel(rows):
-    """The native chunk bodies (`mswa.native`) for CPU tensors where they could be built, else None."""
-    return native.kernel() if rows.device.type == "cpu" else None
+def _native_loop(x, plan):
+    """The native chunk loops (`mswa.native`) for hard windows on the CPU, where they could be built; else None
+    (learned spans and GPUs take the Python loop)."""
+    return native.kernel() if x.device.type == "cpu" and plan.ramp is None else None
 
 
 def _workers_for(rows):
@@ -301,17 +313,19 @@ def _workers_for(rows):
 
 
 @contextlib.contextmanager
-def _workers_only(x):
-    """With several CPU threads, what the kernel runs outside `_Workers` (small fills, views) runs on this
-    thread alone, opening no OpenMP parallel region: a team that has finished one spins for milliseconds
-    waiting for the next, burning the CPU that the workers (and any other process) need. torch's thread
-    count is back afterwards."""
+def _workers_only(x, native_loop=None):
+    """With several CPU threads and the Python loop, what the kernel runs outside `_Workers` (small fills,
+    views) runs on this thread alone, opening no OpenMP parallel region: a team that has finished one spins
+    for milliseconds waiting for the next, burning the CPU that the workers (and any other process) need.
+    torch's thread count is back afterwards. With the native loop, whose workers are that team, `_Workers`
+    stays idle and everything runs on torch's threads."""
     threads = _workers_for(x)
     if threads == 1:
         yield
         return
-    token = _Workers.threads_here.set(threads)
-    torch.set_num_threads(1)
+    token = _Workers.threads_here.set(1 if native_loop is not None else threads)
+    if native_loop is None:
+        torch.set_num_threads(1)
     try:
         yield
     finally:
@@ -326,14 +340,26 @@ def _for_each_chunk(plan, rows, work):
     evenly between its threads and waits for the slowest at every one, so a thread descheduled by
     another process stalled them all), and one that is descheduled delays only its own chunk. Chunks are
     cut small enough that every thread gets several, largest first."""
-    workers = _workers_for(rows)
+    _in_parallel(rows, _chunk_items(plan, rows, _workers_for(rows)), work)
+
+
+def _chunk_items(plan, rows, workers):
+    """(band index, chunk) for every chunk of every band, largest first, each about `CHUNK_BYTES` of scores
+    and smaller where needed to give each of `workers` several."""
     per_chunk = _scores_per_chunk(rows)
     if workers > 1:
         total = sum(band.rows * plan.n_padded * band.span for band in plan.bands)
         per_chunk = min(per_chunk, max(1, total // (4 * workers)))
     items = [(b, chunk) for b, band in enumerate(plan.bands) for chunk in _chunks(band, plan, per_chunk)]
     items.sort(key=lambda item: -(item[1].blocks.stop - item[1].blocks.start) * plan.bands[item[0]].span)
-    _in_parallel(rows, items, work)
+    return items
+
+
+def _chunk_table(plan, rows):
+    """`_chunk_items` for torch's threads as the native loops read them: (chunks, 5) int64 rows of (band, first
+    block, end block, layout rows, first block's index in its row)."""
+    items = _chunk_items(plan, rows, torch.get_num_threads())
+    return torch.tensor([(b, c.blocks.start, c.blocks.stop, c.rows, c.first_in_row) for b, c in items], dtype=torch.int64)
 
 
 def _in_parallel(like, items, work):

@@ -48,7 +48,7 @@ def build_name(source: str) -> str:
 
 @cache
 def kernel():
-    """The compiled kernels (`ring_step`, `band_forward_chunk`, `band_backward_chunk`), or None (see the module's
+    """The compiled kernels (`ring_step`, `band_forward`, `band_backward`), or None (see the module's
     notes); built once per process at most."""
     if os.environ.get("MSWA_NATIVE", "1") == "0":
         return None
