@@ -152,12 +152,12 @@ class _BandAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan, spans):
         # the products run in the dtype chosen here, on the workers of `_for_each_chunk` or of the native loop
-        with torch.autocast(q.device.type, enabled=False), _workers_only(q, _native_loop(q, plan)):
+        with torch.autocast(q.device.type, enabled=False), _workers_only(q):
             return _BandAttention._forward(ctx, q, k, v, plan, spans)
 
     @staticmethod
     def backward(ctx, grad_out):
-        with torch.autocast(grad_out.device.type, enabled=False), _workers_only(grad_out, _native_loop(grad_out, ctx.plan)):
+        with torch.autocast(grad_out.device.type, enabled=False), _workers_only(grad_out):
             return _BandAttention._backward(ctx, grad_out)
 
     @staticmethod
@@ -184,7 +184,7 @@ class _BandAttention(torch.autograd.Function):
                 reach_blocks,
                 _chunk_table(plan, q_rows),
                 scale,
-                torch.get_num_threads(),
+                _workers_for(q_rows),
             )
 
         def forward_chunk(item, worker):  # a chunk's scores stay in cache from product to softmax to product
@@ -246,13 +246,11 @@ class _BandAttention(torch.autograd.Function):
         native_loop = _native_loop(q_rows, plan)
         if native_loop is None:
             _for_each_chunk(plan, q_rows, backward_chunk)
-        else:  # one buffer per torch thread instead
-            threads = torch.get_num_threads()
-            grad_k, grad_v = ([torch.empty_like(k_rows) for _ in range(threads)] for _ in range(2))
+        else:
             first_keys = [_first_key_row(band, plan) for band in plan.bands]
             args = (*map(list, zip(*views)), grad_k, grad_v, first_keys, [band.block for band in plan.bands])
-            started = native_loop.band_backward(probs, *args, _chunk_table(plan, q_rows), scale, threads)
-        grad_k, grad_v = (_summed([grads[w] for w in range(len(started)) if started[w]]) for grads in (grad_k, grad_v))
+            started = native_loop.band_backward(probs, *args, _chunk_table(plan, q_rows), scale, workers)
+        grad_k, grad_v = (_summed([grads[w] for w in range(workers) if started[w]]) for grads in (grad_k, grad_v))
         for b, rows, term in span_terms:
             softs[b].grad_rows[rows] += term
         for soft in softs:
@@ -313,19 +311,17 @@ def _workers_for(rows):
 
 
 @contextlib.contextmanager
-def _workers_only(x, native_loop=None):
-    """With several CPU threads and the Python loop, what the kernel runs outside `_Workers` (small fills,
-    views) runs on this thread alone, opening no OpenMP parallel region: a team that has finished one spins
-    for milliseconds waiting for the next, burning the CPU that the workers (and any other process) need.
-    torch's thread count is back afterwards. With the native loop, whose workers are that team, `_Workers`
-    stays idle and everything runs on torch's threads."""
+def _workers_only(x):
+    """With several CPU threads, what the kernel runs outside its workers (small fills, views) runs on this
+    thread alone, opening no OpenMP parallel region: a team that has finished one spins for milliseconds
+    waiting for the next, burning the CPU that the workers (and any other process) need. torch's thread
+    count is back afterwards."""
     threads = _workers_for(x)
     if threads == 1:
         yield
         return
-    token = _Workers.threads_here.set(1 if native_loop is not None else threads)
-    if native_loop is None:
-        torch.set_num_threads(1)
+    token = _Workers.threads_here.set(threads)
+    torch.set_num_threads(1)
     try:
         yield
     finally:
@@ -356,9 +352,9 @@ def _chunk_items(plan, rows, workers):
 
 
 def _chunk_table(plan, rows):
-    """`_chunk_items` for torch's threads as the native loops read them: (chunks, 5) int64 rows of (band, first
-    block, end block, layout rows, first block's index in its row)."""
-    items = _chunk_items(plan, rows, torch.get_num_threads())
+    """`_chunk_items` as the native loops read them: (chunks, 5) int64 rows of (band, first block, end block,
+    layout rows, first block's index in its row)."""
+    items = _chunk_items(plan, rows, _workers_for(rows))
     return torch.tensor([(b, c.blocks.start, c.blocks.stop, c.rows, c.first_in_row) for b, c in items], dtype=torch.int64)
 
 

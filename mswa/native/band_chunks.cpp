@@ -1,13 +1,21 @@
 // The blocked kernel's chunk loops (mswa/attention/blocked.py): the same torch operations per chunk as its Python
-// chunk bodies, run by torch's own threads, each taking the next chunk when done with one. Python's pool of worker
-// threads took turns on Python's lock between operations, and ran beside the team of threads that torch keeps
-// spinning after every parallel operation (its matmuls between the attention layers), so that a 2-core machine
-// had 3-4 busy threads. Here the chunks run on that same team, without the lock.
+// chunk bodies, on a pool of threads that each take the next chunk when done with one, as its Python pool does, but
+// without Python's lock, on which the Python workers took turns between operations. Not on torch's own OpenMP team:
+// that team waits for its slowest thread at the end of every region, spinning, so that beside one busy process
+// two threads took 2x the time of one (measured); blocked waits here let the busy process and the workers share.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 
+#include <pthread.h>
+
 #include <atomic>
+#include <condition_variable>
+#include <exception>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
 
 namespace {
 
@@ -34,14 +42,102 @@ void accumulate_tiles(Tensor& grad_rows, const Tensor& weights, const Tensor& bl
   for (int64_t t = 0; t < tiles; ++t) targets[t].baddbmm_(weight_tiles[t], block_values, 1.0, alpha);
 }
 
-// work(worker) on `threads` of torch's threads (worker = 0..threads-1), each with the caller's grad and inference
-// modes; work takes chunks from a shared counter, so a thread that the OS deschedules delays only its own chunk.
-template <typename Work>
-void on_workers(int64_t threads, const Work& work) {
+// Threads that wait for work blocked (not spinning) and run torch single-threaded, as the kernel's workers 1..n-1
+// (the calling thread is worker 0). Rebuilt when the count changes; forgotten, not joined, in a forked child, where
+// its threads do not exist.
+class Pool {
+ public:
+  static Pool& with(int64_t workers) {
+    static std::once_flag fork_handler;
+    std::call_once(fork_handler, [] { pthread_atfork(nullptr, nullptr, [] { current() = nullptr; }); });
+    if (current() == nullptr || current()->workers_ != workers) {
+      delete current();
+      current() = new Pool(workers);
+    }
+    return *current();
+  }
+
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stopping_ = true;
+    }
+    wake_.notify_all();
+    for (auto& thread : threads_) thread.join();
+  }
+
+  // work(worker) on every worker, the calling thread as worker 0; returns when all have returned. The first
+  // exception thrown by any worker is rethrown here.
+  void run(const std::function<void(int64_t)>& work) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      work_ = &work;
+      running_ = workers_ - 1;
+      error_ = nullptr;
+      ++generation_;
+    }
+    wake_.notify_all();
+    call(work, 0);
+    std::unique_lock<std::mutex> lock(mutex_);
+    done_.wait(lock, [&] { return running_ == 0; });
+    work_ = nullptr;
+    if (error_) std::rethrow_exception(error_);
+  }
+
+ private:
+  explicit Pool(int64_t workers) : workers_(workers) {
+    for (int64_t worker = 1; worker < workers; ++worker) threads_.emplace_back([this, worker] { serve(worker); });
+  }
+
+  static Pool*& current() {
+    static Pool* pool = nullptr;
+    return pool;
+  }
+
+  void serve(int64_t worker) {
+    at::set_num_threads(1);  // this thread's OpenMP and MKL settings: one worker, one thread
+    int64_t seen = 0;
+    while (true) {
+      std::unique_lock<std::mutex> lock(mutex_);
+      wake_.wait(lock, [&] { return stopping_ || generation_ != seen; });
+      if (stopping_) return;
+      seen = generation_;
+      const auto* work = work_;
+      lock.unlock();
+      call(*work, worker);
+      lock.lock();
+      if (--running_ == 0) done_.notify_all();
+    }
+  }
+
+  void call(const std::function<void(int64_t)>& work, int64_t worker) {
+    try {
+      work(worker);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (!error_) error_ = std::current_exception();
+    }
+  }
+
+  const int64_t workers_;
+  std::vector<std::thread> threads_;
+  std::mutex mutex_;
+  std::condition_variable wake_, done_;
+  const std::function<void(int64_t)>* work_ = nullptr;
+  int64_t running_ = 0, generation_ = 0;
+  bool stopping_ = false;
+  std::exception_ptr error_;
+};
+
+// work(worker) on `workers` threads (worker = 0..workers-1), each with the caller's grad and inference modes; work
+// takes chunks from a shared counter, so a thread that the OS deschedules delays only its own chunk. The caller
+// runs torch single-threaded meanwhile (mswa/attention/blocked.py: _workers_only).
+void on_workers(int64_t workers, const std::function<void(int64_t)>& work) {
+  if (workers <= 1) return work(0);
   const at::ThreadLocalState caller;
-  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+  Pool::with(workers).run([&](int64_t worker) {
     at::ThreadLocalStateGuard modes(caller);
-    for (int64_t worker = begin; worker < end; ++worker) work(worker);
+    work(worker);
   });
 }
 
