@@ -68,3 +68,48 @@ def test_a_failed_build_warns_once_and_leaves_the_pytorch_path(tmp_path):
 def test_the_build_name_follows_the_source():
     assert native.build_name("a") != native.build_name("b")
     assert native.build_name("a") == native.build_name("a")
+
+
+def test_the_native_workers_start_afresh_in_a_forked_child():
+    """A forked child (a DataLoader worker, a launcher job) has none of its parent's worker threads: the kernel's
+    pool is forgotten there and started anew, not waited on forever."""
+    if native.kernel() is None:
+        pytest.skip("the native CPU kernels could not be built here (no compiler, or MSWA_NATIVE=0)")
+    script = (
+        "import os, torch\n"
+        "from mswa.attention.blocked import blocked_window_attention\n"
+        "torch.set_num_threads(2)\n"
+        "torch.manual_seed(0)\n"
+        "q, k, v = (torch.randn(1, 4, 300, 16) for _ in range(3))\n"
+        "expected = blocked_window_attention(q, k, v, [5, 5, 40, 40])  # the parent's pool starts here\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    same = torch.equal(blocked_window_attention(q, k, v, [5, 5, 40, 40]), expected)\n"
+        "    os._exit(0 if same else 3)\n"
+        "print(os.waitpid(pid, 0)[1] >> 8, torch.equal(blocked_window_attention(q, k, v, [5, 5, 40, 40]), expected))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["0", "True"]
+
+
+def test_an_error_on_a_native_worker_is_raised_and_the_pool_still_works():
+    kernel = native.kernel()
+    if kernel is None:
+        pytest.skip("the native CPU kernels could not be built here (no compiler, or MSWA_NATIVE=0)")
+    blocks, block, span, dim = 6, 4, 8, 5
+    queries, keys = torch.randn(blocks, block, dim), torch.randn(blocks, span, dim)
+    probs, out, mask, before = (
+        torch.empty(blocks, block, span),
+        torch.empty(blocks, block, dim),
+        torch.zeros(block, span),
+        torch.zeros(1, 1, span),
+    )
+    chunks = torch.tensor([[0, b, b + 1, 1, 0] for b in range(blocks)])
+    wrong_values = torch.randn(blocks, span, dim, dtype=torch.float64)  # a product of mixed dtypes fails
+    with pytest.raises(RuntimeError):
+        kernel.band_forward([probs], [queries], [keys], [wrong_values], [out], [mask], [before], [0], chunks, 1.0, 3)
+    values = torch.randn(blocks, span, dim)
+    kernel.band_forward([probs], [queries], [keys], [values], [out], [mask], [before], [0], chunks, 1.0, 3)
+    expected = torch.softmax(queries @ keys.mT, -1) @ values
+    torch.testing.assert_close(out, expected)
