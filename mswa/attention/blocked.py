@@ -152,16 +152,16 @@ class _BandAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan, spans):
         # the products run in the dtype chosen here, on the workers of `_for_each_chunk` or of the native loop
-        with torch.autocast(q.device.type, enabled=False), _workers_only(q):
-            return _BandAttention._forward(ctx, q, k, v, plan, spans)
+        with torch.autocast(q.device.type, enabled=False), _workers_only(q, _native_loop(q, plan)) as workers:
+            return _BandAttention._forward(ctx, q, k, v, plan, spans, workers)
 
     @staticmethod
     def backward(ctx, grad_out):
-        with torch.autocast(grad_out.device.type, enabled=False), _workers_only(grad_out):
-            return _BandAttention._backward(ctx, grad_out)
+        with torch.autocast(grad_out.device.type, enabled=False), _workers_only(grad_out, _native_loop(grad_out, ctx.plan)) as workers:
+            return _BandAttention._backward(ctx, grad_out, workers)
 
     @staticmethod
-    def _forward(ctx, q, k, v, plan, spans):
+    def _forward(ctx, q, k, v, plan, spans, workers):
         dtype = _compute_dtype(q.dtype)
         q_rows = _to_rows(q, plan.heads, plan, dtype, front=0)
         k_rows, v_rows = (_to_rows(x, plan.kv_heads, plan, dtype, plan.front) for x in (k, v))
@@ -182,9 +182,9 @@ class _BandAttention(torch.autograd.Function):
                 masks,
                 before_starts,
                 reach_blocks,
-                _chunk_table(plan, q_rows),
+                _chunk_table(plan, q_rows, workers),
                 scale,
-                _workers_for(q_rows),
+                workers,
             )
 
         def forward_chunk(item, worker):  # a chunk's scores stay in cache from product to softmax to product
@@ -207,14 +207,13 @@ class _BandAttention(torch.autograd.Function):
         return _from_rows(out_rows, plan, front=0).to(q.dtype)
 
     @staticmethod
-    def _backward(ctx, grad_out):
+    def _backward(ctx, grad_out, workers):
         q_rows, k_rows, v_rows, spans, *probs = ctx.saved_tensors
         plan, scale = ctx.plan, ctx.scale
         learned = plan.ramp is not None
         grad_spans = torch.zeros(len(plan.heads), dtype=q_rows.dtype, device=q_rows.device) if learned else None
         grad_out_rows = _to_rows(grad_out, range(len(plan.heads)), plan, q_rows.dtype, front=0)
         grad_q = torch.empty_like(q_rows)
-        workers = _workers_for(q_rows)
         # key and value gradients of neighbouring chunks overlap: each worker adds into its own buffers,
         # which it zeroes when it takes its first chunk (in parallel, and not at all for an idle worker)
         grad_k, grad_v = ([torch.empty_like(k_rows) for _ in range(workers)] for _ in range(2))
@@ -249,7 +248,7 @@ class _BandAttention(torch.autograd.Function):
         else:
             first_keys = [_first_key_row(band, plan) for band in plan.bands]
             args = (*map(list, zip(*views)), grad_k, grad_v, first_keys, [band.block for band in plan.bands])
-            started = native_loop.band_backward(probs, *args, _chunk_table(plan, q_rows), scale, workers)
+            started = native_loop.band_backward(probs, *args, _chunk_table(plan, q_rows, workers), scale, workers)
         grad_k, grad_v = (_summed([grads[w] for w in range(workers) if started[w]]) for grads in (grad_k, grad_v))
         for b, rows, term in span_terms:
             softs[b].grad_rows[rows] += term
@@ -311,19 +310,22 @@ def _workers_for(rows):
 
 
 @contextlib.contextmanager
-def _workers_only(x):
-    """With several CPU threads, what the kernel runs outside its workers (small fills, views) runs on this
-    thread alone, opening no OpenMP parallel region: a team that has finished one spins for milliseconds
-    waiting for the next, burning the CPU that the workers (and any other process) need. torch's thread
+def _workers_only(x, native_loop=None):
+    """Yields the kernel's worker count. With several CPU threads, what the kernel runs outside its workers
+    (small fills, views) runs on this thread alone, opening no OpenMP parallel region: a team that has
+    finished one spins for milliseconds waiting for the next, burning the CPU that the workers (and any
+    other process) need. With the native loop, the layout copies and gradient sums run here too: shared out
+    to the Python pool, whose threads take turns on Python's lock, they took longer than alone (mswa's
+    layers at 1k, two threads: 0.648 of one thread's time with them shared, 0.615 without). torch's thread
     count is back afterwards."""
     threads = _workers_for(x)
     if threads == 1:
-        yield
+        yield 1
         return
-    token = _Workers.threads_here.set(threads)
+    token = _Workers.threads_here.set(1 if native_loop is not None else threads)
     torch.set_num_threads(1)
     try:
-        yield
+        yield threads
     finally:
         torch.set_num_threads(threads)
         _Workers.threads_here.reset(token)
@@ -351,10 +353,10 @@ def _chunk_items(plan, rows, workers):
     return items
 
 
-def _chunk_table(plan, rows):
+def _chunk_table(plan, rows, workers):
     """`_chunk_items` as the native loops read them: (chunks, 5) int64 rows of (band, first block, end block,
     layout rows, first block's index in its row)."""
-    items = _chunk_items(plan, rows, _workers_for(rows))
+    items = _chunk_items(plan, rows, workers)
     return torch.tensor([(b, c.blocks.start, c.blocks.stop, c.rows, c.first_in_row) for b, c in items], dtype=torch.int64)
 
 
