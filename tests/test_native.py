@@ -8,7 +8,10 @@ import sys
 import pytest
 import torch
 
+from helpers.attention import assert_matches_dense, make_inputs
 from mswa import native
+from mswa.attention import blocked
+from mswa.attention.blocked import blocked_window_attention
 
 
 def reference_step(q, k, v, keys, values, first, windows, position):
@@ -38,6 +41,17 @@ def test_ring_step_matches_a_float64_reference(dim, position):
     torch.testing.assert_close(out.double(), expected, rtol=2e-6, atol=2e-6)  # fp32: a few ulps
     torch.testing.assert_close(keys.double(), expected_keys, rtol=0, atol=0)
     torch.testing.assert_close(values.double(), expected_values, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dim", [32, 64, 72])  # compiled for their size, and one read at run time
+def test_direct_bands_match_dense_with_gradients(dim, threads):
+    """Bands of windows up to DIRECT_WINDOW attend directly (grouped-query k/v, two sequences, rows of N not a
+    multiple of any block); one band above it stays blocked beside them."""
+    if native.kernel() is None:
+        pytest.skip("the native CPU kernels could not be built here (no compiler, or MSWA_NATIVE=0)")
+    windows = [1, 7, blocked.DIRECT_WINDOW, blocked.DIRECT_WINDOW + 1]
+    q, k, v = make_inputs(2, 4, 2, 150, dim, dtype=torch.float32, seed=dim)
+    assert_matches_dense(lambda *x: blocked_window_attention(*x, windows), q, k, v, windows)
 
 
 def test_a_failed_build_warns_once_and_leaves_the_pytorch_path(tmp_path):
@@ -105,11 +119,12 @@ def test_an_error_on_a_native_worker_is_raised_and_the_pool_still_works():
         torch.zeros(block, span),
         torch.zeros(1, 1, span),
     )
-    chunks = torch.tensor([[0, b, b + 1, 1, 0] for b in range(blocks)])
+    chunks = torch.tensor([[0, 0, b, b + 1, 1, 0] for b in range(blocks)])  # blocked chunks of one block each
+    sizes = ([span], [0], [block], blocks * block)  # window, reach, block size; positions per layout row
     wrong_values = torch.randn(blocks, span, dim, dtype=torch.float64)  # a product of mixed dtypes fails
     with pytest.raises(RuntimeError):
-        kernel.band_forward([probs], [queries], [keys], [wrong_values], [out], [mask], [before], [0], chunks, 1.0, 3)
+        kernel.band_forward([probs], [queries], [keys], [wrong_values], [out], [mask], [before], *sizes, chunks, 1.0, 3)
     values = torch.randn(blocks, span, dim)
-    kernel.band_forward([probs], [queries], [keys], [values], [out], [mask], [before], [0], chunks, 1.0, 3)
+    kernel.band_forward([probs], [queries], [keys], [values], [out], [mask], [before], *sizes, chunks, 1.0, 3)
     expected = torch.softmax(queries @ keys.mT, -1) @ values
     torch.testing.assert_close(out, expected)

@@ -167,25 +167,22 @@ class _BandAttention(torch.autograd.Function):
         k_rows, v_rows = (_to_rows(x, plan.kv_heads, plan, dtype, plan.front) for x in (k, v))
         out_rows = torch.empty_like(q_rows)
         scale = q.shape[-1] ** -0.5
-        probs = [q_rows.new_empty(band.rows * plan.n_padded // band.block, band.block, band.span) for band in plan.bands]
+        native_loop = _native_loop(q, plan)
+        direct = tuple(_direct(band, dtype, native_loop) for band in plan.bands)
+        probs = [
+            q_rows.new_empty(band.rows * plan.n_padded, band.window)
+            if is_direct
+            else q_rows.new_empty(band.rows * plan.n_padded // band.block, band.block, band.span)
+            for band, is_direct in zip(plan.bands, direct)
+        ]
         views = [(*_band_views(band, plan, q_rows, k_rows, v_rows), _blocks(out_rows, band, plan)) for band in plan.bands]
         masks = [_band_mask(band.window, band.block, dtype, q.device) for band in plan.bands]
         softs = [_soft_mask(spans, band, plan, dtype) if spans is not None else None for band in plan.bands]
 
-        native_loop = _native_loop(q, plan)
         if native_loop is not None:
             before_starts = [_before_start_mask(band.block, band.reach, dtype, q.device) for band in plan.bands]
-            reach_blocks = [band.reach // band.block for band in plan.bands]
-            native_loop.band_forward(
-                probs,
-                *map(list, zip(*views)),
-                masks,
-                before_starts,
-                reach_blocks,
-                _chunk_table(plan, q_rows, workers),
-                scale,
-                workers,
-            )
+            args = (probs, *map(list, zip(*views)), masks, before_starts, *_band_sizes(plan), plan.n_padded)
+            native_loop.band_forward(*args, _chunk_table(plan, q_rows, workers, direct), scale, workers)
 
         def forward_chunk(item, worker):  # a chunk's scores stay in cache from product to softmax to product
             b, chunk = item
@@ -202,7 +199,7 @@ class _BandAttention(torch.autograd.Function):
             _for_each_chunk(plan, q_rows, forward_chunk)
         spans = spans.detach() if spans is not None else q_rows.new_empty(0)
         ctx.save_for_backward(q_rows, k_rows, v_rows, spans, *probs)  # tensors only here: saved-tensor hooks see them all
-        ctx.plan, ctx.scale = plan, scale
+        ctx.plan, ctx.scale, ctx.direct = plan, scale, direct
         ctx.dtypes, ctx.shapes = (q.dtype, k.dtype), (q.shape, k.shape)
         return _from_rows(out_rows, plan, front=0).to(q.dtype)
 
@@ -247,8 +244,8 @@ class _BandAttention(torch.autograd.Function):
             _for_each_chunk(plan, q_rows, backward_chunk)
         else:
             first_keys = [_first_key_row(band, plan) for band in plan.bands]
-            args = (*map(list, zip(*views)), grad_k, grad_v, first_keys, [band.block for band in plan.bands])
-            started = native_loop.band_backward(probs, *args, _chunk_table(plan, q_rows, workers), scale, workers)
+            args = (probs, *map(list, zip(*views)), grad_k, grad_v, *_band_sizes(plan), first_keys, plan.n_padded)
+            started = native_loop.band_backward(*args, _chunk_table(plan, q_rows, workers, ctx.direct), scale, workers)
         grad_k, grad_v = (_summed([grads[w] for w in range(workers) if started[w]]) for grads in (grad_k, grad_v))
         for b, rows, term in span_terms:
             softs[b].grad_rows[rows] += term
@@ -296,6 +293,14 @@ def _chunk_rows(band, plan, chunk):
 def _per_row(scores, chunk):
     """A chunk's (blocks, block, span) scores as (rows, blocks per row, block, span)."""
     return scores.view(chunk.rows, -1, *scores.shape[1:])
+
+
+# Bands of windows up to this attend directly with the native loops, not in blocks: a block's span wastes most of
+# its products on a small window, and its products are too small for the GEMM library to run well. Measured per
+# band (2 heads, head_dim 64, 4k, one thread, fwd+bwd, interleaved): direct against blocked 4.7 vs 12.0 ms at W 8,
+# 9.7 vs 18.7 at W 32, 15.2 vs 22.1 at W 64, a tie at W 128 (21.0 vs 20.7), slower from W 256 (51 vs 34).
+DIRECT_WINDOW = 64
+DIRECT_PIECE = 256  # positions per direct chunk at least
 
 
 def _native_loop(x, plan):
@@ -353,11 +358,35 @@ def _chunk_items(plan, rows, workers):
     return items
 
 
-def _chunk_table(plan, rows, workers):
-    """`_chunk_items` as the native loops read them: (chunks, 5) int64 rows of (band, first block, end block,
-    layout rows, first block's index in its row)."""
-    items = _chunk_items(plan, rows, workers)
-    return torch.tensor([(b, c.blocks.start, c.blocks.stop, c.rows, c.first_in_row) for b, c in items], dtype=torch.int64)
+def _chunk_table(plan, rows, workers, direct):
+    """The chunks as the native loops read them, largest first: (chunks, 6) int64 rows of (kind, band, start,
+    end, layout rows, first block's index in its row). Kind 0: `_chunk_items`' blocks of the blocked bands;
+    kind 1: pieces of the positions of the direct bands, several per worker."""
+    table = []  # (scores computed, row)
+    for b, chunk in _chunk_items(plan, rows, workers):
+        if not direct[b]:
+            start, end, band = chunk.blocks.start, chunk.blocks.stop, plan.bands[b]
+            table.append(((end - start) * band.block * band.span, (0, b, start, end, chunk.rows, chunk.first_in_row)))
+    for b, band in enumerate(plan.bands):
+        if direct[b]:
+            positions = band.rows * plan.n_padded
+            piece = max(DIRECT_PIECE, math.ceil(positions / (4 * workers)))
+            for start in range(0, positions, piece):
+                end = min(start + piece, positions)
+                table.append(((end - start) * band.window, (1, b, start, end, 0, 0)))
+    table.sort(key=lambda item: -item[0])
+    return torch.tensor([row for _, row in table], dtype=torch.int64)
+
+
+def _band_sizes(plan):
+    """Each band's window, reach and block size, as lists for the native loops."""
+    return [band.window for band in plan.bands], [band.reach for band in plan.bands], [band.block for band in plan.bands]
+
+
+def _direct(band, dtype, native_loop):
+    """Whether a band's queries attend directly to their own keys (`mswa/native/direct_band.cpp`): small windows,
+    fp32, with the native loops."""
+    return native_loop is not None and dtype == torch.float32 and band.window <= DIRECT_WINDOW
 
 
 def _in_parallel(like, items, work):

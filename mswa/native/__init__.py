@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name(name) for name in ("ring_step.cpp", "band_chunks.cpp", "bindings.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("ring_step.cpp", "direct_band.cpp", "band_chunks.cpp", "bindings.cpp")]
 FLAGS = ["-O3", "-march=native"]
 
 

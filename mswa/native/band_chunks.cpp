@@ -169,33 +169,40 @@ void backward_chunk(Tensor probs, Tensor queries, Tensor keys, Tensor values, Te
 
 }  // namespace
 
+// A chunk table row: (kind, band, start, end, layout rows, first block's index in its row). Kind 0: blocks [start,
+// end) of a blocked band; kind 1: positions [start, end) of a direct band (direct_band.cpp).
+constexpr int64_t CHUNK_COLUMNS = 6;
+
 // Every chunk of a layer's forward. Per band b: its stored probabilities, query blocks, key and value spans, output
-// blocks, window mask and before-row-start mask, and its reach in blocks; chunks: (count, 5) int64 rows of (band,
-// first block, end block, rows of the layout, first block's index in its row), in the order to take them.
+// blocks, window mask and before-row-start mask, window, reach and block size; chunks in the order to take them.
 void band_forward(std::vector<Tensor> probs, std::vector<Tensor> queries, std::vector<Tensor> keys,
                   std::vector<Tensor> values, std::vector<Tensor> outs, std::vector<Tensor> masks,
-                  std::vector<Tensor> before_starts, std::vector<int64_t> reach_blocks, Tensor chunks, double scale,
-                  int64_t threads) {
+                  std::vector<Tensor> before_starts, std::vector<int64_t> windows, std::vector<int64_t> reaches,
+                  std::vector<int64_t> block_sizes, int64_t n_padded, Tensor chunks, double scale, int64_t threads) {
   const int64_t* table = chunks.data_ptr<int64_t>();
   std::atomic<int64_t> next{0};
   on_workers(threads, [&](int64_t) {
     for (int64_t i; (i = next++) < chunks.size(0);) {
-      const int64_t* c = table + 5 * i;
-      const int64_t b = c[0];
-      forward_chunk(probs[b], queries[b], keys[b], values[b], outs[b], masks[b], before_starts[b], c[1], c[2], c[3],
-                    c[4], reach_blocks[b], scale);
+      const int64_t *c = table + CHUNK_COLUMNS * i, b = c[1];
+      if (c[0] == 1)
+        direct_forward(queries[b], keys[b], values[b], outs[b], probs[b], c[2], c[3], n_padded, windows[b],
+                       reaches[b], scale);
+      else
+        forward_chunk(probs[b], queries[b], keys[b], values[b], outs[b], masks[b], before_starts[b], c[2], c[3], c[4],
+                      c[5], reaches[b] / block_sizes[b], scale);
     }
   });
 }
 
-// Every chunk of a layer's backward: per band as band_forward, plus output-gradient and query-gradient blocks, the
-// row of its first span's first key and its block size; grad_k and grad_v: one buffer per worker, zeroed by its
-// worker when it takes its first chunk. Returns which workers took any (their buffers hold sums).
+// Every chunk of a layer's backward: per band as band_forward, plus output-gradient and query-gradient blocks and
+// the row of its first span's first key; grad_k and grad_v: one buffer per worker, zeroed by its worker when it
+// takes its first chunk. Returns which workers took any (their buffers hold sums).
 std::vector<bool> band_backward(std::vector<Tensor> probs, std::vector<Tensor> queries, std::vector<Tensor> keys,
                                 std::vector<Tensor> values, std::vector<Tensor> grad_blocks,
                                 std::vector<Tensor> grad_queries, std::vector<Tensor> grad_k,
-                                std::vector<Tensor> grad_v, std::vector<int64_t> first_keys,
-                                std::vector<int64_t> block_sizes, Tensor chunks, double scale, int64_t threads) {
+                                std::vector<Tensor> grad_v, std::vector<int64_t> windows, std::vector<int64_t> reaches,
+                                std::vector<int64_t> block_sizes, std::vector<int64_t> first_keys, int64_t n_padded,
+                                Tensor chunks, double scale, int64_t threads) {
   const int64_t* table = chunks.data_ptr<int64_t>();
   std::atomic<int64_t> next{0};
   std::vector<char> started(threads, 0);
@@ -206,10 +213,16 @@ std::vector<bool> band_backward(std::vector<Tensor> probs, std::vector<Tensor> q
         grad_v[worker].zero_();
         started[worker] = 1;
       }
-      const int64_t* c = table + 5 * i;
-      const int64_t b = c[0], block = block_sizes[b];
-      backward_chunk(probs[b], queries[b], keys[b], values[b], grad_blocks[b], grad_queries[b], grad_k[worker],
-                     grad_v[worker], c[1], c[2], first_keys[b] + c[1] * block, block, scale);
+      const int64_t *c = table + CHUNK_COLUMNS * i, b = c[1], block = block_sizes[b];
+      if (c[0] == 1) {
+        const int64_t first_key = first_keys[b] * grad_k[worker].size(1);
+        direct_backward(queries[b], keys[b], values[b], probs[b], grad_blocks[b], grad_queries[b],
+                        grad_k[worker].data_ptr<float>() + first_key, grad_v[worker].data_ptr<float>() + first_key,
+                        c[2], c[3], n_padded, windows[b], reaches[b], scale);
+      } else {
+        backward_chunk(probs[b], queries[b], keys[b], values[b], grad_blocks[b], grad_queries[b], grad_k[worker],
+                       grad_v[worker], c[2], c[3], first_keys[b] + c[2] * block, block, scale);
+      }
     }
   });
   return std::vector<bool>(started.begin(), started.end());

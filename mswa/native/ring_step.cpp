@@ -80,20 +80,20 @@ void attend_row(const float* q, const float* keys, const float* values, int64_t 
   }
   for (int64_t l = 0; l < LANES; ++l) total += part[l];
   const float inverse = 1.0f / total;
+  for (int64_t j = 0; j < length; ++j) scores[j] *= inverse;  // the probabilities, kept for a backward
   if constexpr (DIM > 0) {
     float sum[DIM] = {};
     for (int64_t j = 0; j < length; ++j) {
       const float* value = values + j * DIM;
       for (int64_t c = 0; c < DIM; ++c) sum[c] += scores[j] * value[c];
     }
-    for (int64_t c = 0; c < DIM; ++c) out[c] = sum[c] * inverse;
+    std::copy(sum, sum + DIM, out);
   } else {
     std::fill(out, out + dim, 0.0f);
     for (int64_t j = 0; j < length; ++j) {
       const float* value = values + j * dim;
       for (int64_t c = 0; c < dim; ++c) out[c] += scores[j] * value[c];
     }
-    for (int64_t c = 0; c < dim; ++c) out[c] *= inverse;
   }
 }
 
