@@ -23,6 +23,11 @@ log-mask log m(d), m(d) = clamp((z + R - d) / R, 0, 1) at lag d (adaptive-span's
 their gradients. A head's band is its current window ceil(z + R) (its cap at most): blocks beyond the span are
 never computed, so the cost follows the spans, not the cap.
 
+With the native kernels (`mswa.native`, CPU, hard windows), the chunk loops are C++ on a pool of threads that
+wait blocked, running the same operations without Python's lock, and fp32 bands of windows up to `DIRECT_WINDOW`
+skip the blocks: each query scores only its own keys (`mswa/native/direct_band.cpp`), its probabilities stored
+as (positions, W).
+
 Grouped-query k/v rows are repeated per query head in the layout and summed back in the backward.
 Half-precision inputs are computed in fp32 (the layout copy converts them) and the output cast back,
 as fused SDPA does inside. Heads with no window (None, or W >= N) run fused causal SDPA instead.
