@@ -177,10 +177,11 @@ class LayerCache:
     A window group's ring holds W slots, and the rings of all groups are views of one buffer per layer, each
     group's (batch, heads, W, head_dim) block contiguous: a new token writes the keys and values of every
     windowed head in one indexed copy, each over the one that has just left its window, then attends to the
-    rings where they lie (no reordering copy: the W slots are exactly its window), each group in its own call
-    (`attend_one`), or, for one sequence's small rings (`ONE_CALL_SCORES`), all heads in one call over the whole
-    buffer with a mask that gives each head its own ring. Chunks of several tokens attend in position order
-    with a window mask."""
+    rings where they lie (no reordering copy: the W slots are exactly its window). On the CPU in fp32 with every
+    head windowed, the write and the attention of every ring are one native call (`mswa.native`); else each group
+    attends in its own call (`attend_one`), or, for one sequence's small rings (`ONE_CALL_SCORES`), all heads in
+    one call over the whole buffer with a mask that gives each head its own ring. Chunks of several tokens attend
+    in position order with a window mask."""
 
     def __init__(self, windows: Sequence[Window] | None, reserve: int = 0):
         windows = list(windows or [])
