@@ -79,6 +79,21 @@ def test_a_failed_build_warns_once_and_leaves_the_pytorch_path(tmp_path):
     assert done.stdout.splitlines()[1] == "torch.Size([1, 1, 11])"
 
 
+def test_a_lock_left_by_a_killed_build_does_not_stop_later_builds(tmp_path):
+    """torch waits for ever on a build lock whose build was killed; an old one is removed (the build then runs:
+    here it fails at once, with a compiler that fails, and says so)."""
+    env = {**os.environ, "CXX": "false", "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    script = "from mswa import native; print(native.build_folder())"
+    folder = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True).stdout.strip()
+    lock = tmp_path / "mswa" / os.path.basename(folder) / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    os.utime(lock, (0, 0))  # a leftover from long ago
+    script = "from mswa import native; print(native.kernel())"
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "None" and "removed a build lock" in done.stderr and not lock.exists()
+
+
 def test_the_build_name_follows_the_source():
     assert native.build_name("a") != native.build_name("b")
     assert native.build_name("a") == native.build_name("a")

@@ -16,6 +16,7 @@ import hashlib
 import os
 import platform
 import sys
+import time
 import warnings
 from functools import cache
 from pathlib import Path
@@ -46,6 +47,16 @@ def build_name(source: str) -> str:
     return "mswa_native_" + hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 
+def build_folder() -> Path:
+    """Where this machine's build of the current sources lies (or will)."""
+    return _extensions_dir() / build_name(_source())
+
+
+# torch's build lock outlives a build that was killed (Ctrl-C during the first ~30 s), and every later build would
+# wait on it for ever; a build takes well under this, so a lock this old is such a leftover.
+STALE_LOCK_S = 600
+
+
 @cache
 def kernel():
     """The compiled kernels (`ring_step`, `band_forward`, `band_backward`), or None (see the module's
@@ -54,15 +65,27 @@ def kernel():
         return None
     from torch.utils.cpp_extension import load_inline
 
-    source = "\n".join(path.read_text() for path in SOURCES)
-    name = build_name(source)
-    folder = _extensions_dir() / name
-    if not any(folder.glob(f"{name}*.so")):
+    folder = build_folder()
+    if not any(folder.glob(f"{folder.name}*.so")):
         print(f"mswa: building native CPU kernels for this machine, once (~30 s): {folder}", file=sys.stderr)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        return load_inline(name, cpp_sources=source, extra_cflags=FLAGS, build_directory=str(folder))
+        _remove_stale_lock(folder / "lock")
+        return load_inline(folder.name, cpp_sources=_source(), extra_cflags=FLAGS, build_directory=str(folder))
     except Exception as error:  # noqa: BLE001  any failure to build or load means the PyTorch path, said once
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
         warnings.warn(f"mswa: native CPU kernels unavailable, using the PyTorch path ({reason})", stacklevel=2)
         return None
+
+
+def _source() -> str:
+    return "\n".join(path.read_text() for path in SOURCES)
+
+
+def _remove_stale_lock(lock: Path) -> None:
+    try:
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            lock.unlink(missing_ok=True)
+            print(f"mswa: removed a build lock left by a killed build: {lock}", file=sys.stderr)
+    except FileNotFoundError:
+        pass
