@@ -94,6 +94,17 @@ def test_a_lock_left_by_a_killed_build_does_not_stop_later_builds(tmp_path):
     assert done.stdout.strip() == "None" and "removed a build lock" in done.stderr and not lock.exists()
 
 
+def test_a_finished_build_loads_without_ninja_or_a_compiler():
+    """Once built, the kernels load without asking ninja (two ninja versions on one machine each rebuilt the
+    other's build), so a PATH without ninja and a compiler still has them."""
+    if native.kernel() is None:
+        pytest.skip("the native CPU kernels could not be built here (no compiler, or MSWA_NATIVE=0)")
+    env = {**os.environ, "PATH": "/nonexistent"}
+    script = "from mswa import native; print(native.kernel() is not None)"
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "True", done.stderr
+
+
 def test_the_build_name_follows_the_source():
     assert native.build_name("a") != native.build_name("b")
     assert native.build_name("a") == native.build_name("a")

@@ -13,6 +13,7 @@ instruction. The cache lies where torch keeps extensions (`TORCH_EXTENSIONS_DIR`
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import platform
 import sys
@@ -66,8 +67,10 @@ def kernel():
     from torch.utils.cpp_extension import load_inline
 
     folder = build_folder()
-    if not any(folder.glob(f"{folder.name}*.so")):
-        print(f"mswa: building native CPU kernels for this machine, once (~30 s): {folder}", file=sys.stderr)
+    built = _import_built(folder)
+    if built is not None:
+        return built
+    print(f"mswa: building native CPU kernels for this machine, once (~30 s): {folder}", file=sys.stderr)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         _remove_stale_lock(folder / "lock")
@@ -75,6 +78,23 @@ def kernel():
     except Exception as error:  # noqa: BLE001  any failure to build or load means the PyTorch path, said once
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
         warnings.warn(f"mswa: native CPU kernels unavailable, using the PyTorch path ({reason})", stacklevel=2)
+        return None
+
+
+def _import_built(folder: Path):
+    """The finished build in `folder`, imported without asking ninja whether it is up to date: its name already
+    says which source, flags, torch and CPU it was built for, and two ninja versions on one machine (a system one
+    and pip's, found by different PATHs) disagree on the build's command hash, so each would rebuild it (~30 s)
+    after the other. None if there is none, or it does not load (a build killed while linking): then it is built."""
+    library = folder / f"{folder.name}.so"
+    if not library.exists():
+        return None
+    try:
+        spec = importlib.util.spec_from_file_location(folder.name, library)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    except ImportError:
         return None
 
 
