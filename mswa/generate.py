@@ -189,6 +189,7 @@ class LayerCache:
         self.rings = [(_head_list(heads), window, store) for heads, window, store in self.groups if window is not None]
         ring_heads = [head for heads, _, _ in self.rings for head in heads]
         self.ring_heads = None if ring_heads == list(range(len(windows))) else torch.tensor(ring_heads)
+        self.every_head_windowed = bool(self.rings) and len(self.rings) == len(self.groups)
         self.ring_keys = self.ring_values = None  # (rows, head_dim): group after group, each (batch, heads, W)
         self._first_slots = self._slot_windows = None  # per (sequence, windowed head): its ring's first row, its W
         self._write_slots: dict[tuple[int, ...], torch.Tensor] = {}
@@ -235,28 +236,23 @@ class LayerCache:
     def _native_step_applies(self, q: torch.Tensor) -> bool:
         """Whether one token goes through the native kernel: every head windowed, fp32 on the CPU, and the
         kernel built (`mswa.native`)."""
-        every_head_in_a_ring = self.rings and len(self.rings) == len(self.groups)
-        return every_head_in_a_ring and q.device.type == "cpu" and q.dtype == torch.float32 and native.kernel() is not None
+        return self.every_head_windowed and q.device.type == "cpu" and q.dtype == torch.float32 and native.kernel() is not None
 
     def _native_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """One token (batch, heads, 1, head_dim) of every sequence: one native call writes every ring and
         attends to each (sequence, head)'s filled slots where they lie (`mswa/native/ring_step.cpp`)."""
         batch, _, _, dim = q.shape
-        rows = [(x[:, :, 0] if self.ring_heads is None else x[:, self.ring_heads, 0]).reshape(-1, dim).contiguous() for x in (q, k, v)]
-        position = self.rings[0][2].count  # every ring has seen the same tokens
-        out = (
-            native.kernel()
-            .ring_step(*rows, self.ring_keys, self.ring_values, self._first_slots, self._slot_windows, position, dim**-0.5)
-            .view(batch, -1, 1, dim)
+        rows = [self._ring_rows(x).contiguous() for x in (q, k, v)]
+        out = native.kernel().ring_step(
+            *rows, self.ring_keys, self.ring_values, self._first_slots, self._slot_windows, self._position(), dim**-0.5
         )
-        for _, _, store in self.rings:
-            store.count += 1
-        return out if self.ring_heads is None else torch.empty_like(out).index_copy_(1, self.ring_heads, out)
+        self._count_token()
+        return self._in_head_order(out.view(batch, -1, 1, dim))
 
     def _in_one_call(self, q: torch.Tensor) -> bool:
         """Whether one token's heads all attend in one masked call (one sequence, several window groups, all
         windowed, few scores)."""
-        several_rings = len(self.rings) > 1 and len(self.rings) == len(self.groups)
+        several_rings = len(self.rings) > 1 and self.every_head_windowed
         return several_rings and q.shape[0] == 1 and q.shape[1] * self.ring_keys.shape[0] <= ONE_CALL_SCORES
 
     def _attend_rings_at_once(self, q: torch.Tensor) -> torch.Tensor:
@@ -266,9 +262,24 @@ class LayerCache:
         out = F.scaled_dot_product_attention(
             rows.transpose(1, 2), self.ring_keys[None, None], self.ring_values[None, None], attn_mask=self._ring_mask()
         ).transpose(1, 2)
-        if self.ring_heads is None:
-            return out
-        return torch.empty_like(out).index_copy_(1, self.ring_heads, out)
+        return self._in_head_order(out)
+
+    def _ring_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """One token's (batch, heads, 1, head_dim) rows of the windowed heads, (batch x ring heads, head_dim),
+        sequence-major as the rings' slots are listed."""
+        rows = x[:, :, 0] if self.ring_heads is None else x[:, self.ring_heads, 0]
+        return rows.reshape(-1, rows.shape[-1])
+
+    def _in_head_order(self, out: torch.Tensor) -> torch.Tensor:
+        """Outputs (batch, ring heads, ...) of the windowed heads, back in head order."""
+        return out if self.ring_heads is None else torch.empty_like(out).index_copy_(1, self.ring_heads, out)
+
+    def _position(self) -> int:
+        return self.rings[0][2].count  # every ring has seen the same tokens
+
+    def _count_token(self) -> None:
+        for _, _, store in self.rings:
+            store.count += 1
 
     def _ring_mask(self) -> torch.Tensor:
         """(heads in ring order, buffer slots) of one sequence: 0 on the filled slots of a head's own ring, -inf
@@ -322,13 +333,10 @@ class LayerCache:
         """Write one token's keys and values (batch, heads, 1, head_dim) into every ring, in one copy each."""
         if not self.rings:
             return
-        position = self.rings[0][2].count  # every ring has seen the same tokens
-        slots = self._slots_at(position)
+        slots = self._slots_at(self._position())
         for buffer, new in ((self.ring_keys, k), (self.ring_values, v)):
-            rows = new[:, :, 0] if self.ring_heads is None else new[:, self.ring_heads, 0]
-            buffer.index_copy_(0, slots, rows.reshape(-1, rows.shape[-1]))
-        for _, _, store in self.rings:
-            store.count += 1
+            buffer.index_copy_(0, slots, self._ring_rows(new))
+        self._count_token()
 
     def _slots_at(self, position: int) -> torch.Tensor:
         """The buffer row of each (sequence, windowed head) for a token at `position`, sequence-major: head i of a

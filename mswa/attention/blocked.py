@@ -157,22 +157,23 @@ class _BandAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan, spans):
         # the products run in the dtype chosen here, on the workers of `_for_each_chunk` or of the native loop
-        with torch.autocast(q.device.type, enabled=False), _workers_only(q, _native_loop(q, plan)) as workers:
-            return _BandAttention._forward(ctx, q, k, v, plan, spans, workers)
+        native_loop = _native_loop(q, plan)
+        with torch.autocast(q.device.type, enabled=False), _workers_only(q, native_loop) as workers:
+            return _BandAttention._forward(ctx, q, k, v, plan, spans, workers, native_loop)
 
     @staticmethod
     def backward(ctx, grad_out):
-        with torch.autocast(grad_out.device.type, enabled=False), _workers_only(grad_out, _native_loop(grad_out, ctx.plan)) as workers:
-            return _BandAttention._backward(ctx, grad_out, workers)
+        native_loop = _native_loop(grad_out, ctx.plan)
+        with torch.autocast(grad_out.device.type, enabled=False), _workers_only(grad_out, native_loop) as workers:
+            return _BandAttention._backward(ctx, grad_out, workers, native_loop)
 
     @staticmethod
-    def _forward(ctx, q, k, v, plan, spans, workers):
+    def _forward(ctx, q, k, v, plan, spans, workers, native_loop):
         dtype = _compute_dtype(q.dtype)
         q_rows = _to_rows(q, plan.heads, plan, dtype, front=0)
         k_rows, v_rows = (_to_rows(x, plan.kv_heads, plan, dtype, plan.front) for x in (k, v))
         out_rows = torch.empty_like(q_rows)
         scale = q.shape[-1] ** -0.5
-        native_loop = _native_loop(q, plan)
         direct = tuple(_direct(band, dtype, native_loop) for band in plan.bands)
         probs = [
             q_rows.new_empty(band.rows * plan.n_padded, band.window)
@@ -209,7 +210,7 @@ class _BandAttention(torch.autograd.Function):
         return _from_rows(out_rows, plan, front=0).to(q.dtype)
 
     @staticmethod
-    def _backward(ctx, grad_out, workers):
+    def _backward(ctx, grad_out, workers, native_loop):
         q_rows, k_rows, v_rows, spans, *probs = ctx.saved_tensors
         plan, scale = ctx.plan, ctx.scale
         learned = plan.ramp is not None
@@ -244,7 +245,6 @@ class _BandAttention(torch.autograd.Function):
             grad_queries[blocks].baddbmm_(grad_scores, keys[blocks], beta=0, alpha=scale)
             _accumulate_tiles(grad_k[worker], grad_scores, queries[blocks], first_key, band, alpha=scale)
 
-        native_loop = _native_loop(q_rows, plan)
         if native_loop is None:
             _for_each_chunk(plan, q_rows, backward_chunk)
         else:

@@ -48,9 +48,9 @@ def build_name(source: str) -> str:
     return "mswa_native_" + hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 
-def build_folder() -> Path:
-    """Where this machine's build of the current sources lies (or will)."""
-    return _extensions_dir() / build_name(_source())
+def build_folder(source: str | None = None) -> Path:
+    """Where this machine's build of `source` (default: the package's sources) lies, or will."""
+    return _extensions_dir() / build_name(_source() if source is None else source)
 
 
 # torch's build lock outlives a build that was killed (Ctrl-C during the first ~30 s), and every later build would
@@ -66,7 +66,8 @@ def kernel():
         return None
     from torch.utils.cpp_extension import load_inline
 
-    folder = build_folder()
+    source = _source()
+    folder = build_folder(source)
     built = _import_built(folder)
     if built is not None:
         return built
@@ -74,7 +75,7 @@ def kernel():
     try:
         folder.mkdir(parents=True, exist_ok=True)
         _remove_stale_lock(folder / "lock")
-        return load_inline(folder.name, cpp_sources=_source(), extra_cflags=FLAGS, build_directory=str(folder))
+        return load_inline(folder.name, cpp_sources=source, extra_cflags=FLAGS, build_directory=str(folder))
     except Exception as error:  # noqa: BLE001  any failure to build or load means the PyTorch path, said once
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
         warnings.warn(f"mswa: native CPU kernels unavailable, using the PyTorch path ({reason})", stacklevel=2)

@@ -2,7 +2,7 @@
 // each query scores only its own min(W, i + 1) keys. A block of B queries scores B + reach keys per query, most of
 // them outside a small window (at W = 8, 32 for 8), in products too small for the GEMM library to run well: per
 // computed pair, W = 8 and 16 cost about twice what W = 128 does. Uses dot, attend_row and exp_nonpositive of
-// ring_step.cpp (the sources compile as one unit, in mswa/native/__init__.py's SOURCES order).
+// ring_step.cpp, and its for_head_size (the sources compile as one unit, in mswa/native/__init__.py's SOURCES order).
 //
 // Positions p = 0.. run over the band's layout rows back to back (n_padded each); `keys` and `values` point at
 // the key row that position 0's span starts at, so position p's key at lag l is row p + reach - l. probs holds
@@ -59,9 +59,6 @@ void direct_backward_positions(const float* queries, const float* keys, const fl
   }
 }
 
-const float* floats(const torch::Tensor& x) { return x.data_ptr<float>(); }
-float* mutable_floats(const torch::Tensor& x) { return x.data_ptr<float>(); }
-
 }  // namespace
 
 // Positions [begin, end) of a direct band (see above); every tensor float32 and laid out as the blocked kernel's rows.
@@ -69,12 +66,11 @@ void direct_forward(const torch::Tensor& queries, const torch::Tensor& keys, con
                     const torch::Tensor& out, const torch::Tensor& probs, int64_t begin, int64_t end, int64_t n_padded,
                     int64_t window, int64_t reach, double scale) {
   const int64_t dim = queries.size(-1);
-  const auto run = dim == 32    ? direct_forward_positions<32>
-                   : dim == 64  ? direct_forward_positions<64>
-                   : dim == 128 ? direct_forward_positions<128>
-                                : direct_forward_positions<0>;
-  run(floats(queries), floats(keys), floats(values), mutable_floats(out), mutable_floats(probs), begin, end, n_padded,
-      window, reach, dim, static_cast<float>(scale));
+  for_head_size(dim, [&](auto size) {
+    direct_forward_positions<decltype(size)::value>(
+        queries.data_ptr<float>(), keys.data_ptr<float>(), values.data_ptr<float>(), out.data_ptr<float>(),
+        probs.data_ptr<float>(), begin, end, n_padded, window, reach, dim, static_cast<float>(scale));
+  });
 }
 
 void direct_backward(const torch::Tensor& queries, const torch::Tensor& keys, const torch::Tensor& values,
@@ -83,10 +79,10 @@ void direct_backward(const torch::Tensor& queries, const torch::Tensor& keys, co
                      int64_t window, int64_t reach, double scale) {
   const int64_t dim = queries.size(-1);
   TORCH_CHECK(dim <= 1024, "direct attention takes head sizes up to 1024");
-  const auto run = dim == 32    ? direct_backward_positions<32>
-                   : dim == 64  ? direct_backward_positions<64>
-                   : dim == 128 ? direct_backward_positions<128>
-                                : direct_backward_positions<0>;
-  run(floats(queries), floats(keys), floats(values), floats(probs), floats(grad_out), mutable_floats(grad_queries),
-      grad_keys, grad_values, begin, end, n_padded, window, reach, dim, static_cast<float>(scale));
+  for_head_size(dim, [&](auto size) {
+    direct_backward_positions<decltype(size)::value>(
+        queries.data_ptr<float>(), keys.data_ptr<float>(), values.data_ptr<float>(), probs.data_ptr<float>(),
+        grad_out.data_ptr<float>(), grad_queries.data_ptr<float>(), grad_keys, grad_values, begin, end, n_padded,
+        window, reach, dim, static_cast<float>(scale));
+  });
 }

@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -97,6 +98,16 @@ void attend_row(const float* q, const float* keys, const float* values, int64_t 
   }
 }
 
+// call(std::integral_constant<int64_t, DIM>{}) with DIM = dim for the head sizes compiled for their size, else
+// DIM = 0 (the size read at run time).
+template <typename Call>
+void for_head_size(int64_t dim, const Call& call) {
+  if (dim == 32) return call(std::integral_constant<int64_t, 32>{});
+  if (dim == 64) return call(std::integral_constant<int64_t, 64>{});
+  if (dim == 128) return call(std::integral_constant<int64_t, 128>{});
+  call(std::integral_constant<int64_t, 0>{});
+}
+
 }  // namespace
 
 // q, k, v: (rows, dim) float32, row i = (sequence, windowed head), sequence-major; keys, values: the layer's ring
@@ -115,18 +126,19 @@ torch::Tensor ring_step(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch
   for (int64_t i = 0; i < rows; ++i) pairs += std::min(window_data[i], position + 1);
   // rows per task: about 64k multiply-adds each, so that a small layer runs on the calling thread alone
   const int64_t grain = std::max<int64_t>(1, rows * 65536 / std::max<int64_t>(1, pairs * dim));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t window = window_data[i], ring = first_data[i] * dim, slot = ring + (position % window) * dim;
-      std::memcpy(key_data + slot, k_data + i * dim, dim * sizeof(float));
-      std::memcpy(value_data + slot, v_data + i * dim, dim * sizeof(float));
-      const int64_t length = std::min(window, position + 1);
-      scores.resize(length);
-      const auto attend = dim == 32 ? attend_row<32> : dim == 64 ? attend_row<64> : dim == 128 ? attend_row<128> : attend_row<0>;
-      attend(q_data + i * dim, key_data + ring, value_data + ring, length, dim, static_cast<float>(scale),
-                 scores.data(), out_data + i * dim);
-    }
+  for_head_size(dim, [&](auto size) {
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores;
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t window = window_data[i], ring = first_data[i] * dim, slot = ring + (position % window) * dim;
+        std::memcpy(key_data + slot, k_data + i * dim, dim * sizeof(float));
+        std::memcpy(value_data + slot, v_data + i * dim, dim * sizeof(float));
+        const int64_t length = std::min(window, position + 1);
+        scores.resize(length);
+        attend_row<decltype(size)::value>(q_data + i * dim, key_data + ring, value_data + ring, length, dim,
+                                          static_cast<float>(scale), scores.data(), out_data + i * dim);
+      }
+    });
   });
   return out;
 }
