@@ -45,6 +45,16 @@ def forward_flops_per_token(cfg, seq_len: int) -> dict[str, float]:
     return {"dense": dense, "attention": attention, "total": dense + attention}
 
 
+def decoding_flops_per_token(cfg, seen: int) -> float:
+    """Forward FLOPs of one decoding step after `seen` tokens: the new token's own share, the forward FLOPs of
+    seen + 1 tokens less those of seen (its attention: min(seen + 1, W) keys per windowed head)."""
+
+    def forward_flops(n):
+        return forward_flops_per_token(cfg, n)["total"] * n if n else 0.0
+
+    return forward_flops(seen + 1) - forward_flops(seen)
+
+
 def training_flops_per_token(cfg, seq_len: int) -> float:
     """Forward + backward (twice the forward's products) FLOPs per token."""
     return 3 * forward_flops_per_token(cfg, seq_len)["total"]

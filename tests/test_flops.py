@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from mswa.flops import forward_flops_per_token, machine_matmul_rate, matmul_flops_per_s, training_flops_per_token
+from mswa.flops import decoding_flops_per_token, forward_flops_per_token, machine_matmul_rate, matmul_flops_per_s, training_flops_per_token
 from mswa.model import LanguageModel, ModelConfig
 from mswa.progress import shown_metrics
 
@@ -40,6 +40,26 @@ def test_forward_flops_per_token_match_a_flop_counter_and_a_walk_over_positions(
     layer_windows = windows or [[None] * HEADS] * 3
     assert flops["attention"] == pytest.approx(attention_flops_walk(layer_windows, N, D_MODEL // HEADS) / N, rel=1e-12)
     assert training_flops_per_token(cfg, N) == 3 * flops["total"]
+
+
+@pytest.mark.parametrize("seen", [0, 2, 7, 20])
+def test_a_decoding_step_counts_its_linears_and_the_keys_its_heads_see(seen):
+    from mswa.generate import DecodingCache
+
+    windows = WINDOWS["mswa-like"]
+    cfg = ModelConfig(vocab_size=40, n_layer=3, n_head=HEADS, d_model=D_MODEL, max_seq_len=N, windows=windows)
+    model = LanguageModel(cfg).eval()
+    cache = DecodingCache(model)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad():
+        if seen:
+            model(torch.randint(0, 40, (1, seen)), cache)
+        with counter:
+            model(torch.randint(0, 40, (1, 1)), cache)
+    counts = counter.get_flop_counts()["Global"]
+    products = sum(count for op, count in counts.items() if op in (torch.ops.aten.mm, torch.ops.aten.addmm))
+    keys = sum(min(seen + 1, seen + 1 if w is None else w) for layer in windows for w in layer)
+    assert decoding_flops_per_token(cfg, seen) == pytest.approx(products + 4 * (D_MODEL // HEADS) * keys, rel=1e-12)
 
 
 def test_windows_cut_attention_flops_to_their_pairs():

@@ -284,3 +284,13 @@ def test_generate_benchmark_runs_at_tiny_size_and_reports_exact_flat_caches(tmp_
     assert kv[("swa", 64)] == kv[("swa", 256)] and kv[("mswa", 64)] == kv[("mswa", 256)] < kv[("swa", 64)]
     assert kv[("full", 256)] > kv[("full", 64)]
     assert "mswa / swa cache bytes" in stdout
+    # a step reads the same parameters for every model of one shape, and its caches; its FLOPs differ by the keys
+    # attended: 4 x head_dim FLOPs per key against 2 x head_dim x 4 bytes stored per key (fp32)
+    row = {(r["model"], r["context"]): r for r in rows}
+    for n in (64, 256):
+        swa, mswa = row[("swa", n)], row[("mswa", n)]
+        parameters = {r["step_bytes"] - r["cache_bytes"]["total"] for r in (swa, mswa, row[("full", n)])}
+        assert len(parameters) == 1 and parameters.pop() > 0
+        assert swa["step_flops"] - mswa["step_flops"] == pytest.approx((swa["cache_bytes"]["kv"] - mswa["cache_bytes"]["kv"]) / 2)
+        assert mswa["bytes_vs_swa"] == mswa["step_bytes"] / swa["step_bytes"] and swa["flops_vs_swa"] == 1.0
+    assert "bytes/swa" in stdout

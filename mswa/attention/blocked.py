@@ -247,11 +247,12 @@ class _BandAttention(torch.autograd.Function):
 
         if native_loop is None:
             _for_each_chunk(plan, q_rows, backward_chunk)
-        else:
+            grad_k, grad_v = (_summed([grads[w] for w in range(workers) if started[w]]) for grads in (grad_k, grad_v))
+        else:  # the native loop sums the workers' buffers into one of them itself
             first_keys = [_first_key_row(band, plan) for band in plan.bands]
             args = (probs, *map(list, zip(*views)), grad_k, grad_v, *_band_sizes(plan), first_keys, plan.n_padded)
-            started = native_loop.band_backward(*args, _chunk_table(plan, q_rows, workers, ctx.direct), scale, workers)
-        grad_k, grad_v = (_summed([grads[w] for w in range(workers) if started[w]]) for grads in (grad_k, grad_v))
+            total = native_loop.band_backward(*args, _chunk_table(plan, q_rows, workers, ctx.direct), scale, workers)
+            grad_k, grad_v = grad_k[total], grad_v[total]
         for b, rows, term in span_terms:
             softs[b].grad_rows[rows] += term
         for soft in softs:
@@ -348,13 +349,12 @@ def _for_each_chunk(plan, rows, work):
     evenly between its threads and waits for the slowest at every one, so a thread descheduled by
     another process stalled them all), and one that is descheduled delays only its own chunk. Chunks are
     cut small enough that every thread gets several, largest first."""
-    _in_parallel(rows, _chunk_items(plan, rows, _workers_for(rows)), work)
+    _in_parallel(rows, _chunk_items(plan, _scores_per_chunk(rows), _workers_for(rows)), work)
 
 
-def _chunk_items(plan, rows, workers):
-    """(band index, chunk) for every chunk of every band, largest first, each about `CHUNK_BYTES` of scores
+def _chunk_items(plan, per_chunk, workers):
+    """(band index, chunk) for every chunk of every band, largest first, each about `per_chunk` scores
     and smaller where needed to give each of `workers` several."""
-    per_chunk = _scores_per_chunk(rows)
     if workers > 1:
         total = sum(band.rows * plan.n_padded * band.span for band in plan.bands)
         per_chunk = min(per_chunk, max(1, total // (4 * workers)))
@@ -367,8 +367,13 @@ def _chunk_table(plan, rows, workers, direct):
     """The chunks as the native loops read them, largest first: (chunks, 6) int64 rows of (kind, band, start,
     end, layout rows, first block's index in its row). Kind 0: `_chunk_items`' blocks of the blocked bands;
     kind 1: pieces of the positions of the direct bands, several per worker."""
+    return _chunk_table_of(plan, _scores_per_chunk(rows), workers, direct)
+
+
+@lru_cache(maxsize=64)
+def _chunk_table_of(plan, scores_per_chunk, workers, direct):  # built in Python: ~0.1 ms a layer, once per shape
     table = []  # (scores computed, row)
-    for b, chunk in _chunk_items(plan, rows, workers):
+    for b, chunk in _chunk_items(plan, scores_per_chunk, workers):
         if not direct[b]:
             start, end, band = chunk.blocks.start, chunk.blocks.stop, plan.bands[b]
             table.append(((end - start) * band.block * band.span, (0, b, start, end, chunk.rows, chunk.first_in_row)))

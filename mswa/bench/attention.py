@@ -7,7 +7,10 @@ as one step: mean window 0.88 w), `mswa_h` (one layer of the head scales alone: 
 Useful GFLOP/s count only query-key pairs inside the windows
 (4 * head_dim FLOPs per pair forward, x3 for forward+backward), compared with this machine's fp32
 matmul rate measured by the command itself: a 2048 x 2048 product timed round-robin with each
-length's windowed kernels, because a shared VM's speed drifts by 10-20% within minutes.
+length's windowed kernels, because a shared VM's speed drifts by 10-20% within minutes. With several
+`--threads`, `/1 thread` (a kernel's time over its one-thread time, paired by round) is printed beside
+`matmul /1`, the same ratio for that product: what this machine's threads give work that splits perfectly
+(on a VM whose cores share a physical core or a neighbour's load, far from 1 / threads).
 """
 
 import json
@@ -212,18 +215,19 @@ def _timed_rows(cases, inputs, args):
     matmuls = [({"matmul_threads": threads}, _matmul_step(device, threads)) for threads in {case[-1] for case in cases}]
     kernels = [case for case in runnable if case[0]["backend"] == "blocked"] + [(row, m, step_seconds(m, device)) for row, m in matmuls]
     references = [case for case in runnable if case[0]["backend"] != "blocked"]
-    matmul_gflops = {}
+    matmul_samples = {}
     for group in (kernels, references):
         timings = interleaved_medians(
             [step for _, step, _ in group], device, args.repeats, args.row_budget_s, [warmup for *_, warmup in group], args.min_time_s
         )
         for (row, _, _), (seconds, samples) in zip(group, timings):
             if "matmul_threads" in row:
-                matmul_gflops[row["matmul_threads"]] = MATMUL_FLOPS / seconds / 1e9
+                matmul_samples[row["matmul_threads"]] = samples
             else:  # per layer
                 row.update(time_s=seconds / row["layers"], runs=len(samples), samples_s=[s / row["layers"] for s in samples])
     for row, (layer, stack, backend, threads) in zip(rows, cases):
-        row["matmul_gflops"] = matmul_gflops[threads]
+        row["matmul_samples_s"] = matmul_samples[threads]  # the machine's own thread scaling, paired by round
+        row["matmul_gflops"] = MATMUL_FLOPS / statistics.median(matmul_samples[threads]) / 1e9
         if row["time_s"] is not None:
             pairs = sum(attended_pairs(w, n) for windows in stack for w in windows) / len(stack)
             row["useful_gflops"] = pairs * 4 * args.head_dim * (3 if row["mode"] == "fwd+bwd" else 1) / row["time_s"] / 1e9
@@ -252,7 +256,8 @@ def _attention_step(stack, backend, inputs, backward, threads):
 
 def compare_rows(rows):
     """Per layer, N and thread count: blocked speedups over dense and full causal, mswa/uniform time and
-    the time over one thread's (both paired by round), growth from the smallest N."""
+    the time over one thread's (both paired by round) beside the matmul's own (what this machine's threads
+    give a product that splits perfectly), growth from the smallest N."""
     times = {(r["layer"], r["backend"], r["n"], r["threads"]): r for r in rows if r["time_s"] is not None}
     lengths = sorted({r["n"] for r in rows})
     comparisons = []
@@ -263,6 +268,7 @@ def compare_rows(rows):
             if blocked is None:
                 continue
             uniform = times.get(("uniform", "blocked", n, threads))
+            one_thread = times.get((layer, "blocked", n, 1))
             comparisons.append(
                 {
                     "layer": layer,
@@ -272,7 +278,10 @@ def compare_rows(rows):
                     "speedup_vs_dense": _time_ratio(times.get((layer, "dense", n, threads)), blocked),
                     "speedup_vs_causal": _time_ratio(times.get(("full", "causal", n, threads)), blocked),
                     "time_vs_uniform": _paired_time_ratio(blocked, uniform),
-                    "time_vs_one_thread": _paired_time_ratio(blocked, times.get((layer, "blocked", n, 1))),
+                    "time_vs_one_thread": _paired_time_ratio(blocked, one_thread),
+                    "matmul_vs_one_thread": _paired_samples_ratio(blocked["matmul_samples_s"], one_thread["matmul_samples_s"])
+                    if one_thread
+                    else None,
                     "time_vs_smallest_n": blocked["time_s"] / first["time_s"],
                     "peak_mb_per_1k_tokens": blocked["peak_mb"] / n * 1024,
                     "pct_matmul": blocked["pct_matmul"],
@@ -288,8 +297,12 @@ def _paired_time_ratio(numerator, denominator):
     medians (that one is the fallback when the rows were not timed in the same rounds)."""
     a, b = (row and row.get("samples_s") for row in (numerator, denominator))
     if a and b and len(a) == len(b):
-        return statistics.median(x / y for x, y in zip(a, b))
+        return _paired_samples_ratio(a, b)
     return _time_ratio(numerator, denominator)
+
+
+def _paired_samples_ratio(a, b):
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
 
 
 def _time_ratio(numerator, denominator):
@@ -332,13 +345,13 @@ def _report(result):
     lines += [_format_row(row) for row in result["rows"]]
     lines.append(
         f"\nblocked: {'layer':<8} {'N':>6} {'threads':>7} {'ms':>9} {'x dense':>8} {'x causal':>8} {'/uniform':>8} "
-        f"{'/1 thread':>9} {'/first N':>8} {'MB/1k tok':>9} {'%matmul':>7} {'of GFLOP/s':>10}"
+        f"{'/1 thread':>9} {'matmul /1':>9} {'/first N':>8} {'MB/1k tok':>9} {'%matmul':>7} {'of GFLOP/s':>10}"
     )
     for c in result["comparisons"]:
         lines.append(
             f"         {c['layer']:<8} {c['n']:>6} {c['threads']:>7} {c['blocked_ms']:>9.1f} {number(c['speedup_vs_dense'], '8.1f'):>8} "
             f"{number(c['speedup_vs_causal'], '8.1f'):>8} {number(c['time_vs_uniform'], '8.2f'):>8} "
-            f"{number(c['time_vs_one_thread'], '9.2f'):>9} "
+            f"{number(c['time_vs_one_thread'], '9.2f'):>9} {number(c['matmul_vs_one_thread'], '9.2f'):>9} "
             f"{c['time_vs_smallest_n']:>8.1f} {c['peak_mb_per_1k_tokens']:>9.2f} {c['pct_matmul']:>7.1f} {c['matmul_gflops']:>10.1f}"
         )
     return "\n".join(lines)

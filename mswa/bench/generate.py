@@ -18,6 +18,7 @@ import torch
 from mswa.atomic import write_atomic
 from mswa.bench.model import MODEL_VARIANTS, add_shape_arguments, variant_model
 from mswa.bench.timing import add_allocator_flag, interleaved_medians, peak_memory_mb, reuse_freed_memory, set_threads
+from mswa.flops import decoding_flops_per_token
 from mswa.windows import make_schedule
 
 
@@ -78,6 +79,10 @@ def run(args):
             )
             closed_form = cache_bytes(model.cfg, cache.seen, batch=args.batch)
             row.update(cache_bytes=cache.nbytes(), cache_bytes_closed_form=closed_form, seen=cache.seen)
+            row.update(
+                step_bytes=parameter_bytes(model) + row["cache_bytes"]["total"],
+                step_flops=args.batch * decoding_flops_per_token(model.cfg, cache.seen),
+            )
             row["peak_mb"] = row["cache_bytes"]["total"] / 2**20 + row["step_peak_mb"]
     _add_generate_ratios(rows)
     schedule = make_schedule("mswa", w=args.window, n_layer=args.layers, n_head=args.heads)
@@ -125,9 +130,15 @@ def _decode_step(model, cache, batch):
     return lambda: model(token, cache)
 
 
+def parameter_bytes(model):
+    """The bytes of the model's parameters: a decoding step reads each once, whatever the batch."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def _add_generate_ratios(rows):
     """Latency relative to the model's smallest context and to swa's at the same context (median of the
-    per-round ratios: the two steps ran a few ms apart), cache bytes relative to swa's."""
+    per-round ratios: the two steps ran a few ms apart), cache bytes relative to swa's, and the two bounds a
+    step's time ratio can follow: its bytes read (parameters + cache) and its FLOPs, relative to swa's."""
     first = {}
     by_key = {(row["model"], row["context"]): row for row in rows}
     for row in rows:
@@ -136,25 +147,34 @@ def _add_generate_ratios(rows):
         swa = by_key.get(("swa", row["context"]))
         row["latency_vs_swa"] = statistics.median(a / b for a, b in zip(row["samples_s"], swa["samples_s"])) if swa else None
         row["cache_vs_swa"] = row["cache_bytes"]["kv"] / swa["cache_bytes"]["kv"] if swa and swa["cache_bytes"]["kv"] else None
+        for measure in ("bytes", "flops"):
+            row[f"{measure}_vs_swa"] = row[f"step_{measure}"] / swa[f"step_{measure}"] if swa else None
 
 
 def _generate_report(result):
     machine, settings = result["machine"], result["settings"]
     load = machine["load_average_1min"]
+
+    def ratio(x):
+        return "-" if x is None else format(x, "6.3f")
+
     lines = [
         f"\nbatch {settings['batch']}, {machine['threads']} threads, load average {load['start']:.1f} -> {load['end']:.1f} "
         "(other work on the machine slows timings; compare the /swa column, paired by round)",
         f"memory: {result['memory_method']}",
+        "a step's time over swa's (/swa) follows its budget only as far as the cache is the step's work: "
+        "bytes/swa (the parameters, read once a step, plus the cache) and flops/swa are the step's own ratios",
         f"{'model':<12} {'context':>7} {'reached':>7} {'prefill s':>9} {'cache MB':>9} {'closed MB':>9} "
-        f"{'ms/step':>9} {'tok/s':>7} {'/first':>6} {'/swa':>6} {'peak MB':>8} {'kv/swa':>6}",
+        f"{'ms/step':>9} {'tok/s':>7} {'/first':>6} {'/swa':>6} {'peak MB':>8} {'kv/swa':>6} {'read MB':>8} "
+        f"{'bytes/swa':>9} {'flops/swa':>9}",
     ]
     for row in result["rows"]:
         measured, closed = row["cache_bytes"]["total"], row["cache_bytes_closed_form"]["total"]
         lines.append(
             f"{row['model']:<12} {row['context']:>7} {row['reached']:>7} {row['prefill_s']:>9.1f} {measured / 2**20:>9.3f} "
             f"{closed / 2**20:>9.3f} {1e3 * row['latency_s']:>9.2f} {row['tokens_per_s']:>7.1f} {row['latency_vs_first']:>6.2f} "
-            f"{'-' if row['latency_vs_swa'] is None else format(row['latency_vs_swa'], '6.3f'):>6} "
-            f"{row['peak_mb']:>8.1f} {'-' if row['cache_vs_swa'] is None else format(row['cache_vs_swa'], '6.3f'):>6} {row['note']}"
+            f"{ratio(row['latency_vs_swa']):>6} {row['peak_mb']:>8.1f} {ratio(row['cache_vs_swa']):>6} "
+            f"{row['step_bytes'] / 2**20:>8.1f} {ratio(row['bytes_vs_swa']):>9} {ratio(row['flops_vs_swa']):>9} {row['note']}"
         )
     ratios = sorted({round(row["cache_vs_swa"], 4) for row in result["rows"] if row["model"] == "mswa" and row["cache_vs_swa"]})
     if ratios:
