@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -126,11 +127,16 @@ torch::Tensor ring_step(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch
   for (int64_t i = 0; i < rows; ++i) pairs += std::min(window_data[i], position + 1);
   // rows per task: about 64k multiply-adds each, so that a small layer runs on the calling thread alone
   const int64_t grain = std::max<int64_t>(1, rows * 65536 / std::max<int64_t>(1, pairs * dim));
+  // rows in the order their rings lie in memory: a stream the hardware prefetches, where the rows' own order
+  // (sequence-major) jumps between the window groups' buffers and leaves each small ring waiting on memory
+  std::vector<int64_t> order(rows);
+  std::iota(order.begin(), order.end(), 0);
+  std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return first_data[a] < first_data[b]; });
   for_head_size(dim, [&](auto size) {
     at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
       std::vector<float> scores;
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t window = window_data[i], ring = first_data[i] * dim, slot = ring + (position % window) * dim;
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t i = order[r], window = window_data[i], ring = first_data[i] * dim, slot = ring + (position % window) * dim;
         std::memcpy(key_data + slot, k_data + i * dim, dim * sizeof(float));
         std::memcpy(value_data + slot, v_data + i * dim, dim * sizeof(float));
         const int64_t length = std::min(window, position + 1);
