@@ -192,6 +192,7 @@ class LayerCache:
         self.every_head_windowed = bool(self.rings) and len(self.rings) == len(self.groups)
         self.ring_keys = self.ring_values = None  # (rows, head_dim): group after group, each (batch, heads, W)
         self._first_slots = self._slot_windows = None  # per (sequence, windowed head): its ring's first row, its W
+        self._rings_in_memory_order = None  # those rows ordered by first row
         self._write_slots: dict[tuple[int, ...], torch.Tensor] = {}
         self._ring_masks: dict[tuple[int, ...], torch.Tensor] = {}
         starts = [heads.start if isinstance(heads, slice) else -1 for heads, *_ in self.groups]
@@ -244,7 +245,14 @@ class LayerCache:
         batch, _, _, dim = q.shape
         rows = [self._ring_rows(x).contiguous() for x in (q, k, v)]
         out = native.kernel().ring_step(
-            *rows, self.ring_keys, self.ring_values, self._first_slots, self._slot_windows, self._position(), dim**-0.5
+            *rows,
+            self.ring_keys,
+            self.ring_values,
+            self._first_slots,
+            self._slot_windows,
+            self._rings_in_memory_order,
+            self._position(),
+            dim**-0.5,
         )
         self._count_token()
         return self._in_head_order(out.view(batch, -1, 1, dim))
@@ -326,6 +334,7 @@ class LayerCache:
             for i in range(len(heads))
         ]
         self._first_slots, self._slot_windows = torch.tensor(first_slots, device=like.device).T.contiguous()
+        self._rings_in_memory_order = self._first_slots.argsort()
         self._write_slots.clear()
         self._ring_masks.clear()
 

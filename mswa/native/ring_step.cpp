@@ -17,7 +17,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -112,31 +111,33 @@ void for_head_size(int64_t dim, const Call& call) {
 }  // namespace
 
 // q, k, v: (rows, dim) float32, row i = (sequence, windowed head), sequence-major; keys, values: the layer's ring
-// buffers (slots, dim); first, windows: (rows,) int64. Returns the attention outputs (rows, dim).
+// buffers (slots, dim); first, windows: (rows,) int64; order: the rows by `first`, the order their rings lie in
+// memory, in which they run: a stream the hardware prefetches, where the rows' own order jumps between the window
+// groups' buffers and leaves each small ring waiting on memory. Returns the attention outputs (rows, dim).
 torch::Tensor ring_step(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor keys, torch::Tensor values,
-                        torch::Tensor first, torch::Tensor windows, int64_t position, double scale) {
+                        torch::Tensor first, torch::Tensor windows, torch::Tensor order, int64_t position,
+                        double scale) {
   TORCH_CHECK(q.scalar_type() == torch::kFloat32 && q.is_contiguous() && k.is_contiguous() && v.is_contiguous() &&
-                  keys.is_contiguous() && values.is_contiguous() && first.is_contiguous() && windows.is_contiguous(),
+                  keys.is_contiguous() && values.is_contiguous() && first.is_contiguous() &&
+                  windows.is_contiguous() && order.is_contiguous(),
               "ring_step takes contiguous float32 rows and int64 ring bounds");
   const int64_t rows = q.size(0), dim = q.size(1);
+  TORCH_CHECK(first.size(0) == rows && windows.size(0) == rows && order.size(0) == rows,
+              "ring_step takes one ring (first, window, place in order) per row");
   auto out = torch::empty_like(q);
   const float *q_data = q.data_ptr<float>(), *k_data = k.data_ptr<float>(), *v_data = v.data_ptr<float>();
   float *key_data = keys.data_ptr<float>(), *value_data = values.data_ptr<float>(), *out_data = out.data_ptr<float>();
-  const int64_t *first_data = first.data_ptr<int64_t>(), *window_data = windows.data_ptr<int64_t>();
+  const int64_t *first_data = first.data_ptr<int64_t>(), *window_data = windows.data_ptr<int64_t>(),
+                *order_data = order.data_ptr<int64_t>();
   int64_t pairs = 0;
   for (int64_t i = 0; i < rows; ++i) pairs += std::min(window_data[i], position + 1);
   // rows per task: about 64k multiply-adds each, so that a small layer runs on the calling thread alone
   const int64_t grain = std::max<int64_t>(1, rows * 65536 / std::max<int64_t>(1, pairs * dim));
-  // rows in the order their rings lie in memory: a stream the hardware prefetches, where the rows' own order
-  // (sequence-major) jumps between the window groups' buffers and leaves each small ring waiting on memory
-  std::vector<int64_t> order(rows);
-  std::iota(order.begin(), order.end(), 0);
-  std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return first_data[a] < first_data[b]; });
   for_head_size(dim, [&](auto size) {
     at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
       std::vector<float> scores;
       for (int64_t r = begin; r < end; ++r) {
-        const int64_t i = order[r], window = window_data[i], ring = first_data[i] * dim, slot = ring + (position % window) * dim;
+        const int64_t i = order_data[r], window = window_data[i], ring = first_data[i] * dim, slot = ring + (position % window) * dim;
         std::memcpy(key_data + slot, k_data + i * dim, dim * sizeof(float));
         std::memcpy(value_data + slot, v_data + i * dim, dim * sizeof(float));
         const int64_t length = std::min(window, position + 1);
