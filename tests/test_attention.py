@@ -92,6 +92,16 @@ def test_blocked_alone_handles_all_windows_at_least_n():
     assert_matches_dense(lambda *x: blocked_window_attention(*x, [40, 99]), q, k, v, [40, 99])
 
 
+@pytest.mark.parametrize("backend", ["dense", "blocked", "auto"])
+@pytest.mark.parametrize("batch, n", [(0, 16), (2, 0)], ids=["no sequences", "no tokens"])
+def test_empty_inputs_give_empty_outputs_and_gradients(backend, batch, n):
+    q, k, v = make_inputs(batch, 4, 2, n, 8)
+    out = window_attention(q, k, v, [2, 4, 8, 100], backend=backend)
+    out.sum().backward()
+    assert out.shape == (batch, 4, n, 8)
+    assert [x.grad.shape for x in (q, k, v)] == [q.shape, k.shape, v.shape]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_all_full_windows_run_fused_causal_whatever_the_backend(backend):
     q, k, v = make_inputs(1, 4, 2, 50, 8)

@@ -93,6 +93,8 @@ def blocked_window_attention(q, k, v, windows, block_size=None, spans=None, ramp
     With `spans` (a (heads,) float tensor, z >= 0) and `ramp` (R > 0), head h is softly masked to its span
     (see the module's notes) within its cap `windows[h]`; gradients reach `spans`."""
     n = q.shape[2]
+    if q.shape[0] == 0:  # no sequences: an empty output, its gradients (empty) still reaching the inputs
+        return q.new_zeros(*q.shape[:3], v.shape[-1]) + 0 * (q.sum() + k.sum() + v.sum())
     if spans is not None:
         windows = soft_windows(spans, ramp, windows, n)
     groups = _window_groups(windows, n, soft=spans is not None)
