@@ -190,7 +190,7 @@ class _BandAttention(torch.autograd.Function):
         if native_loop is not None:
             before_starts = [_before_start_mask(band.block, band.reach, dtype, q.device) for band in plan.bands]
             args = (probs, *map(list, zip(*views)), masks, before_starts, *_band_sizes(plan), plan.n_padded)
-            native_loop.band_forward(*args, _chunk_table(plan, q_rows, workers, direct), scale, workers)
+            native_loop.band_forward(*args, _chunk_table(plan, _scores_per_chunk(q_rows), workers, direct), scale, workers)
 
         def forward_chunk(item, worker):  # a chunk's scores stay in cache from product to softmax to product
             b, chunk = item
@@ -253,7 +253,8 @@ class _BandAttention(torch.autograd.Function):
         else:  # the native loop sums the workers' buffers into one of them itself
             first_keys = [_first_key_row(band, plan) for band in plan.bands]
             args = (probs, *map(list, zip(*views)), grad_k, grad_v, *_band_sizes(plan), first_keys, plan.n_padded)
-            total = native_loop.band_backward(*args, _chunk_table(plan, q_rows, workers, ctx.direct), scale, workers)
+            table = _chunk_table(plan, _scores_per_chunk(q_rows), workers, ctx.direct)
+            total = native_loop.band_backward(*args, table, scale, workers)
             grad_k, grad_v = grad_k[total], grad_v[total]
         for b, rows, term in span_terms:
             softs[b].grad_rows[rows] += term
@@ -365,15 +366,11 @@ def _chunk_items(plan, per_chunk, workers):
     return items
 
 
-def _chunk_table(plan, rows, workers, direct):
+@lru_cache(maxsize=64)  # built in Python: ~0.1 ms a layer, once per shape
+def _chunk_table(plan, scores_per_chunk, workers, direct):
     """The chunks as the native loops read them, largest first: (chunks, 6) int64 rows of (kind, band, start,
     end, layout rows, first block's index in its row). Kind 0: `_chunk_items`' blocks of the blocked bands;
     kind 1: pieces of the positions of the direct bands, several per worker."""
-    return _chunk_table_of(plan, _scores_per_chunk(rows), workers, direct)
-
-
-@lru_cache(maxsize=64)
-def _chunk_table_of(plan, scores_per_chunk, workers, direct):  # built in Python: ~0.1 ms a layer, once per shape
     table = []  # (scores computed, row)
     for b, chunk in _chunk_items(plan, scores_per_chunk, workers):
         if not direct[b]:

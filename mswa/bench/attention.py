@@ -16,7 +16,6 @@ length's windowed kernels, because a shared VM's speed drifts by 10-20% within m
 import json
 import os
 import platform
-import statistics
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ from mswa.bench.timing import (
     busy_processes,
     device_argument,
     interleaved_medians,
+    paired_ratio,
     peak_memory_mb,
     reuse_freed_memory,
     step_seconds,
@@ -215,19 +215,19 @@ def _timed_rows(cases, inputs, args):
     matmuls = [({"matmul_threads": threads}, _matmul_step(device, threads)) for threads in {case[-1] for case in cases}]
     kernels = [case for case in runnable if case[0]["backend"] == "blocked"] + [(row, m, step_seconds(m, device)) for row, m in matmuls]
     references = [case for case in runnable if case[0]["backend"] != "blocked"]
-    matmul_samples = {}
+    matmul_timings = {}  # threads -> (median seconds, seconds of each round)
     for group in (kernels, references):
         timings = interleaved_medians(
             [step for _, step, _ in group], device, args.repeats, args.row_budget_s, [warmup for *_, warmup in group], args.min_time_s
         )
         for (row, _, _), (seconds, samples) in zip(group, timings):
             if "matmul_threads" in row:
-                matmul_samples[row["matmul_threads"]] = samples
+                matmul_timings[row["matmul_threads"]] = seconds, samples
             else:  # per layer
                 row.update(time_s=seconds / row["layers"], runs=len(samples), samples_s=[s / row["layers"] for s in samples])
     for row, (layer, stack, backend, threads) in zip(rows, cases):
-        row["matmul_samples_s"] = matmul_samples[threads]  # the machine's own thread scaling, paired by round
-        row["matmul_gflops"] = MATMUL_FLOPS / statistics.median(matmul_samples[threads]) / 1e9
+        seconds, row["matmul_samples_s"] = matmul_timings[threads]  # the samples: the machine's own thread scaling
+        row["matmul_gflops"] = MATMUL_FLOPS / seconds / 1e9
         if row["time_s"] is not None:
             pairs = sum(attended_pairs(w, n) for windows in stack for w in windows) / len(stack)
             row["useful_gflops"] = pairs * 4 * args.head_dim * (3 if row["mode"] == "fwd+bwd" else 1) / row["time_s"] / 1e9
@@ -279,7 +279,7 @@ def compare_rows(rows):
                     "speedup_vs_causal": _time_ratio(times.get(("full", "causal", n, threads)), blocked),
                     "time_vs_uniform": _paired_time_ratio(blocked, uniform),
                     "time_vs_one_thread": _paired_time_ratio(blocked, one_thread),
-                    "matmul_vs_one_thread": _paired_samples_ratio(blocked["matmul_samples_s"], one_thread["matmul_samples_s"])
+                    "matmul_vs_one_thread": paired_ratio(blocked["matmul_samples_s"], one_thread["matmul_samples_s"])
                     if one_thread
                     else None,
                     "time_vs_smallest_n": blocked["time_s"] / first["time_s"],
@@ -297,12 +297,8 @@ def _paired_time_ratio(numerator, denominator):
     medians (that one is the fallback when the rows were not timed in the same rounds)."""
     a, b = (row and row.get("samples_s") for row in (numerator, denominator))
     if a and b and len(a) == len(b):
-        return _paired_samples_ratio(a, b)
+        return paired_ratio(a, b)
     return _time_ratio(numerator, denominator)
-
-
-def _paired_samples_ratio(a, b):
-    return statistics.median(x / y for x, y in zip(a, b, strict=True))
 
 
 def _time_ratio(numerator, denominator):

@@ -9,7 +9,6 @@ same round. The measured cache bytes are printed beside their closed form (`mswa
 import json
 import os
 import platform
-import statistics
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 
 from mswa.atomic import write_atomic
 from mswa.bench.model import MODEL_VARIANTS, add_shape_arguments, variant_model
-from mswa.bench.timing import add_allocator_flag, interleaved_medians, peak_memory_mb, reuse_freed_memory, set_threads
+from mswa.bench.timing import add_allocator_flag, interleaved_medians, paired_ratio, peak_memory_mb, reuse_freed_memory, set_threads
 from mswa.flops import decoding_flops_per_token
 from mswa.windows import make_schedule
 
@@ -145,7 +144,7 @@ def _add_generate_ratios(rows):
         first.setdefault(row["model"], row)
         row["latency_vs_first"] = row["latency_s"] / first[row["model"]]["latency_s"]
         swa = by_key.get(("swa", row["context"]))
-        row["latency_vs_swa"] = statistics.median(a / b for a, b in zip(row["samples_s"], swa["samples_s"])) if swa else None
+        row["latency_vs_swa"] = paired_ratio(row["samples_s"], swa["samples_s"]) if swa else None
         row["cache_vs_swa"] = row["cache_bytes"]["kv"] / swa["cache_bytes"]["kv"] if swa and swa["cache_bytes"]["kv"] else None
         for measure in ("bytes", "flops"):
             row[f"{measure}_vs_swa"] = row[f"step_{measure}"] / swa[f"step_{measure}"] if swa else None

@@ -40,6 +40,13 @@ def interleaved_medians(steps, device, repeats, budget_s=float("inf"), warmups=N
     return [(statistics.median(timed), timed) for timed in times]
 
 
+def paired_ratio(a, b):
+    """Median over rounds of a[i] / b[i], the seconds of two steps timed in the same rounds of
+    `interleaved_medians`: each ratio compares two runs a few ms apart, which cancels the machine's drift.
+    Rounds only one of them ran (a slow step gets fewer) are left out."""
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
 def median_seconds(step, device, repeats, budget_s=float("inf")):
     """(median, runs) of `repeats` timed runs of one step after a warm-up."""
     return interleaved_medians([step], device, repeats, budget_s)[0]

@@ -196,10 +196,9 @@ void band_forward(std::vector<Tensor> probs, std::vector<Tensor> queries, std::v
 
 // Every chunk of a layer's backward: per band as band_forward, plus output-gradient and query-gradient blocks and
 // the row of its first span's first key; grad_k and grad_v: one buffer per worker, zeroed by its worker when it
-// takes its first chunk. Returns which workers took any (their buffers hold sums).
-// Returns the worker whose key and value gradient buffers hold the sum of all: each worker adds into its own
-// (neighbouring chunks' keys overlap), and those started are summed at the end in row pieces shared out to the
-// same workers (on the calling thread alone, this sum was ~5% of a two-thread step at 1k).
+// takes its first chunk, as neighbouring chunks' keys overlap. Returns the worker whose buffers hold the sum of
+// all: those started are summed at the end in row pieces shared out to the same workers (on the calling thread
+// alone, this sum was ~5% of a two-thread step at 1k).
 int64_t band_backward(std::vector<Tensor> probs, std::vector<Tensor> queries, std::vector<Tensor> keys,
                       std::vector<Tensor> values, std::vector<Tensor> grad_blocks, std::vector<Tensor> grad_queries,
                       std::vector<Tensor> grad_k, std::vector<Tensor> grad_v, std::vector<int64_t> windows,
